@@ -1,0 +1,1 @@
+"""The gRPC surface: servicers, interceptors, conversions and error statuses."""

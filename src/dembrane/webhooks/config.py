@@ -1,0 +1,153 @@
+"""Settings, read once from the environment into one frozen dataclass.
+
+Every name here is a ``WEBHOOKS_*`` variable of the contract; a bad value stops the
+service at start-up with a message that names the variable, never later.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+DEFAULT_DATABASE_URL = "sqlite:///var/webhooks.db"
+
+
+class ConfigError(ValueError):
+    """A setting in the environment has a value the service cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the service. Defaults are those of the contract."""
+
+    grpc_port: int = 50051
+    http_port: int = 8080
+    bind: str = "127.0.0.1"
+    database_url: str = DEFAULT_DATABASE_URL
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    dashboard_base_url: str = "https://dashboard.dembrane.com"
+    # Delays in seconds before each retry, after the immediate first attempt.
+    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    retry_jitter: float = 0.2
+    # A webhook failing for this long without a single success is disabled.
+    disable_after_seconds: float = 5 * 86400
+    connect_timeout: float = 10.0
+    request_timeout: float = 30.0
+    # Private ranges opened for outbound requests (development and tests only).
+    allowed_targets: tuple[IPNetwork, ...] = ()
+    retention_days: float = 30.0
+    cors_origins: tuple[str, ...] = ()
+    # How many requests the dispatcher has in flight at once, in all and per webhook.
+    max_concurrency: int = 128
+    per_webhook_concurrency: int = 8
+    # How long a claimed delivery stays reserved to one dispatcher before it is due again.
+    lease_seconds: float = 60.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build the settings from ``env`` (the process environment by default)."""
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        return cls(
+            grpc_port=reader.port("WEBHOOKS_GRPC_PORT", 50051),
+            http_port=reader.port("WEBHOOKS_HTTP_PORT", 8080),
+            bind=reader.text("WEBHOOKS_BIND", "127.0.0.1"),
+            database_url=reader.text("WEBHOOKS_DATABASE_URL", DEFAULT_DATABASE_URL),
+            jwt_secret=reader.optional("WEBHOOKS_JWT_SECRET"),
+            jwt_public_key=reader.optional("WEBHOOKS_JWT_PUBLIC_KEY"),
+            jwt_issuer=reader.optional("WEBHOOKS_JWT_ISSUER"),
+            jwt_audience=reader.optional("WEBHOOKS_JWT_AUDIENCE"),
+            dashboard_base_url=reader.text(
+                "WEBHOOKS_DASHBOARD_BASE_URL", "https://dashboard.dembrane.com"
+            ).rstrip("/"),
+            retry_schedule=reader.schedule("WEBHOOKS_RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE),
+            retry_jitter=reader.number("WEBHOOKS_RETRY_JITTER", 0.2, low=0.0, high=1.0),
+            disable_after_seconds=reader.number(
+                "WEBHOOKS_DISABLE_AFTER_DAYS", 5.0, low=0.0
+            )
+            * 86400,
+            connect_timeout=reader.number("WEBHOOKS_CONNECT_TIMEOUT", 10.0, low=0.001),
+            request_timeout=reader.number("WEBHOOKS_REQUEST_TIMEOUT", 30.0, low=0.001),
+            allowed_targets=reader.networks("WEBHOOKS_ALLOWED_TARGETS"),
+            retention_days=reader.number("WEBHOOKS_RETENTION_DAYS", 30.0, low=0.0),
+            cors_origins=reader.items("WEBHOOKS_CORS_ORIGINS"),
+            max_concurrency=int(reader.number("WEBHOOKS_MAX_CONCURRENCY", 128, low=1)),
+            per_webhook_concurrency=int(
+                reader.number("WEBHOOKS_PER_WEBHOOK_CONCURRENCY", 8, low=1)
+            ),
+            lease_seconds=reader.number("WEBHOOKS_LEASE_SECONDS", 60.0, low=1.0),
+            log_level=reader.text("WEBHOOKS_LOG_LEVEL", "INFO").upper(),
+        )
+
+
+class _Reader:
+    """Parses environment values, naming the variable in every error."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def optional(self, name: str) -> str | None:
+        value = self._env.get(name, "").strip()
+        return value or None
+
+    def text(self, name: str, default: str) -> str:
+        return self.optional(name) or default
+
+    def number(
+        self, name: str, default: float, *, low: float | None = None, high: float | None = None
+    ) -> float:
+        raw = self.optional(name)
+        if raw is None:
+            return float(default)
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, not {raw!r}.") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ConfigError(f"{name} must be between {low} and {high}, not {raw!r}.")
+        return value
+
+    def port(self, name: str, default: int) -> int:
+        value = self.number(name, default, low=0, high=65535)
+        if value != int(value):
+            raise ConfigError(f"{name} must be a whole port number.")
+        return int(value)
+
+    def items(self, name: str) -> tuple[str, ...]:
+        raw = self.optional(name) or ""
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+    def schedule(self, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        delays: list[float] = []
+        for item in raw.split(","):
+            try:
+                delay = float(item.strip())
+            except ValueError:
+                raise ConfigError(
+                    f"{name} must list delays in seconds, comma-separated, not {raw!r}."
+                ) from None
+            if delay < 0:
+                raise ConfigError(f"{name} must not hold negative delays.")
+            delays.append(delay)
+        return tuple(delays)
+
+    def networks(self, name: str) -> tuple[IPNetwork, ...]:
+        networks: list[IPNetwork] = []
+        for item in self.items(name):
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ConfigError(f"{name} holds {item!r}, which is not a CIDR range.") from None
+        return tuple(networks)

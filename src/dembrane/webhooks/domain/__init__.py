@@ -1,0 +1,1 @@
+"""Plain rules of the product: no I/O, no protobuf, no SQL."""

@@ -1,0 +1,1 @@
+"""Persistence: SQLModel tables, engine set-up and queries. Knows nothing of protobuf."""
