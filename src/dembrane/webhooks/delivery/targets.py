@@ -1,0 +1,265 @@
+"""Which URLs a webhook may point at: public addresses only (protection against SSRF).
+
+A URL is checked when the webhook is saved (``check_target``) and again at every connect
+(``PolicyResolver`` filters what DNS returns), so a host that resolves to a public address
+when saved and to ``10.0.0.1`` later (DNS rebinding) is still refused. Literal-IP URLs never
+reach a resolver, so the sender checks them itself with ``literal_refusal``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Sequence
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+from yarl import URL
+
+from dembrane.webhooks.domain.errors import FieldViolation, InvalidArgument
+
+__all__ = [
+    "MAX_URL_LENGTH",
+    "IPAddress",
+    "IPNetwork",
+    "PolicyResolver",
+    "TargetBlockedError",
+    "TargetPolicy",
+    "TargetRefused",
+    "check_target",
+    "literal_refusal",
+    "validate_url_syntax",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MAX_URL_LENGTH = 2048
+
+_SHARED_ADDRESS_SPACE = ipaddress.IPv4Network("100.64.0.0/10")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_WHITESPACE = frozenset(" \t\r\n\v\f")
+_BAD_PORT = "The URL's port must be a number from 1 to 65535."
+
+
+class TargetRefused(InvalidArgument):
+    """A webhook URL points at an address webhooks may not reach, or at nothing at all."""
+
+    @classmethod
+    def because(cls, description: str) -> TargetRefused:
+        """The refusal of the ``url`` field, for the reason ``description`` gives."""
+        return cls(description, violations=[FieldViolation("url", description)])
+
+
+class TargetBlockedError(OSError):
+    """Raised at connect time when every address of the host is refused by the policy."""
+
+
+class TargetPolicy:
+    """Decides which IP addresses outbound requests may reach.
+
+    Public (globally routable, unicast) addresses are allowed; every other kind is refused
+    unless it lies inside one of the ``allowed`` networks, which open private ranges for
+    development and tests.
+    """
+
+    __slots__ = ("_allowed",)
+
+    def __init__(self, allowed: Sequence[IPNetwork] = ()) -> None:
+        self._allowed: tuple[IPNetwork, ...] = tuple(allowed)
+
+    @property
+    def allowed(self) -> tuple[IPNetwork, ...]:
+        """The networks opened on top of the public internet."""
+        return self._allowed
+
+    def is_allowed_address(self, ip: IPAddress) -> bool:
+        """Whether a request may be sent to ``ip``."""
+        return self.refusal_reason(ip) is None
+
+    def refusal_reason(self, ip: IPAddress) -> str | None:
+        """What kind of address a refused ``ip`` is (``"a private address"``), else None."""
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            # ::ffff:10.0.0.1 reaches 10.0.0.1; judge it as the address it really is.
+            ip = ip.ipv4_mapped
+        if self._opened(ip):
+            return None
+        kind = _non_public_kind(ip)
+        if kind is not None:
+            return kind
+        # Public IPv6 forms that carry an IPv4 address reach that address through a relay.
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None and not self._opened(embedded):
+            inner = _non_public_kind(embedded)
+            if inner is not None:
+                return f"an address that embeds {embedded}, {inner}"
+        return None
+
+    def _opened(self, ip: IPAddress) -> bool:
+        return any(ip.version == net.version and ip in net for net in self._allowed)
+
+
+def _non_public_kind(ip: IPAddress) -> str | None:
+    # The order matters: 127.0.0.1 is also "private" to ipaddress, but "loopback" says more.
+    if ip.is_unspecified:
+        return "an unspecified address"
+    if ip.is_loopback:
+        return "a loopback address"
+    if ip.is_link_local:
+        return "a link-local address"
+    if ip.is_multicast:
+        return "a multicast address"
+    if isinstance(ip, ipaddress.IPv4Address) and ip in _SHARED_ADDRESS_SPACE:
+        return "a shared (carrier-grade NAT) address"
+    if ip.is_reserved:
+        return "a reserved address"
+    if ip.is_private:
+        return "a private address"
+    if not ip.is_global:
+        return "a non-public address"
+    return None
+
+
+def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def _parse_ip(text: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _refusal_sentence(subject: str, ip: IPAddress | str, kind: str) -> str:
+    return f"{subject} {ip}, {kind}; webhooks must target public addresses."
+
+
+def validate_url_syntax(url: str) -> str | None:
+    """What is wrong with the form of ``url`` as a webhook target, in one sentence, or None."""
+    if not url:
+        return "The URL is empty."
+    if len(url) > MAX_URL_LENGTH:
+        return f"The URL is longer than {MAX_URL_LENGTH} characters."
+    if any(char in _WHITESPACE for char in url):
+        return "The URL must not contain spaces or line breaks."
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError) as exc:
+        # yarl names the fault (a port out of range, a broken IPv6 literal, ...).
+        reason = str(exc).removeprefix("Invalid URL: ").rstrip(".")
+        if "port" in reason.lower():
+            return _BAD_PORT
+        return f"The URL is not a valid URL: {reason}." if reason else "The URL is not valid."
+    if parsed.scheme not in ("http", "https"):
+        return "The URL must start with http:// or https://."
+    if not parsed.raw_host:
+        return "The URL must name a host."
+    if parsed.explicit_port == 0:
+        return _BAD_PORT
+    if parsed.raw_user is not None or parsed.raw_password is not None:
+        # Credentials in the URL would show up in logs and in every copy of the webhook.
+        return (
+            "The URL must not contain a user name or password; "
+            "the signing secret authenticates the requests."
+        )
+    return None
+
+
+def literal_refusal(host: str, policy: TargetPolicy) -> str | None:
+    """Why a URL whose host is the IP literal ``host`` is refused, or None.
+
+    Returns None for a host name as well: names are checked where they are resolved.
+    """
+    ip = _parse_ip(host)
+    if ip is None:
+        return None
+    kind = policy.refusal_reason(ip)
+    if kind is None:
+        return None
+    return _refusal_sentence("The URL points to", ip, kind)
+
+
+async def check_target(url: str, policy: TargetPolicy) -> None:
+    """Refuse ``url`` unless its syntax is right and every address of its host is allowed.
+
+    Raises ``TargetRefused`` (an ``InvalidArgument`` on the ``url`` field) otherwise.
+    """
+    problem = validate_url_syntax(url)
+    if problem is not None:
+        raise TargetRefused.because(problem)
+    host = URL(url).raw_host
+    assert host is not None  # validate_url_syntax made sure there is one
+    refusal = literal_refusal(host, policy)
+    if refusal is not None:
+        raise TargetRefused.because(refusal)
+    if _parse_ip(host) is not None:
+        return
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise TargetRefused.because(
+            f"The URL's host {host} does not resolve to any address."
+        ) from None
+    addresses: list[IPAddress] = []
+    for info in infos:
+        ip = _parse_ip(str(info[4][0]))
+        if ip is not None:
+            addresses.append(ip)
+    if not addresses:
+        raise TargetRefused.because(f"The URL's host {host} does not resolve to any address.")
+    # Every address must pass: a connection may go to any of them.
+    for ip in addresses:
+        kind = policy.refusal_reason(ip)
+        if kind is not None:
+            raise TargetRefused.because(_refusal_sentence("The URL's host resolves to", ip, kind))
+
+
+class PolicyResolver(AbstractResolver):
+    """An aiohttp resolver that drops the addresses the policy refuses.
+
+    Used by the sender's connector, it judges the very addresses the socket will connect
+    to, so a host cannot pass the check when saved and point elsewhere when used.
+    """
+
+    def __init__(self, policy: TargetPolicy, inner: AbstractResolver | None = None) -> None:
+        self._policy = policy
+        self._inner: AbstractResolver = inner if inner is not None else DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        """The addresses of ``host`` the policy allows; ``TargetBlockedError`` if none."""
+        results = await self._inner.resolve(host, port, family)
+        allowed: list[ResolveResult] = []
+        first_refusal: str | None = None
+        for result in results:
+            ip = _parse_ip(result["host"])
+            if ip is None:
+                kind: str | None = "an address that cannot be read"
+            else:
+                kind = self._policy.refusal_reason(ip)
+            if kind is None:
+                allowed.append(result)
+            elif first_refusal is None:
+                first_refusal = _refusal_sentence(
+                    "The target resolves to", ip if ip is not None else result["host"], kind
+                )
+        if not allowed:
+            raise TargetBlockedError(
+                first_refusal or f"The target host {host} does not resolve to any address."
+            )
+        return allowed
+
+    async def close(self) -> None:
+        """Release the wrapped resolver."""
+        await self._inner.close()

@@ -1,0 +1,333 @@
+"""The body a receiver gets, and the catalog of event types.
+
+Rendering is pure: the same event always yields the same bytes. Bodies are canonical JSON
+(keys sorted, no spaces, non-ASCII escaped) so that a receiver that parses the body and
+re-serializes it before computing the HMAC arrives at the very bytes that were signed.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from dembrane.webhooks.domain.errors import InvalidArgument
+
+__all__ = [
+    "EVENT_TYPES",
+    "SUBSCRIBABLE_EVENT_TYPES",
+    "ConversationData",
+    "EventData",
+    "EventTypeInfo",
+    "ProjectInfo",
+    "ReportData",
+    "canonical_json",
+    "dashboard_url",
+    "event_type",
+    "render_body",
+    "test_event",
+]
+
+CONVERSATION_STARTED = "conversation.started"
+CONVERSATION_TRANSCRIBED = "conversation.transcribed"
+CONVERSATION_SUMMARIZED = "conversation.summarized"
+REPORT_GENERATED = "report.generated"
+WEBHOOK_TEST = "webhook.test"
+
+# Events whose body carries the transcript, and those that also carry the summary.
+_WITH_TRANSCRIPT = frozenset({CONVERSATION_TRANSCRIBED, CONVERSATION_SUMMARIZED})
+_WITH_SUMMARY = frozenset({CONVERSATION_SUMMARIZED})
+
+
+def canonical_json(obj: object) -> bytes:
+    """Serialize ``obj`` as canonical JSON: sorted keys, no spaces, ASCII only."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+@dataclass(frozen=True)
+class ProjectInfo:
+    """The project an event belongs to, as the directory knows it."""
+
+    id: str
+    name: str
+    language: str
+
+
+@dataclass(frozen=True)
+class ConversationData:
+    """The conversation an event is about, with the fields the body shows."""
+
+    id: str
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    participant_name: str | None = None
+    duration: float | None = None
+    source: str | None = None
+    is_finished: bool = False
+    is_all_chunks_transcribed: bool = False
+    tags: tuple[str, ...] = ()
+    emails_csv: str | None = None
+    transcript: str | None = None
+    summary: str | None = None
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """The report a ``report.generated`` event is about."""
+
+    id: str
+    status: str
+    language: str
+    date_created: datetime | None = None
+
+
+@dataclass(frozen=True)
+class EventData:
+    """One event as published: what happened, where, when, and to what."""
+
+    id: str
+    type: str
+    project_id: str
+    occurred_at: datetime
+    conversation: ConversationData | None = None
+    report: ReportData | None = None
+    dashboard_url: str | None = None
+
+
+def _iso(moment: datetime) -> str:
+    # Publishers sometimes hand over naive datetimes; the platform keeps time in UTC.
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    # A fixed precision keeps every timestamp the same shape, even at a whole second.
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _iso_or_none(moment: datetime | None) -> str | None:
+    return None if moment is None else _iso(moment)
+
+
+def _needs_conversation(event_type: str) -> bool:
+    return event_type == WEBHOOK_TEST or event_type.startswith("conversation.")
+
+
+def _needs_report(event_type: str) -> bool:
+    return event_type.startswith("report.")
+
+
+def _conversation_object(event_type: str, conversation: ConversationData) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": conversation.id,
+        "created_at": _iso_or_none(conversation.created_at),
+        "updated_at": _iso_or_none(conversation.updated_at),
+        "participant_name": conversation.participant_name,
+        "duration": conversation.duration,
+        "source": conversation.source,
+        "is_finished": conversation.is_finished,
+        "is_all_chunks_transcribed": conversation.is_all_chunks_transcribed,
+        "tags": list(conversation.tags),
+        "emails_csv": conversation.emails_csv,
+    }
+    if event_type in _WITH_TRANSCRIPT:
+        body["transcript"] = conversation.transcript
+    if event_type in _WITH_SUMMARY:
+        body["summary"] = conversation.summary
+    return body
+
+
+def _report_object(report: ReportData) -> dict[str, Any]:
+    return {
+        "id": report.id,
+        "status": report.status,
+        "language": report.language,
+        "date_created": _iso_or_none(report.date_created),
+    }
+
+
+def dashboard_url(event: EventData, dashboard_base_url: str) -> str:
+    """The link of the body: the publisher's, else the dashboard page of the subject."""
+    if event.dashboard_url:
+        return event.dashboard_url
+    base = dashboard_base_url.rstrip("/")
+    project = f"{base}/projects/{event.project_id}"
+    if event.conversation is not None:
+        return f"{project}/conversation/{event.conversation.id}/overview"
+    if event.report is not None:
+        return f"{project}/report"
+    return f"{project}/overview"
+
+
+def render_body(event: EventData, project: ProjectInfo, dashboard_base_url: str) -> bytes:
+    """The canonical JSON body of ``event``, exactly as it is signed and sent.
+
+    Raises ``InvalidArgument`` when a conversation event lacks its conversation or a report
+    event its report, so rendering once at publish time rejects such an event up front.
+    """
+    body: dict[str, Any] = {
+        "id": event.id,
+        "event": event.type,
+        "timestamp": _iso(event.occurred_at),
+        "project": {"id": project.id, "name": project.name, "language": project.language},
+        "dashboardUrl": dashboard_url(event, dashboard_base_url),
+    }
+    if event.conversation is not None:
+        body["conversation"] = _conversation_object(event.type, event.conversation)
+    elif _needs_conversation(event.type):
+        raise InvalidArgument.for_field(
+            "conversation", f"A {event.type} event needs a conversation."
+        )
+    if event.report is not None:
+        body["report"] = _report_object(event.report)
+    elif _needs_report(event.type):
+        raise InvalidArgument.for_field("report", f"A {event.type} event needs a report.")
+    return canonical_json(body)
+
+
+def _mock_conversation(now: datetime, conversation_id: str) -> ConversationData:
+    return ConversationData(
+        id=conversation_id,
+        created_at=now - timedelta(minutes=12),
+        updated_at=now,
+        participant_name="Test participant",
+        duration=687.5,
+        source="PORTAL_AUDIO",
+        is_finished=True,
+        is_all_chunks_transcribed=True,
+        tags=("test",),
+        emails_csv=None,
+    )
+
+
+def test_event(project: ProjectInfo, now: datetime) -> EventData:
+    """The ``webhook.test`` event the Test action sends: a mock conversation of ``project``."""
+    # Each test gets fresh ids so a receiver that deduplicates on them still sees it.
+    suffix = secrets.token_hex(8)
+    return EventData(
+        id=f"evt_test_{suffix}",
+        type=WEBHOOK_TEST,
+        project_id=project.id,
+        occurred_at=now,
+        conversation=_mock_conversation(now, f"conv_test_{suffix}"),
+    )
+
+
+# The pytest collector would take ``test_event`` for a test; it is product code.
+test_event.__test__ = False  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class EventTypeInfo:
+    """One entry of the catalog: a type's name, what it means and an example body."""
+
+    name: str
+    description: str
+    #: Whether a webhook may subscribe to it; ``webhook.test`` is only sent by the Test action.
+    subscribable: bool
+    #: The parsed body of an example event of this type, exactly as ``render_body`` makes it.
+    example: dict[str, Any]
+
+
+_EXAMPLE_PROJECT = ProjectInfo(id="proj_3f9a1c", name="Citizen panel Utrecht", language="nl")
+_EXAMPLE_BASE_URL = "https://dashboard.dembrane.com"
+_EXAMPLE_TIME = datetime(2026, 11, 28, 12, 0, 0, 123456, tzinfo=UTC)
+_EXAMPLE_TRANSCRIPT = (
+    "Host: What would make the neighbourhood greener?\n"
+    "Participant: More trees along the canal, and a community garden near the school."
+)
+_EXAMPLE_SUMMARY = (
+    "The participant wants more trees along the canal and a community garden near the school."
+)
+
+
+def _example_conversation(with_text: bool) -> ConversationData:
+    return ConversationData(
+        id="conv_8d2e47",
+        created_at=_EXAMPLE_TIME - timedelta(minutes=14),
+        updated_at=_EXAMPLE_TIME,
+        participant_name="Table 4",
+        duration=812.4,
+        source="PORTAL_AUDIO",
+        is_finished=with_text,
+        is_all_chunks_transcribed=with_text,
+        tags=("green spaces", "mobility"),
+        emails_csv=None,
+        transcript=_EXAMPLE_TRANSCRIPT if with_text else None,
+        summary=_EXAMPLE_SUMMARY if with_text else None,
+    )
+
+
+def _example(
+    event_type: str,
+    *,
+    conversation: ConversationData | None = None,
+    report: ReportData | None = None,
+) -> dict[str, Any]:
+    event = EventData(
+        id=f"evt_example_{event_type.replace('.', '_')}",
+        type=event_type,
+        project_id=_EXAMPLE_PROJECT.id,
+        occurred_at=_EXAMPLE_TIME,
+        conversation=conversation,
+        report=report,
+    )
+    parsed: dict[str, Any] = json.loads(render_body(event, _EXAMPLE_PROJECT, _EXAMPLE_BASE_URL))
+    return parsed
+
+
+EVENT_TYPES: tuple[EventTypeInfo, ...] = (
+    EventTypeInfo(
+        name=CONVERSATION_STARTED,
+        description="A participant or host began a conversation.",
+        subscribable=True,
+        example=_example(CONVERSATION_STARTED, conversation=_example_conversation(False)),
+    ),
+    EventTypeInfo(
+        name=CONVERSATION_TRANSCRIBED,
+        description=(
+            "All of a conversation's audio is transcribed; the body carries the transcript."
+        ),
+        subscribable=True,
+        example=_example(CONVERSATION_TRANSCRIBED, conversation=_example_conversation(True)),
+    ),
+    EventTypeInfo(
+        name=CONVERSATION_SUMMARIZED,
+        description=(
+            "The conversation's summary is saved; the body carries the transcript and the summary."
+        ),
+        subscribable=True,
+        example=_example(CONVERSATION_SUMMARIZED, conversation=_example_conversation(True)),
+    ),
+    EventTypeInfo(
+        name=REPORT_GENERATED,
+        description="A project report finished generating.",
+        subscribable=True,
+        example=_example(
+            REPORT_GENERATED,
+            report=ReportData(
+                id="rep_51b0e9", status="published", language="nl", date_created=_EXAMPLE_TIME
+            ),
+        ),
+    ),
+    EventTypeInfo(
+        name=WEBHOOK_TEST,
+        description=(
+            "Sent only by the Test action, never by publishing, with a mock conversation."
+        ),
+        subscribable=False,
+        example=_example(
+            WEBHOOK_TEST, conversation=_mock_conversation(_EXAMPLE_TIME, "conv_test_0f3c9a")
+        ),
+    ),
+)
+
+SUBSCRIBABLE_EVENT_TYPES: frozenset[str] = frozenset(
+    info.name for info in EVENT_TYPES if info.subscribable
+)
+
+_BY_NAME: dict[str, EventTypeInfo] = {info.name: info for info in EVENT_TYPES}
+
+
+def event_type(name: str) -> EventTypeInfo | None:
+    """The catalog entry called ``name``, or None when there is no such type."""
+    return _BY_NAME.get(name)

@@ -1,0 +1,257 @@
+"""Rendering of webhook bodies and the event-type catalog."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from dembrane.webhooks.domain.errors import InvalidArgument
+from dembrane.webhooks.domain.payload import (
+    EVENT_TYPES,
+    SUBSCRIBABLE_EVENT_TYPES,
+    ConversationData,
+    EventData,
+    ProjectInfo,
+    ReportData,
+    canonical_json,
+    event_type,
+    render_body,
+    test_event,
+)
+
+BASE = "https://dashboard.example.com"
+PROJECT = ProjectInfo(id="p1", name="Café", language="nl")
+WHEN = datetime(2026, 11, 28, 12, 0, 0, 123456, tzinfo=UTC)
+CONVERSATION_KEYS = {
+    "id",
+    "created_at",
+    "updated_at",
+    "participant_name",
+    "duration",
+    "source",
+    "is_finished",
+    "is_all_chunks_transcribed",
+    "tags",
+    "emails_csv",
+}
+
+CONVERSATION = ConversationData(
+    id="c1",
+    created_at=datetime(2026, 11, 28, 11, 0, tzinfo=UTC),
+    updated_at=None,
+    participant_name="Ana",
+    duration=61.5,
+    source="PORTAL_AUDIO",
+    is_finished=True,
+    is_all_chunks_transcribed=True,
+    tags=("a", "b"),
+    emails_csv="ana@example.com",
+    transcript="Hallo.",
+    summary="A greeting.",
+)
+
+
+def _conversation_event(kind: str, **changes: object) -> EventData:
+    fields: dict[str, object] = {
+        "id": "evt_1",
+        "type": kind,
+        "project_id": "p1",
+        "occurred_at": WHEN,
+        "conversation": CONVERSATION,
+    }
+    fields.update(changes)
+    return EventData(**fields)  # type: ignore[arg-type]
+
+
+def _render(event: EventData) -> dict[str, object]:
+    parsed: dict[str, object] = json.loads(render_body(event, PROJECT, BASE))
+    return parsed
+
+
+def test_canonical_json_gives_the_contracts_exact_bytes() -> None:
+    """Keys sorted, no spaces and non-ASCII escaped, exactly as contract vector 3."""
+    assert canonical_json(
+        {
+            "project": {"name": "Café", "language": "nl", "id": "p1"},
+            "id": "evt_1",
+            "event": "conversation.started",
+        }
+    ) == (
+        b'{"event":"conversation.started","id":"evt_1","project":'
+        b'{"id":"p1","language":"nl","name":"Caf\\u00e9"}}'
+    )
+
+
+def test_rendered_body_is_canonical() -> None:
+    """The rendered body is its own canonical re-serialization, so legacy HMACs agree."""
+    body = render_body(_conversation_event("conversation.summarized"), PROJECT, BASE)
+    assert canonical_json(json.loads(body)) == body
+    assert body.isascii()
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra"),
+    [
+        ("conversation.started", set()),
+        ("conversation.transcribed", {"transcript"}),
+        ("conversation.summarized", {"transcript", "summary"}),
+        ("webhook.test", set()),
+    ],
+)
+def test_conversation_keys_per_event_type(kind: str, extra: set[str]) -> None:
+    """Transcript appears only for transcribed/summarized events and summary only for summarized."""
+    body = _render(_conversation_event(kind))
+    assert set(body) == {"id", "event", "timestamp", "project", "conversation", "dashboardUrl"}
+    conversation = body["conversation"]
+    assert isinstance(conversation, dict)
+    assert set(conversation) == CONVERSATION_KEYS | extra
+
+
+def test_conversation_body_values() -> None:
+    """Top-level and conversation values render as the contract shows them."""
+    body = _render(_conversation_event("conversation.summarized"))
+    assert body["id"] == "evt_1"
+    assert body["event"] == "conversation.summarized"
+    assert body["timestamp"] == "2026-11-28T12:00:00.123456+00:00"
+    assert body["project"] == {"id": "p1", "name": "Café", "language": "nl"}
+    assert body["conversation"] == {
+        "id": "c1",
+        "created_at": "2026-11-28T11:00:00.000000+00:00",
+        "updated_at": None,
+        "participant_name": "Ana",
+        "duration": 61.5,
+        "source": "PORTAL_AUDIO",
+        "is_finished": True,
+        "is_all_chunks_transcribed": True,
+        "tags": ["a", "b"],
+        "emails_csv": "ana@example.com",
+        "transcript": "Hallo.",
+        "summary": "A greeting.",
+    }
+
+
+def test_timestamps_are_utc_whatever_zone_they_come_in() -> None:
+    """Naive datetimes count as UTC and zoned ones are converted to UTC."""
+    naive = _render(_conversation_event("conversation.started", occurred_at=datetime(2026, 1, 2)))
+    assert naive["timestamp"] == "2026-01-02T00:00:00.000000+00:00"
+    cet = timezone(timedelta(hours=1))
+    zoned = _render(
+        _conversation_event("conversation.started", occurred_at=datetime(2026, 1, 2, tzinfo=cet))
+    )
+    assert zoned["timestamp"] == "2026-01-01T23:00:00.000000+00:00"
+
+
+def test_report_body() -> None:
+    """A report.generated body carries the report object and no conversation."""
+    event = EventData(
+        id="evt_2",
+        type="report.generated",
+        project_id="p1",
+        occurred_at=WHEN,
+        report=ReportData(id="r1", status="published", language="nl", date_created=WHEN),
+    )
+    body = _render(event)
+    assert "conversation" not in body
+    assert body["report"] == {
+        "id": "r1",
+        "status": "published",
+        "language": "nl",
+        "date_created": "2026-11-28T12:00:00.123456+00:00",
+    }
+    assert body["dashboardUrl"] == f"{BASE}/projects/p1/report"
+
+
+def test_dashboard_url_defaults_to_the_conversation_page() -> None:
+    """Without a publisher's link, the body links to the conversation's overview."""
+    body = _render(_conversation_event("conversation.started"))
+    assert body["dashboardUrl"] == f"{BASE}/projects/p1/conversation/c1/overview"
+
+
+def test_dashboard_url_base_tolerates_a_trailing_slash() -> None:
+    """A base URL with a trailing slash does not double the slash."""
+    body = json.loads(render_body(_conversation_event("conversation.started"), PROJECT, BASE + "/"))
+    assert body["dashboardUrl"] == f"{BASE}/projects/p1/conversation/c1/overview"
+
+
+def test_dashboard_url_given_by_the_publisher_wins() -> None:
+    """A link given with the event is sent as is."""
+    link = "https://app.example.org/somewhere?x=1"
+    body = _render(_conversation_event("conversation.started", dashboard_url=link))
+    assert body["dashboardUrl"] == link
+
+
+def test_dashboard_url_falls_back_to_the_project_overview() -> None:
+    """An event without a subject links to its project's overview."""
+    event = EventData(id="evt_3", type="project.touched", project_id="p1", occurred_at=WHEN)
+    assert _render(event)["dashboardUrl"] == f"{BASE}/projects/p1/overview"
+
+
+@pytest.mark.parametrize(
+    ("kind", "field"),
+    [("conversation.started", "conversation"), ("report.generated", "report")],
+)
+def test_missing_subject_is_refused(kind: str, field: str) -> None:
+    """A conversation event without a conversation, or a report event without a report, fails."""
+    event = EventData(id="evt_4", type=kind, project_id="p1", occurred_at=WHEN)
+    with pytest.raises(InvalidArgument) as caught:
+        render_body(event, PROJECT, BASE)
+    assert caught.value.violations[0].field == field
+
+
+def test_test_event_is_a_fresh_mock_conversation() -> None:
+    """The Test action's event is webhook.test with a mock conversation and a fresh id."""
+    event = test_event(PROJECT, WHEN)
+    assert event.type == "webhook.test"
+    assert event.id.startswith("evt_test_")
+    assert event.id != test_event(PROJECT, WHEN).id
+    assert event.project_id == "p1"
+    assert event.occurred_at == WHEN
+    body = _render(event)
+    conversation = body["conversation"]
+    assert isinstance(conversation, dict)
+    assert set(conversation) == CONVERSATION_KEYS
+
+
+def test_catalog_lists_the_five_types_and_which_are_subscribable() -> None:
+    """The catalog has the contract's five types; all but webhook.test are subscribable."""
+    assert [info.name for info in EVENT_TYPES] == [
+        "conversation.started",
+        "conversation.transcribed",
+        "conversation.summarized",
+        "report.generated",
+        "webhook.test",
+    ]
+    assert {
+        "conversation.started",
+        "conversation.transcribed",
+        "conversation.summarized",
+        "report.generated",
+    } == SUBSCRIBABLE_EVENT_TYPES
+    for info in EVENT_TYPES:
+        assert info.description.endswith(".")
+        assert event_type(info.name) is info
+    assert event_type("conversation.deleted") is None
+
+
+@pytest.mark.parametrize("info", EVENT_TYPES, ids=lambda info: info.name)
+def test_catalog_examples_are_bodies_of_their_type(info: object) -> None:
+    """Each example is a canonical body of its own type with the subject keys that type has."""
+    from dembrane.webhooks.domain.payload import EventTypeInfo
+
+    assert isinstance(info, EventTypeInfo)
+    example = info.example
+    assert example["event"] == info.name
+    assert json.loads(canonical_json(example)) == example
+    assert {"id", "event", "timestamp", "project", "dashboardUrl"} <= set(example)
+    if info.name == "report.generated":
+        assert set(example["report"]) == {"id", "status", "language", "date_created"}
+        assert "conversation" not in example
+    else:
+        keys = set(example["conversation"])
+        assert keys >= CONVERSATION_KEYS
+        assert ("transcript" in keys) == (
+            info.name in {"conversation.transcribed", "conversation.summarized"}
+        )
+        assert ("summary" in keys) == (info.name == "conversation.summarized")
