@@ -78,6 +78,8 @@ lint: protodeps $(BUF)
 test: install check-generated lint
 	$(VENV)/bin/pytest -q
 
+# A development secret unless one is set; never use it for a deployment.
+run: export WEBHOOKS_JWT_SECRET ?= dev-only-secret-change-me
 run: install
 	$(VENV)/bin/dembrane-webhooks serve
 

@@ -51,6 +51,8 @@ class Settings:
     # How long a claimed delivery stays reserved to one dispatcher before it is due again.
     lease_seconds: float = 60.0
     log_level: str = "INFO"
+    # SQLite's durability: FULL syncs every commit to disk before a publish call returns.
+    sqlite_synchronous: str = "FULL"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -71,9 +73,7 @@ class Settings:
             ).rstrip("/"),
             retry_schedule=reader.schedule("WEBHOOKS_RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE),
             retry_jitter=reader.number("WEBHOOKS_RETRY_JITTER", 0.2, low=0.0, high=1.0),
-            disable_after_seconds=reader.number(
-                "WEBHOOKS_DISABLE_AFTER_DAYS", 5.0, low=0.0
-            )
+            disable_after_seconds=reader.number("WEBHOOKS_DISABLE_AFTER_DAYS", 5.0, low=0.0)
             * 86400,
             connect_timeout=reader.number("WEBHOOKS_CONNECT_TIMEOUT", 10.0, low=0.001),
             request_timeout=reader.number("WEBHOOKS_REQUEST_TIMEOUT", 30.0, low=0.001),
@@ -86,6 +86,9 @@ class Settings:
             ),
             lease_seconds=reader.number("WEBHOOKS_LEASE_SECONDS", 60.0, low=1.0),
             log_level=reader.text("WEBHOOKS_LOG_LEVEL", "INFO").upper(),
+            sqlite_synchronous=reader.choice(
+                "WEBHOOKS_SQLITE_SYNCHRONOUS", "FULL", ("FULL", "NORMAL", "EXTRA")
+            ),
         )
 
 
@@ -101,6 +104,12 @@ class _Reader:
 
     def text(self, name: str, default: str) -> str:
         return self.optional(name) or default
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.text(name, default).upper()
+        if value not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {value!r}.")
+        return value
 
     def number(
         self, name: str, default: float, *, low: float | None = None, high: float | None = None

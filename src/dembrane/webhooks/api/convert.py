@@ -1,0 +1,54 @@
+"""Conversions between store rows / domain values and protobuf messages. Only ``api/`` does this."""
+
+from __future__ import annotations
+
+import math
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from dembrane.webhooks.domain.webhooks import WebhookStatus
+from dembrane.webhooks.store.tables import WebhookRow
+from dembrane.webhooks.store.webhooks import events_of
+from dembrane.webhooks.v1 import webhook_pb2
+
+_STATUS_TO_PB = {
+    WebhookStatus.PUBLISHED: webhook_pb2.WEBHOOK_STATUS_PUBLISHED,
+    WebhookStatus.DRAFT: webhook_pb2.WEBHOOK_STATUS_DRAFT,
+    WebhookStatus.ARCHIVED: webhook_pb2.WEBHOOK_STATUS_ARCHIVED,
+    WebhookStatus.DISABLED: webhook_pb2.WEBHOOK_STATUS_DISABLED,
+}
+_PB_TO_STATUS = {value: key for key, value in _STATUS_TO_PB.items()}
+
+
+def timestamp(seconds: float) -> Timestamp:
+    """A protobuf timestamp for Unix seconds."""
+    ts = Timestamp()
+    whole = math.floor(seconds)
+    ts.seconds = whole
+    ts.nanos = int(round((seconds - whole) * 1e9)) % 1_000_000_000
+    return ts
+
+
+def seconds(ts: Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def webhook_status_from_pb(value: int) -> str:
+    """The status string for a proto enum value; an empty string for unspecified or unknown."""
+    status = _PB_TO_STATUS.get(value)  # type: ignore[call-overload]
+    return status.value if status is not None else ""
+
+
+def webhook_to_pb(row: WebhookRow) -> webhook_pb2.Webhook:
+    message = webhook_pb2.Webhook(
+        id=row.id,
+        project_id=row.project_id,
+        name=row.name,
+        url=row.url,
+        events=events_of(row),
+        status=_STATUS_TO_PB[WebhookStatus(row.status)],
+        disabled_reason=row.disabled_reason,
+    )
+    message.create_time.CopyFrom(timestamp(row.created_at))
+    message.update_time.CopyFrom(timestamp(row.updated_at))
+    return message

@@ -1,0 +1,88 @@
+"""The server interceptor: authenticates every call and turns domain errors into statuses.
+
+Authentication happens inside the wrapped handler, in the call's own task, so the principal
+put in a context variable here is the one the servicer reads. Health checks and reflection
+are open; EventService and DirectoryService also need their service scope.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+
+from dembrane.webhooks.api.errors import internal_status, to_status
+from dembrane.webhooks.auth import SCOPE_DIRECTORY, SCOPE_PUBLISH, Principal, TokenVerifier
+from dembrane.webhooks.domain.errors import WebhooksError
+
+log = logging.getLogger(__name__)
+
+_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
+
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+SERVICE_SCOPES = {
+    "/dembrane.webhooks.v1.EventService/": SCOPE_PUBLISH,
+    "/dembrane.webhooks.v1.DirectoryService/": SCOPE_DIRECTORY,
+}
+
+
+def current_principal() -> Principal:
+    """The authenticated caller of the RPC being served."""
+    return _principal.get()
+
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Verifies the bearer token and the service scope, and maps errors to rich statuses."""
+
+    def __init__(self, verifier: TokenVerifier) -> None:
+        self._verifier = verifier
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(OPEN_SERVICES):
+            return handler
+        if handler.unary_unary is None:  # every RPC of the API is unary
+            return handler
+        scope = next((s for prefix, s in SERVICE_SCOPES.items() if method.startswith(prefix)), None)
+        behavior = self._wrap(cast(Behavior, handler.unary_unary), scope, method)
+        return grpc.unary_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(self, behavior: Behavior, scope: str | None, method: str) -> Behavior:
+        verifier = self._verifier
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                authorization = None
+                for key, value in context.invocation_metadata() or ():
+                    if key == "authorization":
+                        authorization = value if isinstance(value, str) else value.decode()
+                        break
+                principal = verifier.verify_header(authorization)
+                if scope is not None:
+                    principal.require_scope(scope)
+                _principal.set(principal)
+                return await behavior(request, context)
+            except WebhooksError as error:
+                await cast(Any, context).abort_with_status(to_status(error))
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                log.exception("unexpected failure in %s", method)
+                await cast(Any, context).abort_with_status(internal_status())
+
+        return wrapped

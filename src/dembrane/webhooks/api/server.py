@@ -1,0 +1,79 @@
+"""The grpc.aio server: the three services, health, reflection and the auth interceptor."""
+
+from __future__ import annotations
+
+import grpc
+from dembrane.webhooks.api.event_service import EventServicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dembrane.webhooks.api.directory_service import DirectoryServicer
+from dembrane.webhooks.api.interceptor import AuthInterceptor
+from dembrane.webhooks.api.webhook_service import WebhookServicer
+from dembrane.webhooks.auth import TokenVerifier
+from dembrane.webhooks.resources import Resources
+from dembrane.webhooks.v1 import (
+    directory_service_pb2,
+    directory_service_pb2_grpc,
+    event_service_pb2,
+    event_service_pb2_grpc,
+    webhook_service_pb2,
+    webhook_service_pb2_grpc,
+)
+
+SERVICE_NAMES = (
+    webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
+    event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    directory_service_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name,
+)
+
+# Large enough for a batch of 500 events with transcripts, small enough to refuse abuse.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class GrpcServer:
+    """A started gRPC server and its health servicer."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.HealthServicer):
+        self.server = server
+        self.port = port
+        self.health = health_servicer
+
+    async def stop(self, grace: float) -> None:
+        """Report NOT_SERVING, then let in-flight calls finish for up to ``grace`` seconds."""
+        self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_grpc_server(resources: Resources, host: str, port: int) -> GrpcServer:
+    """Build and start the server on ``host:port`` (port 0 picks a free one)."""
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(TokenVerifier(resources.settings))],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server(
+        WebhookServicer(resources), server
+    )
+    event_service_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(resources), server)
+    directory_service_pb2_grpc.add_DirectoryServiceServicer_to_server(
+        DirectoryServicer(resources), server
+    )
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in (*SERVICE_NAMES, ""):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    bound = server.add_insecure_port(f"{_host(host)}:{port}")
+    if bound == 0:
+        raise OSError(f"Cannot listen for gRPC on {host}:{port}.")
+    await server.start()
+    return GrpcServer(server, bound, health_servicer)
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

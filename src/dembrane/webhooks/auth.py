@@ -1,0 +1,126 @@
+"""Bearer-token verification and the principal it yields. No gRPC, no SQL.
+
+Tokens are JWTs: HS256 with ``WEBHOOKS_JWT_SECRET`` or RS256/ES256 with the PEM public key in
+``WEBHOOKS_JWT_PUBLIC_KEY``. The user is the ``sub`` claim, or ``id`` for tokens of the
+platform's existing auth server; ``admin_access: true`` marks platform staff; ``scope`` grants
+service rights.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import jwt
+
+from dembrane.webhooks.config import Settings
+from dembrane.webhooks.domain.errors import ScopeRequired, Unauthenticated
+
+SCOPE_PUBLISH = "webhooks:publish"
+SCOPE_DIRECTORY = "webhooks:directory"
+
+# What every authentication failure says: the caller learns nothing about why.
+INVALID_SESSION = "Invalid session"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a platform user, platform staff, or a backend service."""
+
+    user_id: str
+    is_staff: bool = False
+    scopes: frozenset[str] = frozenset()
+
+    def require_scope(self, scope: str) -> None:
+        """Refuse the call unless the token grants ``scope``."""
+        if scope not in self.scopes:
+            raise ScopeRequired(f"This call needs the {scope} scope.", metadata={"scope": scope})
+
+
+class TokenVerifier:
+    """Verifies bearer tokens against the configured key."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._issuer = settings.jwt_issuer
+        self._audience = settings.jwt_audience
+        self._keys: list[tuple[str | bytes, list[str]]] = []
+        if settings.jwt_secret:
+            self._keys.append((settings.jwt_secret, ["HS256"]))
+        if settings.jwt_public_key:
+            self._keys.append((settings.jwt_public_key.encode(), ["RS256", "ES256"]))
+
+    @property
+    def configured(self) -> bool:
+        """Whether any key is set; without one every call is refused."""
+        return bool(self._keys)
+
+    def verify_header(self, authorization: str | None) -> Principal:
+        """Turn an ``authorization`` value (``Bearer <JWT>``) into a principal."""
+        if not authorization:
+            raise Unauthenticated(INVALID_SESSION)
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated(INVALID_SESSION)
+        return self.verify(token.strip())
+
+    def verify(self, token: str) -> Principal:
+        """Check the token's signature and claims; raise ``Unauthenticated`` otherwise."""
+        claims: dict[str, object] | None = None
+        for key, algorithms in self._keys:
+            try:
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=algorithms,
+                    issuer=self._issuer,
+                    audience=self._audience,
+                    options={
+                        "require": [],
+                        "verify_aud": self._audience is not None,
+                        "verify_iss": self._issuer is not None,
+                    },
+                )
+                break
+            except jwt.PyJWTError:
+                continue
+        if claims is None:
+            raise Unauthenticated(INVALID_SESSION)
+        return principal_from_claims(claims)
+
+
+def principal_from_claims(claims: dict[str, object]) -> Principal:
+    """Read the user, staff flag and scopes out of verified claims."""
+    subject = claims.get("sub") or claims.get("id")
+    if not isinstance(subject, str | int) or isinstance(subject, bool) or str(subject) == "":
+        raise Unauthenticated(INVALID_SESSION)
+    scope = claims.get("scope")
+    scopes = frozenset(scope.split()) if isinstance(scope, str) else frozenset()
+    return Principal(
+        user_id=str(subject), is_staff=claims.get("admin_access") is True, scopes=scopes
+    )
+
+
+def mint_token(
+    secret: str,
+    subject: str,
+    *,
+    scopes: Iterable[str] = (),
+    staff: bool = False,
+    ttl_seconds: int = 3600,
+    issuer: str | None = None,
+    audience: str | None = None,
+) -> str:
+    """Make an HS256 token, for development, tests and the ``token`` command."""
+    now = int(time.time())
+    claims: dict[str, object] = {"sub": subject, "iat": now, "exp": now + ttl_seconds}
+    scope_list = sorted(set(scopes))
+    if scope_list:
+        claims["scope"] = " ".join(scope_list)
+    if staff:
+        claims["admin_access"] = True
+    if issuer:
+        claims["iss"] = issuer
+    if audience:
+        claims["aud"] = audience
+    return jwt.encode(claims, secret, algorithm="HS256")

@@ -1,0 +1,154 @@
+"""The ``dembrane-webhooks`` command: serve, worker, gateway, token, migrate.
+
+Every setting comes from the environment (see ``config.py``); flags only choose what runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from dembrane.webhooks import __version__
+from dembrane.webhooks.auth import mint_token
+from dembrane.webhooks.config import ConfigError, Settings
+from dembrane.webhooks.service import Parts, Service
+
+log = logging.getLogger("dembrane.webhooks")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dembrane-webhooks", description="Durable, signed webhook delivery."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run gRPC, the REST gateway and the dispatcher")
+    serve.add_argument("--no-dispatcher", action="store_true", help="do not deliver here")
+    serve.add_argument("--no-gateway", action="store_true", help="do not serve REST here")
+
+    commands.add_parser("worker", help="run only the dispatcher")
+
+    gateway = commands.add_parser("gateway", help="run only the REST gateway")
+    gateway.add_argument(
+        "--grpc-target", required=True, metavar="HOST:PORT", help="the gRPC server to call"
+    )
+
+    commands.add_parser("migrate", help="create or upgrade the database schema, then exit")
+
+    token = commands.add_parser("token", help="print a bearer token signed with the HS256 secret")
+    token.add_argument("--sub", required=True, help="the user id (the token's sub claim)")
+    token.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        help="a service scope, e.g. webhooks:publish or webhooks:directory (repeatable)",
+    )
+    token.add_argument("--staff", action="store_true", help="mark the caller as platform staff")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (3600)")
+    return parser
+
+
+async def _serve_until_signalled(service: Service) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await service.start()
+    try:
+        await stop.wait()
+        log.info("shutting down: finishing in-flight calls and deliveries")
+    finally:
+        await service.stop()
+
+
+async def _run_gateway(settings: Settings, grpc_target: str) -> None:
+    from dembrane.webhooks.gateway.app import create_app, run_gateway
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runner = await run_gateway(
+        create_app(grpc_target=grpc_target, cors_origins=settings.cors_origins),
+        settings.bind,
+        settings.http_port,
+    )
+    log.info("REST gateway on %s:%s calling %s", settings.bind, settings.http_port, grpc_target)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop where it is installed (it is on Linux), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main)
+        return
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(main)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as error:
+        print(f"dembrane-webhooks: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "token":
+        if not settings.jwt_secret:
+            print("dembrane-webhooks: set WEBHOOKS_JWT_SECRET to mint tokens.", file=sys.stderr)
+            return 2
+        print(
+            mint_token(
+                settings.jwt_secret,
+                args.sub,
+                scopes=args.scope,
+                staff=args.staff,
+                ttl_seconds=args.ttl,
+                issuer=settings.jwt_issuer,
+                audience=settings.jwt_audience,
+            )
+        )
+        return 0
+    if args.command == "migrate":
+        from dembrane.webhooks.store.database import Database
+
+        Database(settings.database_url).migrate()
+        return 0
+    if args.command == "gateway":
+        _run(_run_gateway(settings, args.grpc_target))
+        return 0
+    if not settings.jwt_secret and not settings.jwt_public_key:
+        log.warning(
+            "neither WEBHOOKS_JWT_SECRET nor WEBHOOKS_JWT_PUBLIC_KEY is set: every call "
+            "except health and reflection will be refused"
+        )
+    if args.command == "worker":
+        parts = Parts(grpc=False, gateway=False, dispatcher=True)
+    else:
+        parts = Parts(grpc=True, gateway=not args.no_gateway, dispatcher=not args.no_dispatcher)
+    try:
+        _run(_serve_until_signalled(Service(settings, parts)))
+    except OSError as error:
+        print(f"dembrane-webhooks: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

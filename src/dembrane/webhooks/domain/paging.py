@@ -1,0 +1,55 @@
+"""Pagination: page sizes and opaque page tokens.
+
+A token is the base64 of the last row's sort key, so a page continues exactly after the
+previous one even when rows are added meanwhile (keyset pagination).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+
+from dembrane.webhooks.domain.errors import InvalidArgument
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the previous page ended: the last row's creation time and id."""
+
+    created_at: float
+    id: str
+
+
+def page_size(requested: int) -> int:
+    """The effective page size: the default for zero, at most the maximum."""
+    if requested < 0:
+        raise InvalidArgument.for_field("page_size", "The page size must not be negative.")
+    if requested == 0:
+        return DEFAULT_PAGE_SIZE
+    return min(requested, MAX_PAGE_SIZE)
+
+
+def encode_token(cursor: Cursor) -> str:
+    raw = json.dumps([cursor.created_at, cursor.id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str) -> Cursor | None:
+    """The cursor inside a token; ``None`` for an empty token; an error for a bad one."""
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        created_at, row_id = json.loads(raw)
+        if not isinstance(created_at, int | float) or not isinstance(row_id, str):
+            raise ValueError
+        return Cursor(float(created_at), row_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidArgument.for_field(
+            "page_token", "The page token is not one this service issued."
+        ) from None

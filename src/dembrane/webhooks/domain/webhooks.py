@@ -1,0 +1,92 @@
+"""The rules of a webhook's fields: what a valid name, URL, event list, secret and status are.
+
+Validation collects every bad field so the caller hears of all of them at once; the first
+one's sentence becomes the error message (the REST ``detail``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from enum import StrEnum
+
+from dembrane.webhooks.domain.errors import ErrorCollector, InvalidArgument
+
+NAME_MAX = 200
+URL_MAX = 2048
+SECRET_MIN = 8
+SECRET_MAX = 256
+
+
+class WebhookStatus(StrEnum):
+    """Where a webhook stands; see the contract's REST section."""
+
+    PUBLISHED = "published"
+    DRAFT = "draft"
+    ARCHIVED = "archived"
+    DISABLED = "disabled"
+
+
+# Statuses a person may set; `disabled` is the service's to set.
+SETTABLE_STATUSES = (WebhookStatus.PUBLISHED, WebhookStatus.DRAFT, WebhookStatus.ARCHIVED)
+
+
+def check_name(name: str, errors: ErrorCollector) -> str:
+    cleaned = name.strip()
+    if not cleaned:
+        errors.add("name", "The name must not be empty.")
+    elif len(cleaned) > NAME_MAX:
+        errors.add("name", f"The name must be at most {NAME_MAX} characters long.")
+    return cleaned
+
+
+def check_events(events: Sequence[str], known: Iterable[str], errors: ErrorCollector) -> list[str]:
+    """Keep the order of first appearance, drop duplicates, refuse unknown types."""
+    catalog = set(known)
+    seen: list[str] = []
+    unknown: list[str] = []
+    for event in events:
+        name = event.strip()
+        if name not in catalog:
+            unknown.append(event)
+        elif name not in seen:
+            seen.append(name)
+    if unknown:
+        listed = ", ".join(repr(u) for u in unknown)
+        errors.add(
+            "events",
+            f"Unknown event type {listed}; the known types are {', '.join(sorted(catalog))}.",
+        )
+    elif not seen:
+        errors.add("events", "A webhook must subscribe to at least one event type.")
+    return seen
+
+
+def check_secret(secret: str, errors: ErrorCollector) -> str:
+    if len(secret) < SECRET_MIN or len(secret) > SECRET_MAX:
+        errors.add(
+            "secret",
+            f"The secret must be between {SECRET_MIN} and {SECRET_MAX} characters long.",
+        )
+    elif secret != secret.strip() or any(ch in secret for ch in "\r\n\t"):
+        errors.add("secret", "The secret must not contain whitespace at its ends or newlines.")
+    return secret
+
+
+def check_status(status: str, errors: ErrorCollector) -> WebhookStatus | None:
+    """A person may set published, draft or archived."""
+    try:
+        parsed = WebhookStatus(status)
+    except ValueError:
+        parsed = None
+    if parsed not in SETTABLE_STATUSES:
+        names = ", ".join(s.value for s in SETTABLE_STATUSES)
+        errors.add("status", f"The status must be one of {names}.")
+        return None
+    return parsed
+
+
+def require(value: str, field: str, what: str) -> str:
+    """A required identifier: refuse empty ones with a sentence naming the field."""
+    if not value or not value.strip():
+        raise InvalidArgument.for_field(field, f"The {what} is required.")
+    return value.strip()

@@ -1,0 +1,105 @@
+"""One running service: the gRPC server, the REST gateway and the dispatcher, together or apart.
+
+``serve`` runs all three in one process; ``serve --no-dispatcher``, ``worker`` and
+``gateway`` split them for scale. Start-up migrates the database first, so a new SQLite file
+is ready on first start.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiohttp import web
+from dembrane.webhooks.delivery.dispatcher import Dispatcher
+from dembrane.webhooks.gateway.app import create_app, run_gateway
+
+from dembrane.webhooks.api.server import GrpcServer, start_grpc_server
+from dembrane.webhooks.config import Settings
+from dembrane.webhooks.delivery.sender import Sender
+from dembrane.webhooks.delivery.targets import TargetPolicy
+from dembrane.webhooks.resources import Resources
+from dembrane.webhooks.store.database import Database
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+@dataclass
+class Parts:
+    """Which parts a process runs."""
+
+    grpc: bool = True
+    gateway: bool = True
+    dispatcher: bool = True
+
+
+class Service:
+    """Starts and stops the parts of the service in the right order."""
+
+    def __init__(self, settings: Settings, parts: Parts | None = None) -> None:
+        self.settings = settings
+        self.parts = parts or Parts()
+        self.resources: Resources | None = None
+        self.grpc: GrpcServer | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._gateway: web.AppRunner | None = None
+        self.grpc_port = 0
+        self.http_port = 0
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.settings.bind}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.settings.bind}:{self.http_port}"
+
+    async def start(self) -> None:
+        settings = self.settings
+        database = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        await database.offload(database.migrate)
+        policy = TargetPolicy(settings.allowed_targets)
+        sender = Sender(
+            connect_timeout=settings.connect_timeout,
+            request_timeout=settings.request_timeout,
+            policy=policy,
+            max_connections=max(settings.max_concurrency, 16),
+        )
+        await sender.start()
+        self.resources = Resources(
+            settings=settings, database=database, policy=policy, sender=sender
+        )
+        if self.parts.grpc:
+            self.grpc = await start_grpc_server(self.resources, settings.bind, settings.grpc_port)
+            self.grpc_port = self.grpc.port
+            log.info("gRPC listening on %s", self.grpc_target)
+        if self.parts.dispatcher:
+            self.dispatcher = Dispatcher(self.resources)
+            await self.dispatcher.start()
+            log.info("dispatcher started")
+        if self.parts.gateway and self.parts.grpc:
+            app = create_app(grpc_target=self.grpc_target, cors_origins=settings.cors_origins)
+            self._gateway = await run_gateway(app, settings.bind, settings.http_port)
+            self.http_port = _bound_port(self._gateway)
+            log.info("REST gateway listening on %s", self.http_url)
+
+    async def stop(self) -> None:
+        """Stop taking calls, let in-flight ones finish, then release the dispatcher's work."""
+        if self._gateway is not None:
+            await self._gateway.cleanup()
+        if self.grpc is not None:
+            await self.grpc.stop(SHUTDOWN_GRACE_SECONDS)
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+        if self.resources is not None:
+            await self.resources.sender.close()
+            self.resources.database.close()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    raise OSError("The REST gateway did not bind a TCP port.")

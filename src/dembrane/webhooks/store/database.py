@@ -1,0 +1,113 @@
+"""Engine and session set-up, migrations, and running store work off the event loop.
+
+The store's functions are plain synchronous SQLAlchemy; ``Database.run`` executes them in a
+small thread pool so the asyncio servers never block on I/O. SQLite gets one thread (it
+serializes writers anyway, and one connection avoids lock contention); PostgreSQL gets several.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import QueuePool
+from sqlmodel import Session
+
+T = TypeVar("T")
+
+_MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def normalize_url(url: str) -> str:
+    """Accept ``postgresql://`` and pick the psycopg 3 driver the service ships with."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+class Database:
+    """One engine, a thread pool to use it from asyncio, and the schema's migrations."""
+
+    def __init__(
+        self, url: str, *, threads: int | None = None, sqlite_synchronous: str = "FULL"
+    ) -> None:
+        self.url = normalize_url(url)
+        parsed = make_url(self.url)
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            database = parsed.database or ""
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(
+                self.url,
+                poolclass=QueuePool,
+                pool_size=1,
+                max_overflow=2,
+                connect_args={"check_same_thread": False, "timeout": 30},
+            )
+            event.listen(
+                self.engine, "connect", functools.partial(_sqlite_pragmas, sqlite_synchronous)
+            )
+            workers = threads or 1
+        else:
+            workers = threads or 8
+            self.engine = create_engine(
+                self.url, pool_size=workers, max_overflow=4, pool_pre_ping=True
+            )
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration (creates it on first start)."""
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        config.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    def call(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn`` in one transaction, synchronously."""
+        with self.session() as session, session.begin():
+            return fn(session)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(session, *args)`` in one transaction on the store's threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call_with, fn, args)
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a plain blocking ``fn(*args)`` (no session) on the store's threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    def _call_with(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with self.session() as session, session.begin():
+            return fn(session, *args)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(synchronous: str, dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers run beside the writer; FULL makes every commit durable before a
+    # publish call returns; foreign keys make deletes cascade.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()

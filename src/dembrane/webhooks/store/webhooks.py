@@ -1,0 +1,95 @@
+"""Queries on webhooks: create, read, list, change, delete."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from sqlalchemy import delete, tuple_, update
+from sqlmodel import Session, col, select
+
+from dembrane.webhooks.domain.paging import Cursor
+from dembrane.webhooks.store.tables import DeliveryRow, WebhookRow
+
+
+def events_of(row: WebhookRow) -> list[str]:
+    """The event types a webhook row subscribes to."""
+    events = json.loads(row.events)
+    return [str(e) for e in events]
+
+
+def encode_events(events: Sequence[str]) -> str:
+    return json.dumps(list(events), separators=(",", ":"))
+
+
+def add_webhook(session: Session, row: WebhookRow) -> WebhookRow:
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_webhook(session: Session, project_id: str, webhook_id: str) -> WebhookRow | None:
+    """The webhook, if it exists and belongs to the project."""
+    row = session.get(WebhookRow, webhook_id)
+    if row is None or row.project_id != project_id:
+        return None
+    return row
+
+
+def list_webhooks(
+    session: Session, project_id: str, limit: int, after: Cursor | None
+) -> list[WebhookRow]:
+    """A page of a project's webhooks, newest first (one extra row tells of a next page)."""
+    query = select(WebhookRow).where(col(WebhookRow.project_id) == project_id)
+    if after is not None:
+        query = query.where(
+            tuple_(col(WebhookRow.created_at), col(WebhookRow.id))
+            < tuple_(after.created_at, after.id)
+        )
+    query = query.order_by(col(WebhookRow.created_at).desc(), col(WebhookRow.id).desc()).limit(
+        limit + 1
+    )
+    return list(session.scalars(query))
+
+
+def copyable_webhooks(
+    session: Session, project_ids: Sequence[str], limit: int = 500
+) -> list[WebhookRow]:
+    """Published webhooks of the given projects, newest first."""
+    if not project_ids:
+        return []
+    query = (
+        select(WebhookRow)
+        .where(
+            col(WebhookRow.project_id).in_(list(project_ids)),
+            col(WebhookRow.status) == "published",
+        )
+        .order_by(col(WebhookRow.created_at).desc(), col(WebhookRow.id).desc())
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def delete_webhook(session: Session, webhook_id: str) -> None:
+    """Delete a webhook; its deliveries and their attempts cascade."""
+    session.execute(delete(DeliveryRow).where(col(DeliveryRow.webhook_id) == webhook_id))
+    session.execute(delete(WebhookRow).where(col(WebhookRow.id) == webhook_id))
+
+
+def webhooks_for_event(session: Session, project_id: str, event_type: str) -> list[WebhookRow]:
+    """The project's published webhooks that subscribe to ``event_type``."""
+    rows = session.scalars(
+        select(WebhookRow).where(
+            col(WebhookRow.project_id) == project_id, col(WebhookRow.status) == "published"
+        )
+    )
+    return [row for row in rows if event_type in events_of(row)]
+
+
+def expire_previous_secrets(session: Session, now: float) -> None:
+    """Forget previous secrets whose grace period is over."""
+    session.execute(
+        update(WebhookRow)
+        .where(col(WebhookRow.previous_secret_expires_at) <= now)
+        .values(previous_secret=None, previous_secret_expires_at=None)
+    )

@@ -1,0 +1,67 @@
+"""Shared fixtures: a real service on loopback ports, tokens, and a seeded directory.
+
+Every test gets its own SQLite file in a temporary folder and its own server on port 0.
+The types behind the fixtures live in ``harness.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+from harness import Stubs, Tokens, World, make_settings, seed_world
+
+from dembrane.webhooks.config import Settings
+
+if TYPE_CHECKING:
+    from dembrane.webhooks.service import Service
+from dembrane.webhooks.v1 import (
+    directory_service_pb2_grpc,
+    event_service_pb2_grpc,
+    webhook_service_pb2_grpc,
+)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+async def service(settings: Settings) -> AsyncIterator[Service]:
+    from dembrane.webhooks.service import Service
+
+    running = Service(settings)
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest.fixture
+def tokens(settings: Settings) -> Tokens:
+    assert settings.jwt_secret is not None
+    return Tokens(settings.jwt_secret)
+
+
+@pytest.fixture
+async def stubs(service: Service) -> AsyncIterator[Stubs]:
+    channel = grpc.aio.insecure_channel(service.grpc_target)
+    try:
+        yield Stubs(
+            channel=channel,
+            webhooks=webhook_service_pb2_grpc.WebhookServiceStub(channel),
+            events=event_service_pb2_grpc.EventServiceStub(channel),
+            directory=directory_service_pb2_grpc.DirectoryServiceStub(channel),
+        )
+    finally:
+        await channel.close()
+
+
+@pytest.fixture
+async def world(stubs: Stubs, tokens: Tokens) -> World:
+    return await seed_world(stubs, tokens)

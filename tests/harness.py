@@ -1,0 +1,128 @@
+"""The test harness: settings for a test service, token minting, stubs and a seeded directory.
+
+``conftest.py`` turns these into fixtures; tests import the types from here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+
+from dembrane.webhooks.auth import SCOPE_DIRECTORY, mint_token
+from dembrane.webhooks.config import Settings
+from dembrane.webhooks.v1 import (
+    directory_service_pb2 as dpb,
+)
+from dembrane.webhooks.v1 import (
+    directory_service_pb2_grpc,
+    event_service_pb2_grpc,
+    webhook_service_pb2_grpc,
+)
+
+JWT_SECRET = "test-jwt-secret"
+
+
+def make_settings(tmp_path: Path, **overrides: object) -> Settings:
+    """Settings for a test service: loopback targets allowed, retries without waiting."""
+    base = Settings(
+        grpc_port=0,
+        http_port=0,
+        bind="127.0.0.1",
+        database_url=f"sqlite:///{tmp_path / 'webhooks.db'}",
+        jwt_secret=JWT_SECRET,
+        allowed_targets=(ipaddress.ip_network("127.0.0.0/8"),),
+        retry_schedule=(0, 0, 0),
+        retry_jitter=0.0,
+        connect_timeout=2.0,
+        request_timeout=5.0,
+        sqlite_synchronous="NORMAL",
+        dashboard_base_url="https://dashboard.example.test",
+    )
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+class Tokens:
+    """Mints bearer tokens for the test service's HS256 secret."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    def user(self, user_id: str) -> str:
+        return mint_token(self.secret, user_id)
+
+    def staff(self, user_id: str = "u-staff") -> str:
+        return mint_token(self.secret, user_id, staff=True)
+
+    def service(self, *scopes: str) -> str:
+        return mint_token(self.secret, "svc-backend", scopes=scopes)
+
+    def expired(self, user_id: str) -> str:
+        return mint_token(self.secret, user_id, ttl_seconds=-60)
+
+    def bearer(self, token: str) -> tuple[tuple[str, str]]:
+        """gRPC call metadata carrying ``token``."""
+        return (("authorization", f"Bearer {token}"),)
+
+
+@dataclass
+class Stubs:
+    """gRPC stubs on one channel to the test service."""
+
+    channel: grpc.aio.Channel
+    webhooks: webhook_service_pb2_grpc.WebhookServiceStub
+    events: event_service_pb2_grpc.EventServiceStub
+    directory: directory_service_pb2_grpc.DirectoryServiceStub
+
+
+@dataclass
+class World:
+    """The seeded directory: a paid workspace with two projects and a free one."""
+
+    paid_workspace: str = "ws-paid"
+    paid_project: str = "p-paid"
+    paid_project_2: str = "p-paid-2"
+    free_workspace: str = "ws-free"
+    free_project: str = "p-free"
+    owner: str = "u-owner"
+    admin: str = "u-admin"
+    member: str = "u-member"
+    outsider: str = "u-outsider"
+
+
+async def seed_world(stubs: Stubs, tokens: Tokens) -> World:
+    world = World()
+    md = tokens.bearer(tokens.service(SCOPE_DIRECTORY))
+    d = stubs.directory
+    await d.UpsertWorkspace(
+        dpb.UpsertWorkspaceRequest(workspace_id="ws-paid", name="Paid", tier="changemaker"),
+        metadata=md,
+    )
+    await d.UpsertWorkspace(
+        dpb.UpsertWorkspaceRequest(workspace_id="ws-free", name="Free", tier="innovator"),
+        metadata=md,
+    )
+    for project_id, workspace_id, name in (
+        ("p-paid", "ws-paid", "Paid project"),
+        ("p-paid-2", "ws-paid", "Second project"),
+        ("p-free", "ws-free", "Free project"),
+    ):
+        await d.UpsertProject(
+            dpb.UpsertProjectRequest(
+                project_id=project_id, workspace_id=workspace_id, name=name, language="en"
+            ),
+            metadata=md,
+        )
+    for workspace_id, user_id, role in (
+        ("ws-paid", "u-owner", "owner"),
+        ("ws-paid", "u-admin", "admin"),
+        ("ws-paid", "u-member", "member"),
+        ("ws-free", "u-outsider", "owner"),
+    ):
+        await d.SetMembership(
+            dpb.SetMembershipRequest(workspace_id=workspace_id, user_id=user_id, role=role),
+            metadata=md,
+        )
+    return world

@@ -1,0 +1,62 @@
+"""Settings come from the environment, and bad values stop the service with a clear message."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from dembrane.webhooks.config import DEFAULT_RETRY_SCHEDULE, ConfigError, Settings
+
+
+def test_defaults_are_the_contracts() -> None:
+    """Without variables the service listens on 127.0.0.1:50051/8080 with the default schedule."""
+    settings = Settings.from_env({})
+    assert (settings.bind, settings.grpc_port, settings.http_port) == ("127.0.0.1", 50051, 8080)
+    assert (
+        settings.retry_schedule
+        == DEFAULT_RETRY_SCHEDULE
+        == (5, 300, 1800, 7200, 18000, 36000, 36000)
+    )
+    assert settings.database_url == "sqlite:///var/webhooks.db"
+    assert (settings.connect_timeout, settings.request_timeout) == (10.0, 30.0)
+    assert settings.disable_after_seconds == 5 * 86400
+    assert settings.retention_days == 30
+
+
+def test_variables_are_read() -> None:
+    """Every contract variable is taken from the environment."""
+    settings = Settings.from_env(
+        {
+            "WEBHOOKS_HTTP_PORT": "9000",
+            "WEBHOOKS_RETRY_SCHEDULE": "1, 1,1",
+            "WEBHOOKS_ALLOWED_TARGETS": "127.0.0.0/8, ::1/128",
+            "WEBHOOKS_CORS_ORIGINS": "https://app.example.com",
+            "WEBHOOKS_DASHBOARD_BASE_URL": "https://dash.example.com/",
+        }
+    )
+    assert settings.http_port == 9000
+    assert settings.retry_schedule == (1.0, 1.0, 1.0)
+    assert settings.allowed_targets == (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    assert settings.cors_origins == ("https://app.example.com",)
+    assert settings.dashboard_base_url == "https://dash.example.com"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("WEBHOOKS_GRPC_PORT", "http"),
+        ("WEBHOOKS_HTTP_PORT", "70000"),
+        ("WEBHOOKS_RETRY_SCHEDULE", "1,soon"),
+        ("WEBHOOKS_RETRY_SCHEDULE", "-5"),
+        ("WEBHOOKS_ALLOWED_TARGETS", "not-a-network"),
+        ("WEBHOOKS_SQLITE_SYNCHRONOUS", "SOMETIMES"),
+    ],
+)
+def test_bad_values_name_the_variable(name: str, value: str) -> None:
+    """A value the service cannot use raises an error naming the variable."""
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})

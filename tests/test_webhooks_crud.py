@@ -1,0 +1,377 @@
+"""Managing webhooks over gRPC: create, read, list with pagination, update by mask, delete,
+copy, export, secrets and the event catalog."""
+
+from __future__ import annotations
+
+import base64
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2, field_mask_pb2, json_format
+from grpc_helpers import rich_error
+from harness import Stubs, Tokens, World
+
+from dembrane.webhooks.v1 import webhook_pb2
+from dembrane.webhooks.v1 import webhook_service_pb2 as pb
+
+URL = "http://127.0.0.1:9/hook"
+
+
+def admin(tokens: Tokens) -> tuple[tuple[str, str]]:
+    return tokens.bearer(tokens.user("u-admin"))
+
+
+async def create(
+    stubs: Stubs,
+    tokens: Tokens,
+    *,
+    project: str = "p-paid",
+    name: str = "Hook",
+    events: tuple[str, ...] = ("conversation.started",),
+    secret: str | None = None,
+    status: int = webhook_pb2.WEBHOOK_STATUS_UNSPECIFIED,
+) -> pb.CreateWebhookResponse:
+    request = pb.CreateWebhookRequest(
+        project_id=project, name=name, url=URL, events=list(events), status=status
+    )
+    if secret is not None:
+        request.secret = secret
+    response: pb.CreateWebhookResponse = await stubs.webhooks.CreateWebhook(
+        request, metadata=admin(tokens)
+    )
+    return response
+
+
+async def test_create_generates_a_secret_shown_once(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """Without a secret the service makes a whsec_ one and returns it only in the create answer."""
+    created = await create(stubs, tokens, events=("conversation.started", "report.generated"))
+    assert created.secret.startswith("whsec_")
+    assert len(base64.b64decode(created.secret.removeprefix("whsec_"))) == 24
+    webhook = created.webhook
+    assert webhook.id.startswith("wh_")
+    assert webhook.status == webhook_pb2.WEBHOOK_STATUS_PUBLISHED
+    assert list(webhook.events) == ["conversation.started", "report.generated"]
+    assert webhook.create_time.seconds > 0
+    fetched = await stubs.webhooks.GetWebhook(
+        pb.GetWebhookRequest(project_id="p-paid", webhook_id=webhook.id), metadata=admin(tokens)
+    )
+    listed = await stubs.webhooks.ListWebhooks(
+        pb.ListWebhooksRequest(project_id="p-paid"), metadata=admin(tokens)
+    )
+    for message in (fetched, listed):
+        assert created.secret not in json_format.MessageToJson(message)
+        assert created.secret.encode() not in message.SerializeToString()
+    secret = await stubs.webhooks.GetWebhookSecret(
+        pb.GetWebhookSecretRequest(project_id="p-paid", webhook_id=webhook.id),
+        metadata=admin(tokens),
+    )
+    assert secret.secret == created.secret
+
+
+async def test_create_with_own_secret_does_not_echo_it(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """A caller-supplied secret is stored but not sent back."""
+    created = await create(stubs, tokens, secret="my-shared-secret")
+    assert created.secret == ""
+    secret = await stubs.webhooks.GetWebhookSecret(
+        pb.GetWebhookSecretRequest(project_id="p-paid", webhook_id=created.webhook.id),
+        metadata=admin(tokens),
+    )
+    assert secret.secret == "my-shared-secret"
+
+
+async def test_duplicate_events_are_collapsed(stubs: Stubs, tokens: Tokens, world: World) -> None:
+    """Subscribing to the same type twice keeps it once, in first-seen order."""
+    created = await create(
+        stubs, tokens, events=("report.generated", "conversation.started", "report.generated")
+    )
+    assert list(created.webhook.events) == ["report.generated", "conversation.started"]
+
+
+@pytest.mark.parametrize(
+    ("field", "request_fields"),
+    [
+        ("name", {"name": "x" * 201}),
+        ("name", {"name": "   "}),
+        ("url", {"url": "http://127.0.0.1/" + "a" * 2048}),
+        ("url", {"url": "javascript:alert(1)"}),
+        ("url", {"url": "http:///no-host"}),
+        ("events", {"events": []}),
+        ("events", {"events": ["webhook.test"]}),
+        ("secret", {"secret": "x" * 257}),
+        ("status", {"status": webhook_pb2.WEBHOOK_STATUS_DISABLED}),
+    ],
+)
+async def test_create_validation(
+    stubs: Stubs, tokens: Tokens, world: World, field: str, request_fields: dict[str, object]
+) -> None:
+    """Each invalid field is refused with a violation naming it."""
+    request = pb.CreateWebhookRequest(
+        project_id="p-paid", name="Hook", url=URL, events=["conversation.started"]
+    )
+    for key, value in request_fields.items():
+        if key == "events":
+            del request.events[:]
+            request.events.extend(value)  # type: ignore[arg-type]
+        else:
+            setattr(request, key, value)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stubs.webhooks.CreateWebhook(request, metadata=admin(tokens))
+    error = rich_error(caught.value)
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in error.violations, error.violations
+
+
+async def test_private_targets_are_refused_when_not_allowed(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """A URL resolving to a private address outside the allowed ranges is refused on save."""
+    for url in ("http://10.1.2.3/hook", "http://169.254.169.254/latest", "http://[::1]:80/"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stubs.webhooks.CreateWebhook(
+                pb.CreateWebhookRequest(
+                    project_id="p-paid", name="Hook", url=url, events=["conversation.started"]
+                ),
+                metadata=admin(tokens),
+            )
+        error = rich_error(caught.value)
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "url" in error.violations
+
+
+async def test_list_is_newest_first_and_paginated(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """Pages follow each other without overlap, newest first, until an empty token."""
+    ids = [(await create(stubs, tokens, name=f"Hook {i}")).webhook.id for i in range(5)]
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page = await stubs.webhooks.ListWebhooks(
+            pb.ListWebhooksRequest(project_id="p-paid", page_size=2, page_token=token),
+            metadata=admin(tokens),
+        )
+        pages += 1
+        assert len(page.webhooks) <= 2
+        seen.extend(w.id for w in page.webhooks)
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == 3
+    assert seen == list(reversed(ids))
+    everything = await stubs.webhooks.ListWebhooks(
+        pb.ListWebhooksRequest(project_id="p-paid", page_size=1000), metadata=admin(tokens)
+    )
+    assert [w.id for w in everything.webhooks] == seen
+
+
+async def test_bad_page_token_and_size(stubs: Stubs, tokens: Tokens, world: World) -> None:
+    """A page token the service did not issue, or a negative size, is INVALID_ARGUMENT."""
+    for request in (
+        pb.ListWebhooksRequest(project_id="p-paid", page_token="garbage!"),
+        pb.ListWebhooksRequest(project_id="p-paid", page_size=-1),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stubs.webhooks.ListWebhooks(request, metadata=admin(tokens))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_update_changes_only_masked_fields(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """Fields outside the update mask keep their values even when the request sets them."""
+    created = await create(stubs, tokens)
+    updated = await stubs.webhooks.UpdateWebhook(
+        pb.UpdateWebhookRequest(
+            project_id="p-paid",
+            webhook_id=created.webhook.id,
+            name="Renamed",
+            url="http://127.0.0.1:10/other",
+            events=["report.generated"],
+            update_mask=field_mask_pb2.FieldMask(paths=["name", "events"]),
+        ),
+        metadata=admin(tokens),
+    )
+    webhook = updated.webhook
+    assert webhook.name == "Renamed"
+    assert list(webhook.events) == ["report.generated"]
+    assert webhook.url == URL
+    assert webhook.update_time.ToNanoseconds() >= webhook.create_time.ToNanoseconds()
+
+
+async def test_update_without_mask_changes_set_fields(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """With an empty mask, every field set to a non-default value changes."""
+    created = await create(stubs, tokens)
+    updated = await stubs.webhooks.UpdateWebhook(
+        pb.UpdateWebhookRequest(
+            project_id="p-paid",
+            webhook_id=created.webhook.id,
+            status=webhook_pb2.WEBHOOK_STATUS_DRAFT,
+        ),
+        metadata=admin(tokens),
+    )
+    assert updated.webhook.status == webhook_pb2.WEBHOOK_STATUS_DRAFT
+    assert updated.webhook.name == "Hook"
+
+
+async def test_update_rejects_unknown_mask_paths_and_empty_changes(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """Masks may only name updatable fields, and an update must change something."""
+    created = await create(stubs, tokens)
+    for request in (
+        pb.UpdateWebhookRequest(
+            project_id="p-paid",
+            webhook_id=created.webhook.id,
+            update_mask=field_mask_pb2.FieldMask(paths=["id"]),
+        ),
+        pb.UpdateWebhookRequest(project_id="p-paid", webhook_id=created.webhook.id),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stubs.webhooks.UpdateWebhook(request, metadata=admin(tokens))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_update_secret_and_validation(stubs: Stubs, tokens: Tokens, world: World) -> None:
+    """A masked secret change replaces the secret; a masked bad value is refused."""
+    created = await create(stubs, tokens)
+    await stubs.webhooks.UpdateWebhook(
+        pb.UpdateWebhookRequest(
+            project_id="p-paid",
+            webhook_id=created.webhook.id,
+            secret="a-brand-new-secret",
+            update_mask=field_mask_pb2.FieldMask(paths=["secret"]),
+        ),
+        metadata=admin(tokens),
+    )
+    secret = await stubs.webhooks.GetWebhookSecret(
+        pb.GetWebhookSecretRequest(project_id="p-paid", webhook_id=created.webhook.id),
+        metadata=admin(tokens),
+    )
+    assert secret.secret == "a-brand-new-secret"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stubs.webhooks.UpdateWebhook(
+            pb.UpdateWebhookRequest(
+                project_id="p-paid",
+                webhook_id=created.webhook.id,
+                name="",
+                update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+            ),
+            metadata=admin(tokens),
+        )
+    assert "name" in rich_error(caught.value).violations
+
+
+async def test_delete_removes_the_webhook(stubs: Stubs, tokens: Tokens, world: World) -> None:
+    """After a delete the webhook is not found and not listed."""
+    created = await create(stubs, tokens)
+    request = pb.DeleteWebhookRequest(project_id="p-paid", webhook_id=created.webhook.id)
+    await stubs.webhooks.DeleteWebhook(request, metadata=admin(tokens))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stubs.webhooks.DeleteWebhook(request, metadata=admin(tokens))
+    assert caught.value.details() == "Webhook not found"
+    listed = await stubs.webhooks.ListWebhooks(
+        pb.ListWebhooksRequest(project_id="p-paid"), metadata=admin(tokens)
+    )
+    assert list(listed.webhooks) == []
+
+
+async def test_copyable_lists_published_webhooks_of_other_projects(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """Copyable webhooks come from the caller's other managed projects, published ones only."""
+    own = await create(stubs, tokens, project="p-paid", name="Own")
+    other = await create(stubs, tokens, project="p-paid-2", name="Other")
+    await create(
+        stubs, tokens, project="p-paid-2", name="Draft", status=webhook_pb2.WEBHOOK_STATUS_DRAFT
+    )
+    response = await stubs.webhooks.ListCopyableWebhooks(
+        pb.ListCopyableWebhooksRequest(project_id="p-paid"), metadata=admin(tokens)
+    )
+    assert [w.id for w in response.webhooks] == [other.webhook.id]
+    copyable = response.webhooks[0]
+    assert copyable.project_name == "Second project"
+    assert copyable.project_id == "p-paid-2"
+    assert own.webhook.id not in {w.id for w in response.webhooks}
+    assert other.secret not in json_format.MessageToJson(response)
+
+
+async def test_export_has_no_secret(stubs: Stubs, tokens: Tokens, world: World) -> None:
+    """Exporting gives name, URL and events, and nothing secret."""
+    created = await create(stubs, tokens, secret="export-secret-123")
+    exported = await stubs.webhooks.ExportWebhook(
+        pb.ExportWebhookRequest(project_id="p-paid", webhook_id=created.webhook.id),
+        metadata=admin(tokens),
+    )
+    assert (exported.name, exported.url, list(exported.events)) == (
+        "Hook",
+        URL,
+        ["conversation.started"],
+    )
+    assert "export-secret-123" not in json_format.MessageToJson(exported)
+
+
+async def test_rotation_keeps_the_previous_secret_for_the_grace_period(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """Rotating sets a new secret and reports when the previous one stops signing."""
+    created = await create(stubs, tokens, secret="first-secret-value")
+    rotated = await stubs.webhooks.RotateWebhookSecret(
+        pb.RotateWebhookSecretRequest(
+            project_id="p-paid",
+            webhook_id=created.webhook.id,
+            grace_period=duration_pb2.Duration(seconds=3600),
+        ),
+        metadata=admin(tokens),
+    )
+    assert rotated.secret.startswith("whsec_")
+    assert rotated.HasField("previous_secret_expire_time")
+    shown = await stubs.webhooks.GetWebhookSecret(
+        pb.GetWebhookSecretRequest(project_id="p-paid", webhook_id=created.webhook.id),
+        metadata=admin(tokens),
+    )
+    assert shown.secret == rotated.secret
+    assert shown.previous_secret_expire_time == rotated.previous_secret_expire_time
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stubs.webhooks.RotateWebhookSecret(
+            pb.RotateWebhookSecretRequest(
+                project_id="p-paid",
+                webhook_id=created.webhook.id,
+                grace_period=duration_pb2.Duration(seconds=8 * 86400),
+            ),
+            metadata=admin(tokens),
+        )
+    assert "grace_period" in rich_error(caught.value).violations
+
+
+async def test_event_catalog_describes_every_type(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """The catalog lists the contract's five types with a description and an example body."""
+    response = await stubs.webhooks.ListEventTypes(
+        pb.ListEventTypesRequest(project_id="p-paid"), metadata=admin(tokens)
+    )
+    by_name = {t.name: t for t in response.event_types}
+    assert set(by_name) == {
+        "conversation.started",
+        "conversation.transcribed",
+        "conversation.summarized",
+        "report.generated",
+        "webhook.test",
+    }
+    assert not by_name["webhook.test"].subscribable
+    for name, event_type in by_name.items():
+        assert event_type.description.endswith(".")
+        example = json_format.MessageToDict(event_type.example)
+        assert example["event"] == name
+    assert (
+        "summary"
+        in json_format.MessageToDict(by_name["conversation.summarized"].example)["conversation"]
+    )
+    assert "report" in json_format.MessageToDict(by_name["report.generated"].example)
