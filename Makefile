@@ -79,7 +79,7 @@ test: install check-generated lint
 	$(VENV)/bin/pytest -q
 
 # A development secret unless one is set; never use it for a deployment.
-run: export WEBHOOKS_JWT_SECRET ?= dev-only-secret-change-me
+run: export WEBHOOKS_JWT_SECRET ?= dev-only-secret-never-use-in-production
 run: install
 	$(VENV)/bin/dembrane-webhooks serve
 

@@ -22,7 +22,7 @@ from dembrane.webhooks.v1 import (
     webhook_service_pb2_grpc,
 )
 
-JWT_SECRET = "test-jwt-secret"
+JWT_SECRET = "test-jwt-secret-of-at-least-32-bytes"
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
