@@ -4,6 +4,6 @@
 routes come from the ``google.api.http`` annotations of ``webhook_service.proto``.
 """
 
-from dembrane.webhooks.gateway.app import bound_port, create_app, run_gateway, serve_gateway
+from dembrane.webhooks.gateway.app import bound_port, create_app, run_gateway
 
-__all__ = ["bound_port", "create_app", "run_gateway", "serve_gateway"]
+__all__ = ["bound_port", "create_app", "run_gateway"]

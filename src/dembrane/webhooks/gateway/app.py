@@ -1,0 +1,349 @@
+"""The aiohttp application of the REST gateway.
+
+The gateway is an ordinary client of the gRPC API: it turns each HTTP request into the
+RPC its route names, forwards the caller's ``Authorization`` header as metadata, and turns
+the answer (or the status) back into the JSON of the contract. It holds no business rule of
+its own, so it could be replaced by any gRPC-JSON transcoder that honours the same mapping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from google.protobuf import message_factory
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dembrane.webhooks.gateway.errors import ErrorAnswer, RestError, answer_for_rpc_error
+from dembrane.webhooks.gateway.json_mapping import (
+    FieldKind,
+    message_to_json,
+    parse_body,
+    rest_fields,
+    set_from_json,
+    set_from_query,
+    set_path_parameter,
+)
+from dembrane.webhooks.gateway.openapi import PAGE_TOKEN_HEADER, build_openapi
+from dembrane.webhooks.gateway.routes import ROUTES, SERVICE, Route
+
+__all__ = ["MAX_BODY_BYTES", "bound_port", "create_app", "run_gateway"]
+
+_log = logging.getLogger(__name__)
+
+#: The largest request body the gateway reads; anything bigger is answered with 413.
+MAX_BODY_BYTES = 1024 * 1024
+_BODY_TOO_LARGE = "Request body is larger than 1 MiB."
+
+# The Test action waits for the receiver (30 s by default) before it answers.
+DEFAULT_RPC_TIMEOUT = 60.0
+_HEALTH_TIMEOUT = 5.0
+
+# Far above any real JWT, well below gRPC's default 8 KiB metadata limit.
+_MAX_AUTHORIZATION = 4096
+
+_CORS_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
+_CORS_HEADERS = "Authorization, Content-Type"
+_CORS_MAX_AGE = "600"
+
+# The FieldMask an Update request carries; a PATCH body's keys become its paths.
+_MASK_FIELD = "update_mask"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class _Upstream:
+    """The gRPC side of the gateway: the target, and the channel once the app runs."""
+
+    target: str
+    timeout: float
+    channel: grpc.aio.Channel | None = None
+    owns_channel: bool = False
+    calls: dict[str, grpc.aio.UnaryUnaryMultiCallable[Message, Message]] = field(
+        default_factory=dict
+    )
+
+    def open(self) -> None:
+        if self.channel is None:
+            # Created here, inside the running loop, because grpc.aio binds channels to it.
+            self.channel = grpc.aio.insecure_channel(self.target)
+            self.owns_channel = True
+        for route in ROUTES:
+            request_class = message_factory.GetMessageClass(route.input_type)
+            response_class = message_factory.GetMessageClass(route.output_type)
+            self.calls[route.grpc_path] = self.channel.unary_unary(
+                route.grpc_path,
+                # The concrete class's method: the base Message's is abstract.
+                request_serializer=request_class.SerializeToString,
+                response_deserializer=response_class.FromString,
+            )
+
+    async def close(self) -> None:
+        if self.channel is not None and self.owns_channel:
+            await self.channel.close(grace=None)
+        self.channel = None
+        self.owns_channel = False
+        self.calls.clear()
+
+    async def call(self, route: Route, request: Message, authorization: str | None) -> Message:
+        metadata = (("authorization", authorization),) if authorization else ()
+        return await self.calls[route.grpc_path](request, timeout=self.timeout, metadata=metadata)
+
+    async def serving(self) -> bool:
+        if self.channel is None:
+            return False
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        try:
+            # The service the gateway calls, not the server as a whole: a server that is up
+            # but does not serve WebhookService is of no use to the gateway.
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE.full_name), timeout=_HEALTH_TIMEOUT
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+_UPSTREAM = web.AppKey("upstream", _Upstream)
+_DOCUMENT = web.AppKey("openapi_document", bytes)
+
+
+def create_app(
+    *,
+    grpc_target: str,
+    cors_origins: Sequence[str] = (),
+    channel: grpc.aio.Channel | None = None,
+    rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
+) -> web.Application:
+    """The gateway application, calling the gRPC API at ``grpc_target``.
+
+    The application opens one channel when it starts and closes it when it stops, unless
+    ``channel`` is given, which then stays the caller's to close. ``cors_origins`` lists the
+    browser origins allowed to call the API (``*`` allows any).
+    """
+    middlewares: list[Middleware] = [_error_middleware]
+    if cors_origins:
+        middlewares.insert(0, _cors_middleware(cors_origins))
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
+    app[_UPSTREAM] = _Upstream(target=grpc_target, timeout=rpc_timeout, channel=channel)
+    app[_DOCUMENT] = json.dumps(build_openapi(ROUTES), indent=2).encode()
+    app.cleanup_ctx.append(_upstream_context)
+
+    resources: dict[str, web.Resource] = {}
+    for route in ROUTES:  # already ordered so that literal segments win over variables
+        if route.path not in resources:
+            resources[route.path] = app.router.add_resource(route.path)
+        resources[route.path].add_route(route.http_method, _route_handler(route))
+    app.router.add_get("/healthz", _healthz, allow_head=False)
+    app.router.add_get("/api/openapi.json", _openapi_document, allow_head=False)
+    return app
+
+
+async def run_gateway(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start serving ``app`` on ``host:port`` (port 0 picks a free one); see :func:`bound_port`.
+
+    The caller stops it with ``await runner.cleanup()``.
+    """
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The TCP port a started runner listens on."""
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    raise RuntimeError("The gateway is not listening on a TCP port.")
+
+
+async def _upstream_context(app: web.Application) -> AsyncIterator[None]:
+    upstream = app[_UPSTREAM]
+    upstream.open()
+    try:
+        yield
+    finally:
+        await upstream.close()
+
+
+# --- routes -------------------------------------------------------------------------------
+
+
+def _route_handler(route: Route) -> Handler:
+    request_class = message_factory.GetMessageClass(route.input_type)
+    skip = frozenset(route.path_parameters)
+    mask_names = {f.name: f.proto_name for f in rest_fields(route.input_type)}
+    has_mask = _MASK_FIELD in route.input_type.fields_by_name
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        message = request_class()
+        for name in route.path_parameters:
+            set_path_parameter(message, name, request.match_info[name])
+        if route.body == "*":
+            body = parse_body(await request.read())
+            given = set_from_json(message, body, skip=skip)
+            if has_mask:
+                # The keys present in a PATCH body are the fields to change.
+                getattr(message, _MASK_FIELD).paths.extend(mask_names[n] for n in given)
+        else:
+            set_from_query(message, request.query, skip=skip)
+        try:
+            answer = await request.app[_UPSTREAM].call(route, message, _authorization(request))
+        except grpc.aio.AioRpcError as error:
+            return _error_response(answer_for_rpc_error(error))
+        return _render(route, answer)
+
+    handle.__name__ = route.rpc_name
+    return handle
+
+
+def _authorization(request: web.Request) -> str | None:
+    value = request.headers.get("Authorization", "").strip()
+    # gRPC metadata must be printable ASCII and fit the server's metadata limit; anything else
+    # could not be a valid token anyway, and sending nothing lets the server answer 401 as it
+    # does for a missing header.
+    if (
+        not value
+        or len(value) > _MAX_AUTHORIZATION
+        or not (value.isascii() and value.isprintable())
+    ):
+        return None
+    return value
+
+
+def _render(route: Route, answer: Message) -> web.StreamResponse:
+    if route.success_status == 204:
+        return web.Response(status=204)
+    headers: dict[str, str] = {}
+    data: Any
+    if route.response_body:
+        field = next(
+            f for f in rest_fields(route.output_type) if f.proto_name == route.response_body
+        )
+        value = getattr(answer, route.response_body)
+        if field.kind is FieldKind.MESSAGE and field.repeated:
+            # The omitted keys are those of each item: a delivery list without attempts.
+            data = [message_to_json(item, omit=route.omit) for item in value]
+        elif field.kind is FieldKind.MESSAGE:
+            data = message_to_json(value, omit=route.omit)
+        else:
+            data = message_to_json(answer)[field.name]
+        token = getattr(answer, "next_page_token", "") if route.pages else ""
+        if token:
+            headers[PAGE_TOKEN_HEADER] = token
+    elif route.flatten:
+        data = message_to_json(getattr(answer, route.flatten), omit=route.omit)
+        extras = message_to_json(answer)
+        for field in rest_fields(route.output_type):
+            # Only when set: the secret appears in the 201 body only if the service made it.
+            if field.proto_name != route.flatten and extras[field.name]:
+                data[field.name] = extras[field.name]
+    else:
+        data = message_to_json(answer, omit=route.omit)
+    return web.json_response(data, status=route.success_status, headers=headers)
+
+
+async def _healthz(request: web.Request) -> web.StreamResponse:
+    if await request.app[_UPSTREAM].serving():
+        return web.json_response({"status": "ok"})
+    return web.json_response(
+        {"status": "unavailable", "detail": "The webhook service is not serving."}, status=503
+    )
+
+
+async def _openapi_document(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=request.app[_DOCUMENT], content_type="application/json")
+
+
+# --- middlewares ----------------------------------------------------------------------------
+
+
+def _error_response(answer: ErrorAnswer, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(answer.body(), status=answer.status, headers=headers)
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes ``{"detail": ...}``; nothing a caller sends leads to a traceback."""
+    length = request.content_length
+    if length is not None and length > MAX_BODY_BYTES:
+        return _error_response(ErrorAnswer(413, _BODY_TOO_LARGE))
+    try:
+        return await handler(request)
+    except RestError as error:
+        return _error_response(ErrorAnswer(error.status, error.detail))
+    except web.HTTPRequestEntityTooLarge:
+        return _error_response(ErrorAnswer(413, _BODY_TOO_LARGE))
+    except web.HTTPMethodNotAllowed as error:
+        allow = {"Allow": ", ".join(sorted(error.allowed_methods))}
+        return _error_response(ErrorAnswer(405, "Method not allowed"), headers=allow)
+    except web.HTTPNotFound:
+        return _error_response(ErrorAnswer(404, "Not found"))
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return _error_response(ErrorAnswer(error.status, error.reason))
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:
+        # The message of an unexpected error may quote request data (a secret, a token), so
+        # only its type and the code path are logged.
+        frames = "".join(traceback.format_tb(error.__traceback__))
+        _log.error(
+            "unexpected %s in %s %s\n%s",
+            type(error).__name__,
+            request.method,
+            request.path,
+            frames,
+        )
+        return _error_response(ErrorAnswer(500, "Internal error"))
+
+
+def _cors_middleware(origins: Sequence[str]) -> Middleware:
+    """CORS for the configured origins, so the integrations tab can call from the browser."""
+    allow_any = "*" in origins
+    allowed = frozenset(origins)
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        permitted = origin is not None and (allow_any or origin in allowed)
+        if (
+            permitted
+            and request.method == "OPTIONS"
+            and "Access-Control-Request-Method" in request.headers
+        ):
+            return web.Response(
+                status=204,
+                headers={
+                    "Access-Control-Allow-Origin": str(origin),
+                    "Access-Control-Allow-Methods": _CORS_METHODS,
+                    "Access-Control-Allow-Headers": _CORS_HEADERS,
+                    "Access-Control-Max-Age": _CORS_MAX_AGE,
+                    "Vary": "Origin",
+                },
+            )
+        response = await handler(request)
+        # Answers differ by Origin, so caches must key on it even when this one is refused.
+        response.headers.add("Vary", "Origin")
+        if permitted:
+            response.headers["Access-Control-Allow-Origin"] = str(origin)
+            response.headers["Access-Control-Expose-Headers"] = PAGE_TOKEN_HEADER
+        return response
+
+    return cors

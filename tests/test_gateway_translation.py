@@ -1,0 +1,633 @@
+"""The gateway's translation, through a real HTTP client, gateway and gRPC server.
+
+The gRPC server here runs a scripted WebhookService that records each request and answers
+what the test says, including rich error statuses, so every mapping rule (status codes,
+error bodies, page-token headers, update masks, CORS, size limits) is pinned without
+depending on the real service's rules. ``test_gateway_e2e.py`` runs against the real one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from google.protobuf import any_pb2, duration_pb2, message_factory, timestamp_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from dembrane.webhooks.gateway import bound_port, create_app, run_gateway
+from dembrane.webhooks.gateway.routes import ROUTES, SERVICE, Route
+from dembrane.webhooks.v1 import webhook_pb2 as wpb
+from dembrane.webhooks.v1 import webhook_service_pb2 as spb
+
+ORIGIN = "https://dashboard.example.test"
+TOKEN = "Bearer header.payload.signature"
+
+
+@dataclass
+class Call:
+    """One request the scripted service received."""
+
+    rpc: str
+    request: Any
+    authorization: str | None
+
+
+@dataclass
+class ScriptedService:
+    """A WebhookService that records requests and answers from a script."""
+
+    calls: list[Call] = field(default_factory=list)
+    responses: dict[str, Message] = field(default_factory=dict)
+    errors: dict[str, tuple[grpc.StatusCode, str, list[Message]]] = field(default_factory=dict)
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        handlers = {}
+        for method in SERVICE.methods:
+            request_class = message_factory.GetMessageClass(method.input_type)
+            response_class = message_factory.GetMessageClass(method.output_type)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                self._behaviour(method.name, response_class),
+                request_deserializer=request_class.FromString,
+                response_serializer=lambda message: message.SerializeToString(),
+            )
+        return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
+
+    def _behaviour(
+        self, name: str, response_class: type[Message]
+    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]:
+        async def behave(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            metadata = dict(context.invocation_metadata() or ())
+            self.calls.append(Call(name, request, metadata.get("authorization")))
+            if name in self.errors:
+                code, message, details = self.errors[name]
+                status = status_pb2.Status(code=code.value[0], message=message)
+                for detail in details:
+                    packed = any_pb2.Any()
+                    packed.Pack(detail)
+                    status.details.append(packed)
+                await context.abort(
+                    code,
+                    message,
+                    trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+                )
+            return self.responses.get(name, response_class())
+
+        return behave
+
+
+@dataclass
+class Stack:
+    """The scripted gRPC server, the gateway in front of it, and an HTTP client."""
+
+    service: ScriptedService
+    health: Any  # grpc_health's asyncio servicer, untyped
+    http: aiohttp.ClientSession
+    url: str
+
+    def last(self, rpc: str) -> Call:
+        calls = [call for call in self.service.calls if call.rpc == rpc]
+        assert calls, f"{rpc} was not called"
+        return calls[-1]
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    scripted = ScriptedService()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((scripted.handler(),))
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set(SERVICE.full_name, health_pb2.HealthCheckResponse.SERVING)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    app = create_app(grpc_target=f"127.0.0.1:{port}", cors_origins=[ORIGIN])
+    runner = await run_gateway(app, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{bound_port(runner)}"
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": TOKEN}) as http:
+            yield Stack(scripted, health_servicer, http, url)
+    finally:
+        await runner.cleanup()
+        await server.stop(None)
+
+
+def _stamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+WEBHOOK = wpb.Webhook(
+    id="wh_1",
+    project_id="p1",
+    name="Hook",
+    url="https://example.com/hook",
+    events=["conversation.started"],
+    status=wpb.WEBHOOK_STATUS_DISABLED,
+    create_time=_stamp(datetime(2026, 11, 28, 12, tzinfo=UTC)),
+    update_time=_stamp(datetime(2026, 11, 29, 12, tzinfo=UTC)),
+    disabled_reason="The receiver answered 410 Gone.",
+)
+WEBHOOK_JSON = {
+    "id": "wh_1",
+    "project_id": "p1",
+    "name": "Hook",
+    "url": "https://example.com/hook",
+    "events": ["conversation.started"],
+    "status": "disabled",
+    "date_created": "2026-11-28T12:00:00.000000Z",
+    "date_updated": "2026-11-29T12:00:00.000000Z",
+    "disabled_reason": "The receiver answered 410 Gone.",
+}
+
+
+def _url(route: Route) -> str:
+    values = {"project_id": "p1", "webhook_id": "wh_1", "delivery_id": "dl_1"}
+    return route.path.format(**values)
+
+
+# Every route reaches its RPC with the path's ids and the caller's Authorization header.
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.rpc_name)
+async def test_every_route_reaches_its_rpc(stack: Stack, route: Route) -> None:
+    body = {"start_time": "2026-11-28T12:00:00Z"} if route.rpc_name == "RecoverWebhook" else {}
+    kwargs: dict[str, Any] = {"json": body} if route.body == "*" else {}
+    async with stack.http.request(route.http_method, stack.url + _url(route), **kwargs) as reply:
+        assert reply.status == route.success_status, await reply.text()
+    call = stack.last(route.rpc_name)
+    assert call.authorization == TOKEN
+    assert call.request.project_id == "p1"
+    if "webhook_id" in route.path_parameters:
+        assert call.request.webhook_id == "wh_1"
+    if "delivery_id" in route.path_parameters:
+        assert call.request.delivery_id == "dl_1"
+
+
+# Without an Authorization header nothing is forwarded, and the server's 401 comes through.
+async def test_missing_authorization_is_not_invented(stack: Stack) -> None:
+    stack.service.errors["ListWebhooks"] = (grpc.StatusCode.UNAUTHENTICATED, "no token", [])
+    async with (
+        aiohttp.ClientSession() as anonymous,
+        anonymous.get(f"{stack.url}/api/projects/p1/webhooks") as reply,
+    ):
+        assert reply.status == 401
+        assert await reply.json() == {"detail": "Invalid session"}
+    assert stack.last("ListWebhooks").authorization is None
+
+
+def _info(reason: str) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain="webhooks.dembrane.com")
+
+
+# Each status of the contract's error table becomes its HTTP answer with the server's sentence.
+@pytest.mark.parametrize(
+    ("code", "message", "details", "status", "body"),
+    [
+        (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "Invalid session",
+            [_info("UNAUTHENTICATED")],
+            401,
+            {"detail": "Invalid session", "reason": "UNAUTHENTICATED"},
+        ),
+        (
+            grpc.StatusCode.NOT_FOUND,
+            "Project not found",
+            [_info("PROJECT_NOT_FOUND")],
+            404,
+            {"detail": "Project not found", "reason": "PROJECT_NOT_FOUND"},
+        ),
+        (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "This action requires the changemaker tier (currently innovator).",
+            [_info("TIER_REQUIRED")],
+            403,
+            {
+                "detail": "This action requires the changemaker tier (currently innovator).",
+                "reason": "TIER_REQUIRED",
+            },
+        ),
+        (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "Not allowed",
+            [_info("ROLE_REQUIRED")],
+            403,
+            {"detail": "Not allowed", "reason": "ROLE_REQUIRED"},
+        ),
+        (
+            grpc.StatusCode.NOT_FOUND,
+            "Webhook not found",
+            [],
+            404,
+            {"detail": "Webhook not found"},
+        ),
+        (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "events holds an unknown event type: nope.",
+            [
+                _info("INVALID_ARGUMENT"),
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field="events", description="events holds an unknown event type: nope."
+                        )
+                    ]
+                ),
+            ],
+            400,
+            {
+                "detail": "events holds an unknown event type: nope.",
+                "reason": "INVALID_ARGUMENT",
+                "field_violations": [
+                    {"field": "events", "description": "events holds an unknown event type: nope."}
+                ],
+            },
+        ),
+        (grpc.StatusCode.FAILED_PRECONDITION, "Busy.", [], 409, {"detail": "Busy."}),
+        (grpc.StatusCode.ALREADY_EXISTS, "Exists.", [], 409, {"detail": "Exists."}),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "Slow down.", [], 429, {"detail": "Slow down."}),
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "connect to 10.0.0.7:50051 failed",
+            [],
+            503,
+            {"detail": "The webhook service is unavailable; try again shortly."},
+        ),
+        (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "deadline",
+            [],
+            504,
+            {"detail": "The webhook service did not answer in time."},
+        ),
+        (
+            grpc.StatusCode.INTERNAL,
+            'Traceback (most recent call last): File "x.py"',
+            [],
+            502,
+            {"detail": "The webhook service failed to handle the request."},
+        ),
+        (
+            grpc.StatusCode.UNKNOWN,
+            "boom",
+            [],
+            502,
+            {"detail": "The webhook service failed to handle the request."},
+        ),
+    ],
+)
+async def test_status_codes_become_http_errors(
+    stack: Stack,
+    code: grpc.StatusCode,
+    message: str,
+    details: list[Message],
+    status: int,
+    body: dict[str, Any],
+) -> None:
+    stack.service.errors["GetWebhook"] = (code, message, details)
+    async with stack.http.get(f"{stack.url}/api/projects/p1/webhooks/wh_1") as reply:
+        assert reply.status == status
+        assert reply.content_type == "application/json"
+        assert await reply.json() == body
+
+
+# Bodies of the wrong JSON types are refused with 422 before any RPC is made.
+@pytest.mark.parametrize(
+    ("raw", "detail"),
+    [
+        (b"{not json", "The request body is not valid JSON."),
+        (b"[]", "The request body must be a JSON object."),
+        (b'{"name": 5, "url": "https://x.test", "events": []}', "The name field must be a string."),
+        (b'{"name": "n", "url": "u", "events": "a"}', "The events field must be a list."),
+        (
+            b'{"name": "n", "url": "u", "events": [1, 2]}',
+            "Every item of the events field must be a string.",
+        ),
+        (
+            b'{"name": "\\ud800", "url": "u", "events": []}',
+            "The name field must be valid Unicode text.",
+        ),
+    ],
+)
+async def test_malformed_bodies_are_422(stack: Stack, raw: bytes, detail: str) -> None:
+    async with stack.http.post(
+        f"{stack.url}/api/projects/p1/webhooks",
+        data=raw,
+        headers={"Content-Type": "application/json"},
+    ) as reply:
+        assert reply.status == 422
+        assert await reply.json() == {"detail": detail}
+    assert stack.service.calls == []
+
+
+# A status name the API does not know is a bad field value: 400, naming the choices.
+async def test_unknown_status_is_400(stack: Stack) -> None:
+    async with stack.http.patch(
+        f"{stack.url}/api/projects/p1/webhooks/wh_1", json={"status": "paused"}
+    ) as reply:
+        assert reply.status == 400
+        assert await reply.json() == {
+            "detail": "The status field must be one of published, draft, archived, disabled."
+        }
+    async with stack.http.get(
+        f"{stack.url}/api/projects/p1/webhooks/wh_1/deliveries", params={"status": "late"}
+    ) as reply:
+        assert reply.status == 400
+    async with stack.http.get(
+        f"{stack.url}/api/projects/p1/webhooks", params={"page_size": "lots"}
+    ) as reply:
+        assert reply.status == 422
+        assert await reply.json() == {"detail": "The page_size parameter must be an integer."}
+    assert stack.service.calls == []
+
+
+# The keys present in a PATCH body are exactly the update mask; null means "not given".
+async def test_patch_keys_become_the_update_mask(stack: Stack) -> None:
+    stack.service.responses["UpdateWebhook"] = spb.UpdateWebhookResponse(webhook=WEBHOOK)
+    async with stack.http.patch(
+        f"{stack.url}/api/projects/p1/webhooks/wh_1",
+        json={"status": "published", "events": ["report.generated"], "name": None, "x": 1},
+    ) as reply:
+        assert reply.status == 200
+        assert await reply.json() == WEBHOOK_JSON
+    request = stack.last("UpdateWebhook").request
+    assert list(request.update_mask.paths) == ["events", "status"]
+    assert request.status == wpb.WEBHOOK_STATUS_PUBLISHED
+    assert list(request.events) == ["report.generated"]
+
+
+# Create answers 201 with the webhook, and the secret only when the service generated it.
+async def test_create_returns_the_generated_secret_once(stack: Stack) -> None:
+    body = {"name": "Hook", "url": "https://example.com/hook", "events": ["a"]}
+    stack.service.responses["CreateWebhook"] = spb.CreateWebhookResponse(
+        webhook=WEBHOOK, secret="whsec_generated"
+    )
+    async with stack.http.post(f"{stack.url}/api/projects/p1/webhooks", json=body) as reply:
+        assert reply.status == 201
+        assert await reply.json() == {**WEBHOOK_JSON, "secret": "whsec_generated"}
+    request = stack.last("CreateWebhook").request
+    assert (request.name, request.url, list(request.events)) == (body["name"], body["url"], ["a"])
+    assert not request.HasField("secret")
+    stack.service.responses["CreateWebhook"] = spb.CreateWebhookResponse(webhook=WEBHOOK)
+    own = {**body, "secret": "my-own-secret"}
+    async with stack.http.post(f"{stack.url}/api/projects/p1/webhooks", json=own) as reply:
+        assert reply.status == 201
+        assert "secret" not in await reply.json()
+    assert stack.last("CreateWebhook").request.secret == "my-own-secret"
+
+
+# Delete answers 204 with an empty body.
+async def test_delete_is_204_without_body(stack: Stack) -> None:
+    async with stack.http.delete(f"{stack.url}/api/projects/p1/webhooks/wh_1") as reply:
+        assert reply.status == 204
+        assert await reply.read() == b""
+
+
+# Lists are bare arrays; the next page's token travels in X-Next-Page-Token, and the
+# page_size/page_token query parameters reach the request.
+async def test_list_pages(stack: Stack) -> None:
+    stack.service.responses["ListWebhooks"] = spb.ListWebhooksResponse(
+        webhooks=[WEBHOOK], next_page_token="next-1"
+    )
+    async with stack.http.get(
+        f"{stack.url}/api/projects/p1/webhooks", params={"page_size": "1", "page_token": "t0"}
+    ) as reply:
+        assert reply.status == 200
+        assert await reply.json() == [WEBHOOK_JSON]
+        assert reply.headers["X-Next-Page-Token"] == "next-1"
+    request = stack.last("ListWebhooks").request
+    assert (request.page_size, request.page_token) == (1, "t0")
+    stack.service.responses["ListWebhooks"] = spb.ListWebhooksResponse()
+    async with stack.http.get(f"{stack.url}/api/projects/p1/webhooks") as reply:
+        assert await reply.json() == []
+        assert "X-Next-Page-Token" not in reply.headers
+
+
+# The test answer reports success, status_code (null on connection failure) and message.
+async def test_test_answer_shape(stack: Stack) -> None:
+    stack.service.responses["TestWebhook"] = spb.TestWebhookResponse(
+        success=False,
+        message="Failed to connect to webhook: refused",
+        latency=duration_pb2.Duration(nanos=2_400_000),
+    )
+    async with stack.http.post(f"{stack.url}/api/projects/p1/webhooks/wh_1/test") as reply:
+        assert reply.status == 200
+        assert await reply.json() == {
+            "success": False,
+            "status_code": None,
+            "message": "Failed to connect to webhook: refused",
+            "latency_ms": 2,
+        }
+
+
+# Delivery lists leave attempts out; one delivery carries them; filters reach the request.
+async def test_delivery_log(stack: Stack) -> None:
+    created = _stamp(datetime(2026, 11, 28, 12, tzinfo=UTC))
+    delivery = wpb.Delivery(
+        id="dl_1",
+        webhook_id="wh_1",
+        event_id="evt_1",
+        event_type="conversation.started",
+        status=wpb.DELIVERY_STATUS_SUCCEEDED,
+        attempt_count=1,
+        create_time=created,
+        last_attempt_time=created,
+        last_status_code=200,
+        attempts=[
+            wpb.DeliveryAttempt(number=1, attempt_time=created, status_code=200, success=True)
+        ],
+    )
+    stack.service.responses["ListDeliveries"] = spb.ListDeliveriesResponse(deliveries=[delivery])
+    stack.service.responses["GetDelivery"] = spb.GetDeliveryResponse(delivery=delivery)
+    base = f"{stack.url}/api/projects/p1/webhooks/wh_1/deliveries"
+    async with stack.http.get(
+        base, params={"status": "succeeded", "event_type": "conversation.started"}
+    ) as reply:
+        [listed] = await reply.json()
+    assert "attempts" not in listed
+    assert listed["status"] == "succeeded"
+    assert listed["next_attempt_at"] is None
+    assert listed["date_created"] == "2026-11-28T12:00:00.000000Z"
+    request = stack.last("ListDeliveries").request
+    assert request.status == wpb.DELIVERY_STATUS_SUCCEEDED
+    assert request.event_type == "conversation.started"
+    async with stack.http.get(f"{base}/dl_1") as reply:
+        one = await reply.json()
+    assert one["attempts"] == [
+        {
+            "number": 1,
+            "attempted_at": "2026-11-28T12:00:00.000000Z",
+            "status_code": 200,
+            "latency_ms": None,
+            "response_body": "",
+            "error": "",
+            "success": True,
+        }
+    ]
+
+
+# Secret rotation takes seconds of grace and answers the new secret and the old one's end.
+async def test_secret_rotation(stack: Stack) -> None:
+    stack.service.responses["RotateWebhookSecret"] = spb.RotateWebhookSecretResponse(
+        secret="whsec_new", previous_secret_expire_time=_stamp(datetime(2026, 1, 2, tzinfo=UTC))
+    )
+    async with stack.http.post(
+        f"{stack.url}/api/projects/p1/webhooks/wh_1/secret/rotate",
+        json={"grace_period_seconds": 3600},
+    ) as reply:
+        assert reply.status == 200
+        assert await reply.json() == {
+            "secret": "whsec_new",
+            "previous_secret_expires_at": "2026-01-02T00:00:00.000000Z",
+        }
+    request = stack.last("RotateWebhookSecret").request
+    assert request.grace_period.seconds == 3600
+    assert not request.HasField("secret")
+
+
+# Recovery takes an ISO 8601 window and answers 202 with the job and its size.
+async def test_recover(stack: Stack) -> None:
+    stack.service.responses["RecoverWebhook"] = spb.RecoverWebhookResponse(
+        recovery_id="rec_1", delivery_count=3
+    )
+    async with stack.http.post(
+        f"{stack.url}/api/projects/p1/webhooks/wh_1/recover",
+        json={"start_time": "2026-11-28T12:00:00Z", "end_time": "2026-11-28T13:00:00+00:00"},
+    ) as reply:
+        assert reply.status == 202
+        assert await reply.json() == {"recovery_id": "rec_1", "delivery_count": 3}
+    request = stack.last("RecoverWebhook").request
+    assert request.start_time.ToDatetime(tzinfo=UTC) == datetime(2026, 11, 28, 12, tzinfo=UTC)
+    assert request.end_time.ToDatetime(tzinfo=UTC) == datetime(2026, 11, 28, 13, tzinfo=UTC)
+    async with stack.http.post(
+        f"{stack.url}/api/projects/p1/webhooks/wh_1/recover", json={"start_time": "soon"}
+    ) as reply:
+        assert reply.status == 422
+
+
+# Bodies over 1 MiB are refused with 413, whether announced by Content-Length or streamed.
+async def test_large_bodies_are_413(stack: Stack) -> None:
+    big = b'{"name": "' + b"x" * (1024 * 1024) + b'"}'
+    url = f"{stack.url}/api/projects/p1/webhooks"
+    async with stack.http.post(url, data=big) as reply:
+        assert reply.status == 413
+        assert await reply.json() == {"detail": "Request body is larger than 1 MiB."}
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(big), 64 * 1024):
+            yield big[start : start + 64 * 1024]
+
+    async with stack.http.post(url, data=chunks()) as reply:
+        assert reply.status == 413
+        assert await reply.json() == {"detail": "Request body is larger than 1 MiB."}
+    assert stack.service.calls == []
+
+
+# Unknown paths and wrong methods answer JSON too, never an HTML page.
+async def test_unknown_routes_and_methods(stack: Stack) -> None:
+    async with stack.http.get(f"{stack.url}/api/nothing") as reply:
+        assert reply.status == 404
+        assert await reply.json() == {"detail": "Not found"}
+    async with stack.http.put(f"{stack.url}/api/projects/p1/webhooks/wh_1") as reply:
+        assert reply.status == 405
+        assert await reply.json() == {"detail": "Method not allowed"}
+        assert set(reply.headers["Allow"].split(", ")) == {"GET", "PATCH", "DELETE"}
+
+
+# /webhooks/copyable and /webhooks/event-types are their own routes, not webhook ids.
+async def test_literal_segments_win(stack: Stack) -> None:
+    stack.service.responses["ListCopyableWebhooks"] = spb.ListCopyableWebhooksResponse(
+        webhooks=[
+            wpb.CopyableWebhook(
+                id="wh_9",
+                name="Other",
+                url="https://example.com/o",
+                events=["report.generated"],
+                project_id="p2",
+                project_name="Second project",
+            )
+        ]
+    )
+    async with stack.http.get(f"{stack.url}/api/projects/p1/webhooks/copyable") as reply:
+        assert await reply.json() == [
+            {
+                "id": "wh_9",
+                "name": "Other",
+                "url": "https://example.com/o",
+                "events": ["report.generated"],
+                "project_id": "p2",
+                "project_name": "Second project",
+            }
+        ]
+    async with stack.http.get(f"{stack.url}/api/projects/p1/webhooks/event-types") as reply:
+        assert await reply.json() == []
+    assert [call.rpc for call in stack.service.calls] == ["ListCopyableWebhooks", "ListEventTypes"]
+
+
+# Configured origins get CORS headers and preflight answers; other origins get none.
+async def test_cors(stack: Stack) -> None:
+    url = f"{stack.url}/api/projects/p1/webhooks"
+    preflight = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "PATCH",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    async with stack.http.options(url, headers=preflight) as reply:
+        assert reply.status == 204
+        assert reply.headers["Access-Control-Allow-Origin"] == ORIGIN
+        assert "PATCH" in reply.headers["Access-Control-Allow-Methods"]
+        assert "Authorization" in reply.headers["Access-Control-Allow-Headers"]
+    async with stack.http.get(url, headers={"Origin": ORIGIN}) as reply:
+        assert reply.headers["Access-Control-Allow-Origin"] == ORIGIN
+        assert reply.headers["Access-Control-Expose-Headers"] == "X-Next-Page-Token"
+        assert "Origin" in reply.headers["Vary"]
+    async with stack.http.get(url, headers={"Origin": "https://evil.example"}) as reply:
+        assert "Access-Control-Allow-Origin" not in reply.headers
+    async with stack.http.options(
+        url, headers={**preflight, "Origin": "https://evil.example"}
+    ) as reply:
+        assert "Access-Control-Allow-Origin" not in reply.headers
+
+
+# /healthz follows the gRPC health of WebhookService.
+async def test_healthz(stack: Stack) -> None:
+    async with stack.http.get(f"{stack.url}/healthz") as reply:
+        assert reply.status == 200
+        assert await reply.json() == {"status": "ok"}
+    await stack.health.set(SERVICE.full_name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    async with stack.http.get(f"{stack.url}/healthz") as reply:
+        assert reply.status == 503
+        assert (await reply.json())["status"] == "unavailable"
+
+
+# With the gRPC server gone, calls answer 503 and /healthz says so, without a traceback.
+async def test_unreachable_server() -> None:
+    app = create_app(grpc_target="127.0.0.1:9", rpc_timeout=5)
+    runner = await run_gateway(app, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{bound_port(runner)}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/api/projects/p1/webhooks") as reply:
+                assert reply.status == 503
+                assert await reply.json() == {
+                    "detail": "The webhook service is unavailable; try again shortly."
+                }
+            async with http.get(f"{url}/healthz") as reply:
+                assert reply.status == 503
+    finally:
+        await runner.cleanup()
+
+
+# The OpenAPI document is served as JSON.
+async def test_openapi_is_served(stack: Stack) -> None:
+    async with stack.http.get(f"{stack.url}/api/openapi.json") as reply:
+        assert reply.status == 200
+        document = await reply.json()
+    assert document["openapi"] == "3.1.0"
+    assert "/api/projects/{project_id}/webhooks/{webhook_id}/deliveries" in document["paths"]
