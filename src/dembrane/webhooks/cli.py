@@ -109,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Migration chatter says nothing an operator needs on every start.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     if args.command == "token":
         if not settings.jwt_secret:
             print("dembrane-webhooks: set WEBHOOKS_JWT_SECRET to mint tokens.", file=sys.stderr)
