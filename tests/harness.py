@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
+import psycopg
 
 from dembrane.webhooks.auth import SCOPE_DIRECTORY, mint_token
 from dembrane.webhooks.config import Settings
@@ -25,13 +28,28 @@ from dembrane.webhooks.v1 import (
 JWT_SECRET = "test-jwt-secret-of-at-least-32-bytes"
 
 
+def fresh_database_url(tmp_path: Path) -> str:
+    """A fresh, empty database for one test.
+
+    SQLite in the test's temporary folder by default; with ``WEBHOOKS_TEST_BACKEND=postgres``
+    (the PostgreSQL lane of ``make test``) a new database on the lane's server.
+    """
+    if os.environ.get("WEBHOOKS_TEST_BACKEND") == "postgres":
+        server = os.environ["WEBHOOKS_TEST_POSTGRES_URL"]
+        name = "test_" + uuid.uuid4().hex[:16]
+        with psycopg.connect(server, autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return server.rsplit("/", 1)[0] + "/" + name
+    return f"sqlite:///{tmp_path / 'webhooks.db'}"
+
+
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
     """Settings for a test service: loopback targets allowed, retries without waiting."""
     base = Settings(
         grpc_port=0,
         http_port=0,
         bind="127.0.0.1",
-        database_url=f"sqlite:///{tmp_path / 'webhooks.db'}",
+        database_url=fresh_database_url(tmp_path),
         jwt_secret=JWT_SECRET,
         allowed_targets=(ipaddress.ip_network("127.0.0.0/8"),),
         retry_schedule=(0, 0, 0),

@@ -56,7 +56,9 @@ async def test_missing_token_is_unauthenticated(stubs: Stubs, world: World) -> N
     "token",
     [
         "not-a-jwt",
-        jwt.encode({"sub": "u-admin"}, "some-other-secret-that-is-long-enough-too", algorithm="HS256"),
+        jwt.encode(
+            {"sub": "u-admin"}, "some-other-secret-that-is-long-enough-too", algorithm="HS256"
+        ),
         jwt.encode({"scope": "webhooks:publish"}, JWT_SECRET, algorithm="HS256"),
     ],
     ids=["garbage", "wrong-key", "no-subject"],

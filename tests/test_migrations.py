@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from harness import fresh_database_url
 from sqlalchemy import inspect
 from sqlmodel import SQLModel
 
@@ -34,7 +35,7 @@ def test_first_start_creates_the_schema(tmp_path: Path) -> None:
 
 def test_migrations_match_the_table_classes(tmp_path: Path) -> None:
     """Autogenerate finds no difference between the migrated schema and the models."""
-    database = Database(f"sqlite:///{tmp_path / 'w.db'}")
+    database = Database(fresh_database_url(tmp_path))
     database.migrate()
     with database.engine.connect() as connection:
         context = MigrationContext.configure(connection)
