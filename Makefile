@@ -15,7 +15,7 @@ PROTO_FILES := $(wildcard proto/dembrane/webhooks/v1/*.proto)
 
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: help install run test test-unit test-postgres generate check-generated lint protodeps bench clean
+.PHONY: help install run test test-sqlite test-postgres generate check-generated lint protodeps bench clean
 
 help:
 	@echo "make run       start the service (gRPC :50051, REST :8080, dispatcher) on SQLite"
@@ -75,8 +75,16 @@ lint: protodeps $(BUF)
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 
-test: install check-generated lint
+test: install check-generated lint test-sqlite test-postgres
+
+test-sqlite: install
 	$(VENV)/bin/pytest -q
+
+# Every test again on a private PostgreSQL server (installed from Debian's packages when
+# missing), but those about the single-process SQLite mode.
+test-postgres: install
+	WEBHOOKS_TEST_BACKEND=postgres tools/postgres.sh \
+	  $(VENV)/bin/pytest -q -p no:cacheprovider -m "not sqlite_only"
 
 # A development secret unless one is set; never use it for a deployment.
 run: export WEBHOOKS_JWT_SECRET ?= dev-only-secret-never-use-in-production

@@ -11,13 +11,13 @@ import logging
 from dataclasses import dataclass
 
 from aiohttp import web
-from dembrane.webhooks.delivery.dispatcher import Dispatcher
-from dembrane.webhooks.gateway.app import create_app, run_gateway
 
 from dembrane.webhooks.api.server import GrpcServer, start_grpc_server
 from dembrane.webhooks.config import Settings
+from dembrane.webhooks.delivery.dispatcher import Dispatcher
 from dembrane.webhooks.delivery.sender import Sender
 from dembrane.webhooks.delivery.targets import TargetPolicy
+from dembrane.webhooks.gateway.app import create_app, run_gateway
 from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.store.database import Database
 

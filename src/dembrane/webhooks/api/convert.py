@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dembrane.webhooks.domain.webhooks import WebhookStatus
@@ -23,9 +21,7 @@ _PB_TO_STATUS = {value: key for key, value in _STATUS_TO_PB.items()}
 def timestamp(seconds: float) -> Timestamp:
     """A protobuf timestamp for Unix seconds."""
     ts = Timestamp()
-    whole = math.floor(seconds)
-    ts.seconds = whole
-    ts.nanos = int(round((seconds - whole) * 1e9)) % 1_000_000_000
+    ts.FromNanoseconds(round(seconds * 1e9))
     return ts
 
 

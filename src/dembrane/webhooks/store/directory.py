@@ -74,9 +74,7 @@ def set_membership(
 
 def delete_project(session: Session, project_id: str) -> int:
     """Delete a project and its webhooks (their pending deliveries go with them)."""
-    ids = session.exec(
-        select(WebhookRow.id).where(col(WebhookRow.project_id) == project_id)
-    ).all()
+    ids = session.exec(select(WebhookRow.id).where(col(WebhookRow.project_id) == project_id)).all()
     session.execute(delete(WebhookRow).where(col(WebhookRow.project_id) == project_id))
     session.execute(delete(ProjectRow).where(col(ProjectRow.id) == project_id))
     return len(ids)

@@ -1,0 +1,712 @@
+"""The dispatcher: claims due deliveries, sends them, and records what came of them.
+
+One claim loop leases due rows in batches (``store.outbox.claim_due``) and hands each to the
+lane of its webhook. Lanes run at most ``per_webhook_concurrency`` requests at once, all
+lanes together at most ``max_concurrency``, taking turns for free slots. Finished sends queue
+their results, and one flush loop writes whatever has gathered in one transaction, so a busy
+dispatcher commits many outcomes per round trip.
+
+A slow or dead receiver must not hold the dispatcher's capacity:
+
+* a lane whose oldest request in flight has run far longer than the receiver usually takes
+  (at least a second) is stalled: it hands the rows it holds back to the store, due again
+  later, and takes no new ones, so it keeps no more than its own requests in flight and the
+  other lanes get the claims; a healthy lane, however busy, never hands anything back;
+* a circuit breaker per webhook opens after consecutive failures (no answer, 5xx, 429): rows
+  that come up meanwhile go back to the store, unsent and without using an attempt, until a
+  single probe request after the cool-down succeeds.
+
+The loop sleeps until the earliest pending row is due, and wakes at once when
+``Resources.wake_dispatcher`` is called (after a publish, a retry, a recovery). On stop it
+stops claiming, hands back rows it has not started, gives requests in flight a moment to
+finish, hands back those that do not, and writes everything before returning. Anything it
+could not hand back comes due again when its lease runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from functools import partial
+
+from sqlmodel import Session
+
+from dembrane.webhooks.config import Settings
+from dembrane.webhooks.delivery.retention import RetentionTask
+from dembrane.webhooks.delivery.retry import RetryPolicy, trips_breaker
+from dembrane.webhooks.delivery.sender import AttemptOutcome, OutboundRequest
+from dembrane.webhooks.domain.access import tier_allows_webhooks
+from dembrane.webhooks.domain.ids import new_id
+from dembrane.webhooks.resources import Resources
+from dembrane.webhooks.store import outbox
+from dembrane.webhooks.store.outbox import (
+    AttemptRecord,
+    DeliveryClaim,
+    DeliveryResult,
+    DeliveryState,
+    Release,
+)
+
+__all__ = ["BreakerSettings", "CircuitBreaker", "Dispatcher"]
+
+log = logging.getLogger(__name__)
+
+#: The longest the claim loop sleeps when idle: other processes may publish (PostgreSQL)
+#: and the clock may move past a due time we did not hear of.
+MAX_IDLE_SECONDS = 1.0
+#: How often lanes are checked for rows they cannot send in time, while any row waits.
+LANE_CHECK_SECONDS = 0.25
+#: A lane is stalled when its oldest request has run this long, and STALL_FACTOR times the
+#: receiver's usual latency.
+STALL_SECONDS = 1.0
+STALL_FACTOR = 4.0
+#: The shortest pause for a row handed back by a stalled lane.
+MIN_DEFER_SECONDS = 1.0
+#: Outcomes are written together: a flush waits this long for more unless it has enough.
+FLUSH_WINDOW_SECONDS = 0.01
+FLUSH_BATCH = 256
+#: Lanes idle this long are forgotten (their breaker is closed by then).
+LANE_IDLE_SECONDS = 600.0
+#: The weight of the newest sample in a lane's moving average of latency.
+LATENCY_SMOOTHING = 0.2
+
+GONE_REASON = "The receiver answered 410 Gone, so the service disabled the webhook."
+
+
+@dataclass(frozen=True)
+class BreakerSettings:
+    """When a webhook's circuit breaker opens, and for how long."""
+
+    #: Consecutive failed attempts (no answer, 5xx, 429) that open the breaker.
+    failure_threshold: int = 5
+    #: The first cool-down; it doubles each time a probe fails, up to ``max_open_seconds``.
+    open_seconds: float = 5.0
+    max_open_seconds: float = 300.0
+
+
+class CircuitBreaker:
+    """Closed, open for a cool-down after consecutive failures, then half-open for one probe."""
+
+    __slots__ = ("_settings", "failures", "open_until", "openings", "probing")
+
+    def __init__(self, settings: BreakerSettings) -> None:
+        self._settings = settings
+        self.failures = 0
+        #: Until when (Unix seconds) nothing is sent; None while closed.
+        self.open_until: float | None = None
+        self.openings = 0
+        self.probing = False
+
+    def is_open(self, now: float) -> bool:
+        """Whether the cool-down is running: nothing may be sent."""
+        return self.open_until is not None and now < self.open_until
+
+    def is_half_open(self, now: float) -> bool:
+        """Whether the cool-down is over but no probe has succeeded yet."""
+        return self.open_until is not None and now >= self.open_until
+
+    def may_start(self, now: float) -> bool:
+        """Whether a request may start now (one probe at a time when half-open)."""
+        if self.open_until is None:
+            return True
+        return now >= self.open_until and not self.probing
+
+    def started(self, now: float) -> None:
+        """Note that a request started (in the half-open state it is the probe)."""
+        if self.is_half_open(now):
+            self.probing = True
+
+    def abandoned(self) -> None:
+        """Note that a request ended without a result, so a probe may start again."""
+        self.probing = False
+
+    def record(self, *, alive: bool, now: float) -> None:
+        """Count an attempt's result: ``alive`` when the receiver answered sensibly."""
+        if alive:
+            self.failures = 0
+            self.open_until = None
+            self.openings = 0
+            self.probing = False
+            return
+        self.failures += 1
+        if self.probing or (
+            self.open_until is None and self.failures >= self._settings.failure_threshold
+        ):
+            self.openings += 1
+            cool_down = min(
+                self._settings.open_seconds * 2 ** (self.openings - 1),
+                self._settings.max_open_seconds,
+            )
+            self.open_until = now + cool_down
+            self.probing = False
+
+
+@dataclass(slots=True)
+class _Held:
+    claim: DeliveryClaim
+    #: When it was claimed (monotonic), to hand it back before its lease can run out.
+    claimed_at: float
+
+
+class _Lane:
+    """One webhook's queue of claimed rows, its requests in flight, and its breaker."""
+
+    __slots__ = (
+        "breaker",
+        "breaker_settings",
+        "gone",
+        "gone_at",
+        "in_flight",
+        "last_used",
+        "latency",
+        "started",
+        "url",
+        "waiting",
+    )
+
+    def __init__(self, breaker: BreakerSettings) -> None:
+        self.breaker_settings = breaker
+        self.waiting: deque[_Held] = deque()
+        self.in_flight = 0
+        #: Start times (monotonic) of the requests in flight, by delivery id.
+        self.started: dict[str, float] = {}
+        #: Moving average of request latency in seconds; None before the first answer.
+        self.latency: float | None = None
+        self.breaker = CircuitBreaker(breaker)
+        #: Set when this process disabled the webhook: rows claimed before the store knew
+        #: are not sent. ``gone_at`` is when, to notice a person re-enabling it later.
+        self.gone: str | None = None
+        self.gone_at = 0.0
+        self.url = ""
+        self.last_used = time.monotonic()
+
+    def mark_gone(self, reason: str) -> None:
+        self.gone = reason
+        self.gone_at = time.time()
+
+    def refresh(self, claim: DeliveryClaim) -> None:
+        """Catch up with changes a person made to the webhook since the lane last saw it."""
+        if (
+            self.gone is not None
+            and claim.webhook_status == "published"
+            and claim.webhook_updated_at > self.gone_at
+        ):
+            self.gone = None
+        if claim.url != self.url:
+            # A new address is a new receiver: what was learned about the old one is void.
+            if self.url:
+                self.breaker = CircuitBreaker(self.breaker_settings)
+                self.latency = None
+            self.url = claim.url
+
+    def oldest_age(self, mono: float) -> float:
+        """How long the oldest request in flight has been running (0 when none is)."""
+        oldest = min(self.started.values(), default=mono)
+        return mono - oldest
+
+    def stalled(self, mono: float) -> bool:
+        """Whether the receiver has stopped answering at its usual pace."""
+        if not self.started:
+            return False
+        usual = STALL_FACTOR * (self.latency or 0.0)
+        return self.oldest_age(mono) > max(STALL_SECONDS, usual)
+
+    def observe(self, latency: float) -> None:
+        if self.latency is None:
+            self.latency = latency
+        else:
+            self.latency += LATENCY_SMOOTHING * (latency - self.latency)
+
+    def cap(self, per_webhook: int, now: float) -> int:
+        return 1 if self.breaker.is_half_open(now) else per_webhook
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and self.in_flight == 0 and self.breaker.open_until is None
+
+
+class Dispatcher:
+    """Delivers due deliveries from the store; ``start()`` it, then ``stop()`` it.
+
+    ``batch_size`` is how many rows one claim leases (by default twice the global
+    concurrency, within 16 to 500); ``drain_timeout`` how long ``stop()`` lets requests in
+    flight finish before cancelling them; ``idle_timeout`` the longest sleep without a
+    wake-up. On SQLite, which one dispatcher uses alone, start-up makes rows leased by a
+    previous process due at once (``release_leases_at_start``).
+    """
+
+    def __init__(
+        self,
+        resources: Resources,
+        *,
+        batch_size: int | None = None,
+        breaker: BreakerSettings | None = None,
+        policy: RetryPolicy | None = None,
+        drain_timeout: float = 5.0,
+        idle_timeout: float = MAX_IDLE_SECONDS,
+        release_leases_at_start: bool | None = None,
+        retention: bool = True,
+    ) -> None:
+        settings: Settings = resources.settings
+        self._r = resources
+        self._db = resources.database
+        self._settings = settings
+        self._policy = policy or RetryPolicy.from_settings(settings)
+        self._breaker = breaker or BreakerSettings()
+        #: This dispatcher's name on the rows it leases.
+        self.owner = new_id("dsp")
+        self._max = settings.max_concurrency
+        self._per_webhook = settings.per_webhook_concurrency
+        self._lease = settings.lease_seconds
+        self._batch = batch_size or max(16, min(500, 2 * self._max))
+        # Rows held in memory (waiting or in flight): enough that senders never starve
+        # while the next claim is on its way, no more.
+        self._buffer_limit = self._max + self._batch
+        self._min_claim = max(1, self._batch // 4)
+        self._drain_timeout = drain_timeout
+        self._idle_timeout = idle_timeout
+        self._release_at_start = (
+            self._db.is_sqlite if release_leases_at_start is None else release_leases_at_start
+        )
+        self._retention = (
+            RetentionTask(self._db, settings.retention_days)
+            if retention and settings.retention_days > 0
+            else None
+        )
+
+        self._lanes: dict[str, _Lane] = {}
+        self._ready: deque[str] = deque()
+        self._ready_set: set[str] = set()
+        self._held = 0
+        self._held_ids: set[str] = set()
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._results: list[DeliveryResult] = []
+        self._releases: list[Release] = []
+        self._flush_wanted = asyncio.Event()
+        self._waiting_for_room = False
+        self._stopping = False
+        self._closing = False
+        self._claim_task: asyncio.Task[None] | None = None
+        self._flush_task: asyncio.Task[None] | None = None
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start claiming and delivering; idempotent."""
+        if self._claim_task is not None:
+            return
+        await self._r.sender.start()
+        if self._release_at_start:
+            released = await self._db.run(outbox.release_stale_leases, time.time())
+            if released:
+                log.info("made %d deliveries leased before a restart due again", released)
+        self._stopping = self._closing = False
+        self._flush_task = asyncio.create_task(self._flush_loop(), name="webhooks-flush")
+        self._claim_task = asyncio.create_task(self._claim_loop(), name="webhooks-claim")
+        if self._retention is not None:
+            self._retention.start()
+
+    async def stop(self) -> None:
+        """Stop claiming, hand back or finish what is held, and write every outcome."""
+        claim_task, self._claim_task = self._claim_task, None
+        if claim_task is None:
+            return
+        self._stopping = True
+        self._r.wake_dispatcher()
+        # The loop notices the flag after its current step; a claim in progress completes,
+        # so its rows are in hand and can be handed back below.
+        with contextlib.suppress(asyncio.CancelledError):
+            await claim_task
+        if self._retention is not None:
+            await self._retention.stop()
+
+        now = time.time()
+        for lane in self._lanes.values():
+            while lane.waiting:
+                self._release(lane.waiting.popleft().claim, now)
+        tasks = list(self._tasks)
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=self._drain_timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+        self._closing = True
+        self._flush_wanted.set()
+        flush_task, self._flush_task = self._flush_task, None
+        if flush_task is not None:
+            await flush_task
+
+    # -- claiming ------------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        work = self._r.work_available
+        while not self._stopping:
+            # Cleared before claiming: a publish that commits after this point sets it
+            # again, so the wait below can never sleep through new work.
+            work.clear()
+            now, mono = time.time(), time.monotonic()
+            self._check_lanes(now, mono)
+            room = self._buffer_limit - self._held
+            want = min(self._batch, room)
+            next_due: float | None = None
+            self._waiting_for_room = want < self._min_claim and self._held > 0
+            if not self._waiting_for_room and want > 0:
+                try:
+                    claims, next_due = await self._db.run(self._claim, want)
+                except Exception:
+                    log.exception("claiming deliveries failed; trying again shortly")
+                    claims, next_due = [], time.time() + min(self._idle_timeout, 1.0)
+                if claims:
+                    now, mono = time.time(), time.monotonic()
+                    # Rows a stalled lane hands back are spread out in time, not all due at once.
+                    overflow: dict[str, int] = {}
+                    for claim in claims:
+                        self._admit(claim, now, mono, overflow)
+                    self._pump()
+                if len(claims) == want and not self._stopping:
+                    continue
+            if self._stopping:
+                break
+            await self._idle(work, next_due)
+
+    def _claim(self, session: Session, want: int) -> tuple[list[DeliveryClaim], float | None]:
+        now = time.time()
+        claims = outbox.claim_due(session, self.owner, now, self._lease, want)
+        next_due = outbox.next_due_time(session) if len(claims) < want else None
+        return claims, next_due
+
+    async def _idle(self, work: asyncio.Event, next_due: float | None) -> None:
+        timeout = self._idle_timeout
+        if next_due is not None and not self._waiting_for_room:
+            timeout = min(timeout, max(0.0, next_due - time.time()))
+        if any(lane.waiting for lane in self._lanes.values()):
+            timeout = min(timeout, LANE_CHECK_SECONDS)
+        if timeout <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(work.wait(), timeout)
+
+    def _admit(
+        self, claim: DeliveryClaim, now: float, mono: float, overflow: dict[str, int]
+    ) -> None:
+        if claim.delivery_id in self._held_ids:
+            # Its lease ran out while we held it and we claimed it again: keep one copy.
+            return
+        lane = self._lanes.get(claim.webhook_id)
+        if lane is None:
+            lane = self._lanes[claim.webhook_id] = _Lane(self._breaker)
+        lane.last_used = mono
+        lane.refresh(claim)
+        unsent = self._unsendable(claim, lane)
+        if unsent is not None:
+            self._queue_result(unsent)
+            return
+        if lane.breaker.is_open(now):
+            assert lane.breaker.open_until is not None
+            self._queue_release(claim.delivery_id, lane.breaker.open_until)
+            return
+        if lane.stalled(mono):
+            position = overflow.get(claim.webhook_id, 0)
+            overflow[claim.webhook_id] = position + 1
+            self._queue_release(claim.delivery_id, now + self._defer_delay(lane, position, mono))
+            return
+        lane.waiting.append(_Held(claim, mono))
+        self._held += 1
+        self._held_ids.add(claim.delivery_id)
+        self._mark_ready(claim.webhook_id)
+
+    def _unsendable(self, claim: DeliveryClaim, lane: _Lane) -> DeliveryResult | None:
+        """The result for a row that must not be sent, or None when it may go."""
+
+        def finish(state: DeliveryState, error: str = "", skip: str = "") -> DeliveryResult:
+            return DeliveryResult(
+                delivery_id=claim.delivery_id,
+                webhook_id=claim.webhook_id,
+                status=state,
+                attempt_count=claim.attempt_count,
+                last_error=error,
+                skip_reason=skip,
+            )
+
+        if lane.gone is not None or claim.webhook_status == "disabled":
+            reason = (lane.gone or claim.disabled_reason or "disabled by the service").rstrip(".")
+            return finish(
+                DeliveryState.FAILED,
+                error=f"The webhook is disabled ({reason}), so the delivery was not sent.",
+            )
+        if claim.webhook_status != "published":
+            return finish(
+                DeliveryState.SKIPPED,
+                skip=f"The webhook was {claim.webhook_status} when the delivery was due, "
+                "so it was not sent.",
+            )
+        if not tier_allows_webhooks(claim.tier):
+            return finish(DeliveryState.SKIPPED, skip=outbox.tier_skip_reason(claim.tier))
+        return None
+
+    def _defer_delay(self, lane: _Lane, position: int, mono: float) -> float:
+        """How long a row handed back by a stalled lane waits.
+
+        As long as the lane has hung so far, spread out by the row's place in line, so the
+        rows come back one after another rather than all at once; at most one lease.
+        """
+        stalled_for = max(lane.oldest_age(mono), MIN_DEFER_SECONDS)
+        spread = position * stalled_for / max(1, self._per_webhook)
+        return min(stalled_for + spread, self._lease)
+
+    def _check_lanes(self, now: float, mono: float) -> None:
+        """Hand back rows that lanes cannot send in time; forget lanes long idle."""
+        # Rows must leave well before their lease ends, or another dispatcher may claim them.
+        stale_after = self._lease / 2
+        for webhook_id, lane in list(self._lanes.items()):
+            if lane.idle:
+                if mono - lane.last_used > LANE_IDLE_SECONDS:
+                    del self._lanes[webhook_id]
+                continue
+            if not lane.waiting:
+                continue
+            if lane.gone is not None:
+                self._fail_waiting(lane)
+                continue
+            if lane.breaker.is_open(now):
+                assert lane.breaker.open_until is not None
+                while lane.waiting:
+                    self._release(lane.waiting.popleft().claim, lane.breaker.open_until)
+                continue
+            if lane.stalled(mono):
+                position = 0
+                while lane.waiting:
+                    held = lane.waiting.popleft()
+                    self._release(held.claim, now + self._defer_delay(lane, position, mono))
+                    position += 1
+                continue
+            while lane.waiting and mono - lane.waiting[0].claimed_at > stale_after:
+                held = lane.waiting.popleft()
+                self._release(held.claim, now + MIN_DEFER_SECONDS)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _mark_ready(self, webhook_id: str) -> None:
+        if webhook_id not in self._ready_set:
+            self._ready_set.add(webhook_id)
+            self._ready.append(webhook_id)
+
+    def _pump(self) -> None:
+        """Start requests while slots are free, one lane after another in turn."""
+        if self._stopping:
+            return
+        now = time.time()
+        while self._in_flight < self._max and self._ready:
+            webhook_id = self._ready.popleft()
+            self._ready_set.discard(webhook_id)
+            lane = self._lanes.get(webhook_id)
+            if lane is None or not lane.waiting:
+                continue
+            if lane.gone is not None:
+                self._fail_waiting(lane)
+                continue
+            if lane.breaker.is_open(now):
+                assert lane.breaker.open_until is not None
+                while lane.waiting:
+                    self._release(lane.waiting.popleft().claim, lane.breaker.open_until)
+                continue
+            if lane.in_flight >= lane.cap(self._per_webhook, now) or not lane.breaker.may_start(
+                now
+            ):
+                # The lane is at its cap; it becomes ready again when a request ends.
+                continue
+            held = lane.waiting.popleft()
+            self._start(lane, held.claim, now)
+            if lane.waiting:
+                self._mark_ready(webhook_id)
+
+    def _fail_waiting(self, lane: _Lane) -> None:
+        """Finish, unsent, the rows of a lane whose webhook this process just disabled."""
+        while lane.waiting:
+            claim = lane.waiting.popleft().claim
+            self._held -= 1
+            self._held_ids.discard(claim.delivery_id)
+            result = self._unsendable(claim, lane)
+            assert result is not None  # lane.gone makes every row unsendable
+            self._queue_result(result)
+
+    def _start(self, lane: _Lane, claim: DeliveryClaim, now: float) -> None:
+        lane.in_flight += 1
+        self._in_flight += 1
+        lane.breaker.started(now)
+        lane.started[claim.delivery_id] = time.monotonic()
+        task = asyncio.create_task(self._deliver(lane, claim))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, lane: _Lane, claim: DeliveryClaim) -> None:
+        outcomes: list[AttemptOutcome] = []
+        try:
+            request = OutboundRequest(
+                url=claim.url,
+                body=claim.body,
+                event_type=claim.event_type,
+                event_id=claim.event_id,
+                delivery_id=claim.delivery_id,
+                secrets=claim.secrets(time.time()),
+            )
+            outcomes = await self._policy.send(
+                partial(self._r.sender.send, request),
+                attempts_made=claim.attempt_count,
+                budget=self._settings.request_timeout,
+            )
+        except asyncio.CancelledError:
+            # Stopping: the receiver may or may not have the request; sending it again
+            # after the restart keeps the promise of at least once.
+            self._queue_release(claim.delivery_id, time.time())
+            raise
+        except Exception:
+            log.exception("sending delivery %s failed unexpectedly", claim.delivery_id)
+            self._queue_release(claim.delivery_id, time.time() + MIN_DEFER_SECONDS)
+        finally:
+            if not outcomes:
+                lane.breaker.abandoned()
+            lane.in_flight -= 1
+            lane.started.pop(claim.delivery_id, None)
+            lane.last_used = time.monotonic()
+            self._in_flight -= 1
+            self._held -= 1
+            self._held_ids.discard(claim.delivery_id)
+            if lane.waiting:
+                self._mark_ready(claim.webhook_id)
+        if outcomes:
+            self._queue_result(self._judge(lane, claim, outcomes))
+        self._pump()
+        if self._waiting_for_room and self._buffer_limit - self._held >= self._min_claim:
+            self._waiting_for_room = False
+            self._r.wake_dispatcher()
+
+    def _judge(
+        self, lane: _Lane, claim: DeliveryClaim, outcomes: list[AttemptOutcome]
+    ) -> DeliveryResult:
+        """Turn an attempt's outcomes into the delivery's new state."""
+        now = time.time()
+        attempts = tuple(
+            AttemptRecord(
+                number=claim.attempt_count + index + 1,
+                attempted_at=outcome.attempted_at.timestamp(),
+                status_code=outcome.status_code,
+                latency_ms=outcome.latency * 1000.0,
+                response_body=outcome.response_body,
+                error=outcome.error,
+                success=outcome.success,
+            )
+            for index, outcome in enumerate(outcomes)
+        )
+        count = claim.attempt_count + len(outcomes)
+        last = outcomes[-1]
+        lane.observe(last.latency)
+        lane.breaker.record(alive=last.success or not trips_breaker(last), now=now)
+
+        def result(
+            state: DeliveryState, *, due: float | None = None, disable: str | None = None
+        ) -> DeliveryResult:
+            return DeliveryResult(
+                delivery_id=claim.delivery_id,
+                webhook_id=claim.webhook_id,
+                status=state,
+                attempt_count=count,
+                next_attempt_at=due,
+                attempts=attempts,
+                last_error=last.error,
+                disable_reason=disable,
+            )
+
+        if last.success:
+            return result(DeliveryState.SUCCEEDED)
+        if last.permanent_gone:
+            lane.mark_gone(GONE_REASON)
+            return result(DeliveryState.FAILED, disable=GONE_REASON)
+        due = self._policy.next_attempt_at(count, last, now)
+        if due is None:
+            return result(DeliveryState.FAILED)
+        return result(DeliveryState.PENDING, due=due)
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def _release(self, claim: DeliveryClaim, due: float) -> None:
+        """Hand back a row held in memory (not in flight)."""
+        self._held -= 1
+        self._held_ids.discard(claim.delivery_id)
+        self._queue_release(claim.delivery_id, due)
+
+    def _queue_release(self, delivery_id: str, due: float) -> None:
+        self._releases.append(Release(delivery_id, due))
+        self._flush_wanted.set()
+
+    def _queue_result(self, result: DeliveryResult) -> None:
+        self._results.append(result)
+        self._flush_wanted.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._flush_wanted.wait()
+            self._flush_wanted.clear()
+            if not self._closing and len(self._results) + len(self._releases) < FLUSH_BATCH:
+                # A moment's wait lets outcomes that finish together share one transaction;
+                # receivers have their requests already, so nobody waits on this but the log.
+                await asyncio.sleep(FLUSH_WINDOW_SECONDS)
+            await self._flush()
+            if self._closing and not self._results and not self._releases:
+                return
+
+    async def _flush(self) -> None:
+        """Write what has gathered, in as few transactions as the pace allows."""
+        failures = 0
+        while self._results or self._releases:
+            results, self._results = self._results, []
+            releases, self._releases = self._releases, []
+            now = time.time()
+            try:
+                effects = await self._db.run(
+                    outbox.record_results,
+                    self.owner,
+                    results,
+                    releases,
+                    now,
+                    self._settings.disable_after_seconds,
+                )
+            except Exception:
+                failures += 1
+                if self._closing and failures >= 3:
+                    log.exception(
+                        "could not record %d outcomes at shutdown; their leases will run out",
+                        len(results) + len(releases),
+                    )
+                    return
+                log.exception("recording delivery outcomes failed; trying again")
+                self._results[:0] = results
+                self._releases[:0] = releases
+                await asyncio.sleep(min(5.0, 0.2 * 2**failures))
+                continue
+            failures = 0
+            if effects.stale:
+                log.warning(
+                    "%d outcomes were not recorded: their lease had passed to another dispatcher",
+                    effects.stale,
+                )
+            for webhook_id, reason in effects.disabled.items():
+                log.warning("disabled webhook %s: %s", webhook_id, reason)
+                lane = self._lanes.get(webhook_id)
+                if lane is not None:
+                    lane.mark_gone(reason)
+            # Retries that are due already (a zero delay) must not wait for the idle timer.
+            soon = time.time() + 0.01
+            if any(
+                r.status is DeliveryState.PENDING
+                and r.next_attempt_at is not None
+                and r.next_attempt_at <= soon
+                for r in results
+            ) or any(r.next_attempt_at <= soon for r in releases):
+                self._r.wake_dispatcher()

@@ -1,0 +1,646 @@
+"""The dispatcher: retries, 410, leases, caps, the circuit breaker, wake-ups and shutdown.
+
+Most tests run a real service and real receivers on loopback. Those about what happens to
+rows already in the store (leases, paused webhooks, the breaker) drive a ``Dispatcher`` over
+a real SQLite store directly, seeding rows through the store's own functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import pytest
+from harness import Stubs, Tokens, World, make_settings, seed_world
+from receiver import Receiver, Reply
+from sqlalchemy import update
+from sqlmodel import Session
+
+from dembrane.webhooks.auth import SCOPE_PUBLISH
+from dembrane.webhooks.delivery.dispatcher import BreakerSettings, CircuitBreaker, Dispatcher
+from dembrane.webhooks.delivery.sender import Sender
+from dembrane.webhooks.delivery.targets import TargetPolicy
+from dembrane.webhooks.domain.access import Tier
+from dembrane.webhooks.domain.payload import ConversationData, EventData
+from dembrane.webhooks.resources import Resources
+from dembrane.webhooks.service import Service
+from dembrane.webhooks.store import directory, outbox
+from dembrane.webhooks.store.database import Database
+from dembrane.webhooks.store.tables import DeliveryRow, WebhookRow
+from dembrane.webhooks.v1 import (
+    directory_service_pb2_grpc,
+    event_pb2,
+    event_service_pb2_grpc,
+    webhook_pb2,
+    webhook_service_pb2_grpc,
+)
+from dembrane.webhooks.v1 import event_service_pb2 as epb
+from dembrane.webhooks.v1 import webhook_service_pb2 as pb
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+OCCURRED = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+# -- helpers over the gRPC API -------------------------------------------------------------
+
+
+async def create_webhook(stubs: Stubs, tokens: Tokens, url: str) -> str:
+    response = await stubs.webhooks.CreateWebhook(
+        pb.CreateWebhookRequest(
+            project_id="p-paid",
+            name="Hook",
+            url=url,
+            events=["conversation.started"],
+            secret=SECRET,
+        ),
+        metadata=tokens.bearer(tokens.user("u-owner")),
+    )
+    return str(response.webhook.id)
+
+
+def started(event_id: str) -> event_pb2.Event:
+    return event_pb2.Event(
+        id=event_id,
+        type="conversation.started",
+        project_id="p-paid",
+        conversation=event_pb2.Conversation(id=f"conv-{event_id}"),
+    )
+
+
+async def publish(stubs: Stubs, tokens: Tokens, *event_ids: str) -> None:
+    await stubs.events.PublishEvents(
+        epb.PublishEventsRequest(events=[started(e) for e in event_ids]),
+        metadata=tokens.bearer(tokens.service(SCOPE_PUBLISH)),
+    )
+
+
+async def only_delivery(stubs: Stubs, tokens: Tokens, webhook_id: str) -> webhook_pb2.Delivery:
+    """The webhook's single delivery, with its attempts, once it is no longer pending."""
+    md = tokens.bearer(tokens.user("u-owner"))
+    for _ in range(500):
+        listed = await stubs.webhooks.ListDeliveries(
+            pb.ListDeliveriesRequest(project_id="p-paid", webhook_id=webhook_id), metadata=md
+        )
+        (delivery,) = listed.deliveries
+        if delivery.status != webhook_pb2.DELIVERY_STATUS_PENDING:
+            got = await stubs.webhooks.GetDelivery(
+                pb.GetDeliveryRequest(
+                    project_id="p-paid", webhook_id=webhook_id, delivery_id=delivery.id
+                ),
+                metadata=md,
+            )
+            return got.delivery
+        await asyncio.sleep(0.01)
+    raise AssertionError("the delivery stayed pending")
+
+
+@asynccontextmanager
+async def running_service(tmp_path: Path, **overrides: object) -> AsyncIterator[Stubs]:
+    """A service with its own settings and the seeded directory; yields its stubs."""
+    service = Service(make_settings(tmp_path, **overrides))
+    await service.start()
+    channel = grpc.aio.insecure_channel(service.grpc_target)
+    stubs = Stubs(
+        channel=channel,
+        webhooks=webhook_service_pb2_grpc.WebhookServiceStub(channel),
+        events=event_service_pb2_grpc.EventServiceStub(channel),
+        directory=directory_service_pb2_grpc.DirectoryServiceStub(channel),
+    )
+    try:
+        await seed_world(stubs, Tokens(service.settings.jwt_secret or ""))
+        yield stubs
+    finally:
+        await channel.close()
+        await service.stop()
+
+
+# -- helpers over the store ----------------------------------------------------------------
+
+
+@asynccontextmanager
+async def store_engine(tmp_path: Path, **overrides: object) -> AsyncIterator[Resources]:
+    """Resources over a fresh SQLite store with one paid project ``p``, without servers."""
+    settings = make_settings(tmp_path, **overrides)
+    database = Database(settings.database_url, sqlite_synchronous="NORMAL")
+    database.migrate()
+    now = time.time()
+
+    def seed(session: Session) -> None:
+        directory.upsert_workspace(session, "ws", "Workspace", Tier.CHANGEMAKER, now)
+        session.flush()
+        directory.upsert_project(session, "p", "ws", "Project", "en", now)
+
+    database.call(seed)
+    policy = TargetPolicy(settings.allowed_targets)
+    sender = Sender(
+        connect_timeout=settings.connect_timeout,
+        request_timeout=settings.request_timeout,
+        policy=policy,
+    )
+    await sender.start()
+    try:
+        yield Resources(settings=settings, database=database, policy=policy, sender=sender)
+    finally:
+        await sender.close()
+        database.close()
+
+
+def add_webhook(resources: Resources, webhook_id: str, url: str, **fields: object) -> None:
+    now = time.time()
+    row = WebhookRow(
+        id=webhook_id,
+        project_id="p",
+        name=webhook_id,
+        url=url,
+        events='["conversation.started"]',
+        status="published",
+        secret=SECRET,
+        created_at=now,
+        updated_at=now,
+    )
+    for key, value in fields.items():
+        setattr(row, key, value)
+    resources.database.call(lambda s: s.add(row))
+
+
+def store_publish(resources: Resources, *event_ids: str) -> None:
+    events = [
+        EventData(e, "conversation.started", "p", OCCURRED, ConversationData(f"c-{e}"))
+        for e in event_ids
+    ]
+    resources.database.call(
+        lambda s: outbox.publish_events(
+            s, events, now=time.time(), dashboard_base_url="https://d.test"
+        )
+    )
+
+
+def set_webhook(resources: Resources, webhook_id: str, **values: object) -> None:
+    resources.database.call(
+        lambda s: s.execute(update(WebhookRow).where(WebhookRow.id == webhook_id).values(**values))  # type: ignore[arg-type]
+    )
+
+
+def rows(resources: Resources) -> list[DeliveryRow]:
+    from sqlmodel import select
+
+    return list(resources.database.call(lambda s: list(s.scalars(select(DeliveryRow)))))
+
+
+async def until(check: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll ``check`` until it holds; fail after ``within`` seconds."""
+    # The store announces no changes, so polling it is the only way to watch it.
+    async with asyncio.timeout(within):
+        while not check():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def dispatching(resources: Resources, **options: object) -> AsyncIterator[Dispatcher]:
+    dispatcher = Dispatcher(resources, retention=False, **options)  # type: ignore[arg-type]
+    await dispatcher.start()
+    try:
+        yield dispatcher
+    finally:
+        await dispatcher.stop()
+
+
+# -- retries, 410, exhaustion --------------------------------------------------------------
+
+
+async def test_a_receiver_failing_twice_gets_the_same_delivery_three_times(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """Two failures then a 200: three requests with one delivery id and body; three attempts."""
+    async with Receiver(SECRET, replies=[500, Reply(502, body=b"bad gateway"), 200]) as receiver:
+        hook = await create_webhook(stubs, tokens, receiver.url)
+        await publish(stubs, tokens, "evt-retry")
+        requests = await receiver.wait_for(3)
+        delivery = await only_delivery(stubs, tokens, hook)
+    assert len(requests) == 3
+    assert {r.headers["X-Dembrane-Delivery"] for r in requests} == {delivery.id}
+    assert {r.headers["webhook-id"] for r in requests} == {"evt-retry"}
+    assert len({r.body for r in requests}) == 1
+    assert all(r.verified for r in requests)
+    assert delivery.status == webhook_pb2.DELIVERY_STATUS_SUCCEEDED
+    assert delivery.attempt_count == 3
+    assert [a.number for a in delivery.attempts] == [1, 2, 3]
+    assert [a.status_code for a in delivery.attempts] == [500, 502, 200]
+    assert [a.success for a in delivery.attempts] == [False, False, True]
+    assert delivery.attempts[1].response_body == "bad gateway"
+    assert delivery.attempts[1].error == "The receiver answered with status 502."
+    assert delivery.attempts[2].error == ""
+    assert all(a.latency.ToNanoseconds() > 0 for a in delivery.attempts)
+    times = [a.attempt_time.ToDatetime() for a in delivery.attempts]
+    assert times == sorted(times)
+    assert delivery.last_status_code == 200
+
+
+async def test_a_delivery_fails_once_the_schedule_is_used_up(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """With a schedule of three retries, a receiver that always fails gets four attempts."""
+    async with Receiver(SECRET, default=500) as receiver:
+        hook = await create_webhook(stubs, tokens, receiver.url)
+        await publish(stubs, tokens, "evt-doomed")
+        delivery = await only_delivery(stubs, tokens, hook)
+        await asyncio.sleep(0.05)
+        assert len(receiver.requests) == 4
+    assert delivery.status == webhook_pb2.DELIVERY_STATUS_FAILED
+    assert delivery.attempt_count == 4
+    assert delivery.last_error == "The receiver answered with status 500."
+    assert not delivery.HasField("next_attempt_time")
+
+
+async def test_a_410_disables_the_webhook(stubs: Stubs, tokens: Tokens, world: World) -> None:
+    """A 410 answer fails the delivery at once, disables the webhook, and stops deliveries."""
+    async with Receiver(SECRET, default=410) as receiver:
+        hook = await create_webhook(stubs, tokens, receiver.url)
+        await publish(stubs, tokens, "evt-gone")
+        delivery = await only_delivery(stubs, tokens, hook)
+        got = await stubs.webhooks.GetWebhook(
+            pb.GetWebhookRequest(project_id="p-paid", webhook_id=hook),
+            metadata=tokens.bearer(tokens.user("u-owner")),
+        )
+        await publish(stubs, tokens, "evt-after")
+        await asyncio.sleep(0.1)
+        assert len(receiver.requests) == 1
+    assert delivery.status == webhook_pb2.DELIVERY_STATUS_FAILED
+    assert delivery.attempt_count == 1
+    assert got.webhook.status == webhook_pb2.WEBHOOK_STATUS_DISABLED
+    assert "410" in got.webhook.disabled_reason
+
+
+async def test_a_410_stops_the_rows_already_held_for_the_webhook(tmp_path: Path) -> None:
+    """After a 410, the webhook's other due deliveries fail unsent instead of going out."""
+    async with store_engine(tmp_path, per_webhook_concurrency=1) as resources:
+        async with Receiver(SECRET, default=410) as receiver:
+            add_webhook(resources, "wh_gone", receiver.url)
+            store_publish(resources, *[f"e{i}" for i in range(5)])
+            async with dispatching(resources):
+                await until(lambda: all(r.status == "failed" for r in rows(resources)))
+            assert len(receiver.requests) == 1
+        found = rows(resources)
+        assert sum(r.attempt_count for r in found) == 1
+        unsent = [r for r in found if r.attempt_count == 0]
+        assert len(unsent) == 4
+        assert all("410 Gone" in r.last_error and "not sent" in r.last_error for r in unsent)
+
+
+async def test_five_days_without_success_disables_the_webhook(tmp_path: Path) -> None:
+    """A failure after failing for longer than the limit disables the webhook."""
+    async with store_engine(tmp_path) as resources:
+        async with Receiver(SECRET, default=500) as receiver:
+            add_webhook(resources, "wh_dying", receiver.url, failing_since=time.time() - 6 * 86400)
+            store_publish(resources, "e1")
+            async with dispatching(resources):
+                await until(lambda: rows(resources)[0].status == "failed")
+        webhook = resources.database.call(lambda s: s.get(WebhookRow, "wh_dying"))
+        assert webhook is not None
+        assert webhook.status == "disabled"
+        assert "5 days" in webhook.disabled_reason
+        (row,) = rows(resources)
+        assert row.attempt_count == 1
+        assert "disabled" in row.last_error
+
+
+async def test_a_success_clears_the_run_of_failures(tmp_path: Path) -> None:
+    """A 2xx answer resets the time a webhook has been failing since."""
+    async with store_engine(tmp_path) as resources:
+        async with Receiver(SECRET, replies=[500], default=200) as receiver:
+            add_webhook(resources, "wh_ok", receiver.url, failing_since=time.time() - 86400)
+            store_publish(resources, "e1")
+            async with dispatching(resources):
+                await until(lambda: rows(resources)[0].status == "succeeded")
+        webhook = resources.database.call(lambda s: s.get(WebhookRow, "wh_ok"))
+        assert webhook is not None
+        assert webhook.failing_since is None
+        assert webhook.status == "published"
+
+
+# -- webhooks that stopped being published --------------------------------------------------
+
+
+async def test_deliveries_of_paused_or_disabled_webhooks_are_not_sent(tmp_path: Path) -> None:
+    """Rows due for a draft or archived webhook are skipped, for a disabled one failed."""
+    async with store_engine(tmp_path) as resources, Receiver(SECRET) as receiver:
+        for webhook_id in ("wh_draft", "wh_archived", "wh_disabled"):
+            add_webhook(resources, webhook_id, receiver.url)
+        store_publish(resources, "e1")
+        set_webhook(resources, "wh_draft", status="draft")
+        set_webhook(resources, "wh_archived", status="archived")
+        set_webhook(resources, "wh_disabled", status="disabled", disabled_reason="Too many errors.")
+        async with dispatching(resources):
+            await until(lambda: all(r.status != "pending" for r in rows(resources)))
+        assert receiver.requests == []
+        by_hook = {r.webhook_id: r for r in rows(resources)}
+        assert by_hook["wh_draft"].status == "skipped"
+        assert by_hook["wh_draft"].skip_reason == (
+            "The webhook was draft when the delivery was due, so it was not sent."
+        )
+        assert by_hook["wh_archived"].status == "skipped"
+        assert by_hook["wh_disabled"].status == "failed"
+        assert by_hook["wh_disabled"].last_error == (
+            "The webhook is disabled (Too many errors), so the delivery was not sent."
+        )
+        assert all(r.attempt_count == 0 for r in by_hook.values())
+
+
+# -- leases and shutdown ---------------------------------------------------------------------
+
+
+async def test_a_crashed_dispatchers_rows_come_due_when_its_lease_runs_out(
+    tmp_path: Path,
+) -> None:
+    """Rows leased by a dispatcher that vanished are delivered once the lease has run out."""
+    async with store_engine(tmp_path) as resources, Receiver(SECRET) as receiver:
+        add_webhook(resources, "wh", receiver.url)
+        store_publish(resources, "e1", "e2")
+        claimed = resources.database.call(
+            lambda s: outbox.claim_due(s, "ghost", time.time(), 0.5, 10)
+        )
+        assert len(claimed) == 2
+        async with dispatching(resources, release_leases_at_start=False):
+            await asyncio.sleep(0.2)
+            assert receiver.requests == []
+            await receiver.wait_for(2)
+            await until(lambda: all(r.status == "succeeded" for r in rows(resources)))
+        # The vanished dispatcher's late report changes nothing.
+        late = outbox.DeliveryResult(
+            delivery_id=claimed[0].delivery_id,
+            webhook_id="wh",
+            status=outbox.DeliveryState.FAILED,
+            attempt_count=1,
+        )
+        effects = resources.database.call(
+            lambda s: outbox.record_results(s, "ghost", [late], [], time.time(), 86400)
+        )
+        assert effects.stale == 1
+        assert all(r.status == "succeeded" and r.attempt_count == 1 for r in rows(resources))
+
+
+@pytest.mark.sqlite_only
+async def test_on_sqlite_a_restart_takes_over_leases_at_once(tmp_path: Path) -> None:
+    """On SQLite a starting dispatcher makes rows leased by a previous process due at once."""
+    async with store_engine(tmp_path) as resources, Receiver(SECRET) as receiver:
+        add_webhook(resources, "wh", receiver.url)
+        store_publish(resources, "e1")
+        resources.database.call(lambda s: outbox.claim_due(s, "ghost", time.time(), 3600, 10))
+        async with dispatching(resources):
+            await receiver.wait_for(1)
+
+
+async def test_stopping_hands_back_work_in_flight(tmp_path: Path) -> None:
+    """Stop releases rows being sent and rows waiting, due at once, for the next start."""
+    async with store_engine(tmp_path, per_webhook_concurrency=2) as resources:
+        async with Receiver(SECRET, default=Reply(200, delay=30)) as receiver:
+            add_webhook(resources, "wh", receiver.url)
+            store_publish(resources, *[f"e{i}" for i in range(6)])
+            async with dispatching(resources, drain_timeout=0.1) as dispatcher:
+                await receiver.wait_for(2)
+                owner = dispatcher.owner
+            after_stop = time.time()
+        found = rows(resources)
+        assert all(r.status == "pending" and r.lease_owner is None for r in found)
+        assert all(r.next_attempt_at is not None and r.next_attempt_at <= after_stop for r in found)
+        assert all(r.attempt_count == 0 for r in found)
+        assert owner
+        async with Receiver(SECRET) as healthy:
+            set_webhook(resources, "wh", url=healthy.url)
+            async with dispatching(resources, release_leases_at_start=False):
+                await healthy.wait_for(6)
+                await until(lambda: all(r.status == "succeeded" for r in rows(resources)))
+
+
+async def test_stopping_lets_quick_requests_finish(tmp_path: Path) -> None:
+    """Requests that answer within the drain timeout are recorded, not handed back."""
+    async with store_engine(tmp_path) as resources:
+        async with Receiver(SECRET, default=Reply(200, delay=0.3)) as receiver:
+            add_webhook(resources, "wh", receiver.url)
+            store_publish(resources, "e1")
+            async with dispatching(resources, drain_timeout=5):
+                await receiver.wait_for(1)
+        (row,) = rows(resources)
+        assert row.status == "succeeded"
+
+
+# -- wake-ups, batching and concurrency caps ------------------------------------------------
+
+
+async def test_an_idle_dispatcher_wakes_up_when_work_is_published(tmp_path: Path) -> None:
+    """A publish followed by a wake-up is delivered without waiting for the idle timer."""
+    async with store_engine(tmp_path) as resources, Receiver(SECRET) as receiver:
+        add_webhook(resources, "wh", receiver.url)
+        async with dispatching(resources, idle_timeout=60):
+            await asyncio.sleep(0.2)  # the dispatcher is asleep now
+            store_publish(resources, "e1")
+            resources.wake_dispatcher()
+            await receiver.wait_for(1, within=5)
+
+
+async def test_many_deliveries_each_arrive_once(tmp_path: Path) -> None:
+    """A burst of 300 events to two webhooks is delivered once per webhook, one attempt each."""
+    async with store_engine(tmp_path, max_concurrency=16) as resources:
+        async with Receiver(SECRET) as first, Receiver(SECRET) as second:
+            add_webhook(resources, "wh_1", first.url)
+            add_webhook(resources, "wh_2", second.url)
+            ids = [f"e{i}" for i in range(300)]
+            store_publish(resources, *ids)
+            async with dispatching(resources, batch_size=64):
+                await first.wait_for(300)
+                await second.wait_for(300)
+                await until(lambda: all(r.status == "succeeded" for r in rows(resources)))
+            for receiver in (first, second):
+                assert sorted(r.headers["webhook-id"] for r in receiver.requests) == sorted(ids)
+        assert all(r.attempt_count == 1 for r in rows(resources))
+
+
+def most_started_within(receivers: list[Receiver], window: float) -> int:
+    """The most requests that began within any ``window`` seconds."""
+    starts = sorted(r.received_at for receiver in receivers for r in receiver.requests)
+    return max(
+        (sum(1 for t in starts[i:] if t - s < window) for i, s in enumerate(starts)), default=0
+    )
+
+
+async def test_concurrency_is_capped_per_webhook_and_overall(tmp_path: Path) -> None:
+    """No webhook has more requests in flight than its cap, nor all together than the global cap."""
+    async with store_engine(tmp_path, per_webhook_concurrency=2, max_concurrency=3) as resources:
+        slow = Reply(200, delay=0.4)
+        async with Receiver(SECRET, default=slow) as one, Receiver(SECRET, default=slow) as two:
+            add_webhook(resources, "wh_1", one.url)
+            add_webhook(resources, "wh_2", two.url)
+            store_publish(resources, *[f"e{i}" for i in range(6)])
+            async with dispatching(resources):
+                await one.wait_for(6)
+                await two.wait_for(6)
+            # A request starts only when another has ended, 0.4 s after it started.
+            assert most_started_within([one], 0.35) <= 2
+            assert most_started_within([two], 0.35) <= 2
+            assert most_started_within([one, two], 0.35) <= 3
+
+
+async def test_a_receiver_that_never_answers_does_not_hold_up_the_others(
+    tmp_path: Path,
+) -> None:
+    """A hanging receiver takes only its own cap of slots; the rest flow past it."""
+    async with running_service(
+        tmp_path, per_webhook_concurrency=2, max_concurrency=3, request_timeout=30
+    ) as stubs:
+        tokens = Tokens(make_settings(tmp_path).jwt_secret or "")
+        dead = Receiver(SECRET, default=Reply(200, delay=120))
+        await dead.start()
+        try:
+            async with Receiver(SECRET) as healthy:
+                await create_webhook(stubs, tokens, dead.url)
+                await create_webhook(stubs, tokens, healthy.url)
+                ids = [f"evt-{i}" for i in range(100)]
+                for start in range(0, 100, 20):
+                    await publish(stubs, tokens, *ids[start : start + 20])
+                await healthy.wait_for(100, within=30)
+                # The hanging receiver never had more than its cap of requests at once.
+                assert len(dead.requests) == 2
+                assert sorted(r.headers["webhook-id"] for r in healthy.requests) == sorted(ids)
+        finally:
+            await dead.stop()
+
+
+# -- the circuit breaker ---------------------------------------------------------------------
+
+
+async def test_an_open_breaker_holds_deliveries_back_without_using_attempts(
+    tmp_path: Path,
+) -> None:
+    """After consecutive failures the webhook's other deliveries wait out the cool-down unsent."""
+    async with store_engine(tmp_path, per_webhook_concurrency=1) as resources:
+        async with Receiver(SECRET, default=500) as receiver:
+            add_webhook(resources, "wh", receiver.url)
+            store_publish(resources, *[f"e{i}" for i in range(5)])
+            breaker = BreakerSettings(failure_threshold=2, open_seconds=30)
+            async with dispatching(resources, breaker=breaker):
+                cool_down_ends = time.time() + 25
+                await until(
+                    lambda: all(
+                        r.lease_owner is None
+                        and r.next_attempt_at is not None
+                        and r.next_attempt_at > cool_down_ends
+                        for r in rows(resources)
+                    )
+                )
+            assert len(receiver.requests) == 2
+        found = rows(resources)
+        assert all(r.status == "pending" for r in found)
+        assert sum(r.attempt_count for r in found) == 2
+        assert sum(1 for r in found if r.attempt_count == 0) == 3
+
+
+def test_the_breaker_opens_probes_and_closes() -> None:
+    """Closed until N failures, open for a cool-down, then one probe; success closes it."""
+    breaker = CircuitBreaker(BreakerSettings(failure_threshold=3, open_seconds=10))
+    for _ in range(2):
+        breaker.record(alive=False, now=100)
+    assert breaker.may_start(100)
+    breaker.record(alive=False, now=100)
+    assert breaker.is_open(105)
+    assert not breaker.may_start(105)
+    assert breaker.may_start(110)
+    breaker.started(110)
+    assert not breaker.may_start(110)  # one probe at a time
+    breaker.record(alive=False, now=111)
+    assert breaker.open_until == 131  # a failed probe doubles the cool-down
+    breaker.started(131)
+    breaker.record(alive=True, now=132)
+    assert breaker.open_until is None
+    assert breaker.may_start(132)
+
+
+def test_the_breaker_cool_down_is_bounded() -> None:
+    """Repeated failed probes never keep a webhook closed off longer than the maximum."""
+    breaker = CircuitBreaker(
+        BreakerSettings(failure_threshold=1, open_seconds=10, max_open_seconds=25)
+    )
+    now = 0.0
+    for _ in range(6):
+        breaker.record(alive=False, now=now)
+        assert breaker.open_until is not None
+        assert breaker.open_until - now <= 25
+        now = breaker.open_until
+        breaker.started(now)
+
+
+async def test_a_new_url_gets_a_fresh_breaker(tmp_path: Path) -> None:
+    """Pointing a webhook whose breaker is open at a new address delivers there at once."""
+    async with store_engine(tmp_path, per_webhook_concurrency=1) as resources:
+        breaker = BreakerSettings(failure_threshold=1, open_seconds=300)
+        async with Receiver(SECRET, default=500) as broken, Receiver(SECRET) as fixed:
+            add_webhook(resources, "wh", broken.url)
+            store_publish(resources, "e1", "e2")
+            async with dispatching(resources, breaker=breaker):
+                await broken.wait_for(1)
+                # Both rows wait out the cool-down in the store (not leased, due far ahead).
+                later = time.time() + 200
+                await until(
+                    lambda: all(
+                        r.lease_owner is None and (r.next_attempt_at or 0) > later
+                        for r in rows(resources)
+                    )
+                )
+                set_webhook(resources, "wh", url=fixed.url, updated_at=time.time())
+                for row in rows(resources):
+                    resources.database.call(
+                        lambda s, r=row: outbox.retry_delivery(s, "wh", r.id, time.time())
+                    )
+                resources.wake_dispatcher()
+                await fixed.wait_for(2)
+            assert len(broken.requests) == 1
+
+
+async def test_both_secrets_sign_during_a_rotation(tmp_path: Path) -> None:
+    """While the previous secret is in its grace period, a receiver holding it still verifies."""
+    old_secret = "whsec_" + "b2xkLXNlY3JldC1vbGQtc2VjcmV0LW9sZA=="
+    async with store_engine(tmp_path) as resources, Receiver(old_secret) as receiver:
+        add_webhook(
+            resources,
+            "wh",
+            receiver.url,
+            previous_secret=old_secret,
+            previous_secret_expires_at=time.time() + 3600,
+        )
+        store_publish(resources, "e1")
+        async with dispatching(resources):
+            (request,) = await receiver.wait_for(1)
+    assert request.standard_signature_ok
+    assert len(request.headers["webhook-signature"].split(" ")) == 2
+    # The body signatures carry the current secret only.
+    assert not request.body_signature_ok
+
+
+async def test_retry_after_postpones_the_next_attempt(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """A 429 with Retry-After schedules the next attempt that far ahead, not at once."""
+    async with Receiver(SECRET, default=Reply(429, headers={"Retry-After": "120"})) as receiver:
+        hook = await create_webhook(stubs, tokens, receiver.url)
+        await publish(stubs, tokens, "evt-busy")
+        await receiver.wait_for(1)
+        md = tokens.bearer(tokens.user("u-owner"))
+        for _ in range(300):
+            (delivery,) = (
+                await stubs.webhooks.ListDeliveries(
+                    pb.ListDeliveriesRequest(project_id="p-paid", webhook_id=hook), metadata=md
+                )
+            ).deliveries
+            if delivery.attempt_count == 1 and delivery.HasField("last_attempt_time"):
+                break
+            await asyncio.sleep(0.01)
+        assert delivery.status == webhook_pb2.DELIVERY_STATUS_PENDING
+        wait = (
+            delivery.next_attempt_time.ToNanoseconds() - delivery.last_attempt_time.ToNanoseconds()
+        )
+        assert 119 <= wait / 1e9 <= 121
+        assert len(receiver.requests) == 1
