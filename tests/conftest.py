@@ -6,6 +6,7 @@ The types behind the fixtures live in ``harness.py``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,16 @@ from dembrane.webhooks.v1 import (
     event_service_pb2_grpc,
     webhook_service_pb2_grpc,
 )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests of PostgreSQL-only behaviour run in the PostgreSQL lane of ``make test``."""
+    if os.environ.get("WEBHOOKS_TEST_BACKEND") == "postgres":
+        return
+    skip = pytest.mark.skip(reason="PostgreSQL only; runs in the PostgreSQL lane")
+    for item in items:
+        if "postgres_only" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

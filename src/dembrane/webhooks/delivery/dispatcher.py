@@ -43,6 +43,7 @@ from dembrane.webhooks.domain.access import tier_allows_webhooks
 from dembrane.webhooks.domain.ids import new_id
 from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.store import outbox
+from dembrane.webhooks.store.listener import DueListener
 from dembrane.webhooks.store.outbox import (
     AttemptRecord,
     DeliveryClaim,
@@ -55,8 +56,8 @@ __all__ = ["BreakerSettings", "CircuitBreaker", "Dispatcher"]
 
 log = logging.getLogger(__name__)
 
-#: The longest the claim loop sleeps when idle: other processes may publish (PostgreSQL)
-#: and the clock may move past a due time we did not hear of.
+#: The longest the claim loop sleeps when idle: a wake-up may be missed (a PostgreSQL
+#: listener reconnecting) and the clock may move past a due time we did not hear of.
 MAX_IDLE_SECONDS = 1.0
 #: How often lanes are checked for rows they cannot send in time, while any row waits.
 LANE_CHECK_SECONDS = 0.25
@@ -278,6 +279,11 @@ class Dispatcher:
             else None
         )
 
+        # Replicas sharing a PostgreSQL database hear of each other's new work at once.
+        self._listener = (
+            None if self._db.is_sqlite else DueListener(self._db.url, resources.wake_dispatcher)
+        )
+
         self._lanes: dict[str, _Lane] = {}
         self._ready: deque[str] = deque()
         self._ready_set: set[str] = set()
@@ -310,6 +316,8 @@ class Dispatcher:
         self._claim_task = asyncio.create_task(self._claim_loop(), name="webhooks-claim")
         if self._retention is not None:
             self._retention.start()
+        if self._listener is not None:
+            self._listener.start()
 
     async def stop(self) -> None:
         """Stop claiming, hand back or finish what is held, and write every outcome."""
@@ -324,6 +332,8 @@ class Dispatcher:
             await claim_task
         if self._retention is not None:
             await self._retention.stop()
+        if self._listener is not None:
+            await self._listener.stop()
 
         now = time.time()
         for lane in self._lanes.values():

@@ -86,6 +86,21 @@ def _is_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
+#: The PostgreSQL channel on which new due work is announced to every replica's dispatcher.
+DUE_CHANNEL = "webhooks_due"
+
+
+def announce_due(session: Session) -> None:
+    """Tell the dispatchers of every replica that work came due (PostgreSQL only).
+
+    The notification is sent when the transaction commits, never before, and PostgreSQL
+    folds repeats within one transaction into one. On SQLite a single process owns the
+    database and wakes its own dispatcher.
+    """
+    if _is_postgres(session):
+        session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": DUE_CHANNEL})
+
+
 def _clip(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[: limit - 1] + "…"
 
@@ -131,6 +146,8 @@ def publish_events(
     first: dict[str, PublishOutcome] = {}
     if fresh:
         first = _insert_fresh(session, list(fresh.values()), now, dashboard_base_url)
+        if any(outcome.delivery_count for outcome in first.values()):
+            announce_due(session)
 
     outcomes: list[PublishOutcome] = []
     reported: set[str] = set()
@@ -795,6 +812,7 @@ def retry_delivery(
         row.skip_reason = ""
         row.updated_at = now
         session.add(row)
+        announce_due(session)
     return row
 
 
@@ -845,7 +863,10 @@ def requeue_failed_batch(
             "limit": limit,
         },
     )
-    return _rowcount(result)
+    count = _rowcount(result)
+    if count:
+        announce_due(session)
+    return count
 
 
 def deliveries_of_event(session: Session, event_id: str) -> list[DeliveryRow]:
