@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
-from harness import Stubs, Tokens, World, make_settings, seed_world
 
 from dembrane.webhooks.config import Settings
+
+from harness import Stubs, Tokens, World, make_settings, seed_world
 
 if TYPE_CHECKING:
     from dembrane.webhooks.service import Service

@@ -5,8 +5,6 @@ from __future__ import annotations
 import grpc
 import jwt
 import pytest
-from grpc_helpers import ERROR_DOMAIN, rich_error
-from harness import JWT_SECRET, Stubs, Tokens, World
 
 from dembrane.webhooks.auth import SCOPE_DIRECTORY, SCOPE_PUBLISH
 from dembrane.webhooks.v1 import (
@@ -21,6 +19,9 @@ from dembrane.webhooks.v1 import (
 from dembrane.webhooks.v1 import (
     webhook_service_pb2 as pb,
 )
+
+from grpc_helpers import ERROR_DOMAIN, rich_error
+from harness import JWT_SECRET, Stubs, Tokens, World
 
 
 async def _fails(call: object) -> grpc.aio.AioRpcError:

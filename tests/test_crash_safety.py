@@ -18,8 +18,6 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import JWT_SECRET, Tokens
-from receiver import Receiver, Reply, unused_port
 from sqlalchemy import text
 
 from dembrane.webhooks.auth import SCOPE_DIRECTORY, SCOPE_PUBLISH
@@ -33,6 +31,9 @@ from dembrane.webhooks.v1 import (
 )
 from dembrane.webhooks.v1 import event_service_pb2 as epb
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
+
+from harness import JWT_SECRET, Tokens
+from receiver import Receiver, Reply, unused_port
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 EVENTS = 1000

@@ -11,9 +11,6 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from grpc_helpers import rich_error
-from harness import Stubs, Tokens, World
-from receiver import Receiver, Reply, unused_port
 from sqlmodel import Session, select
 
 from dembrane.webhooks.auth import SCOPE_PUBLISH
@@ -26,6 +23,10 @@ from dembrane.webhooks.store.tables import AttemptRow, DeliveryRow, EventRow, We
 from dembrane.webhooks.v1 import event_pb2, webhook_pb2
 from dembrane.webhooks.v1 import event_service_pb2 as epb
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
+
+from grpc_helpers import rich_error
+from harness import Stubs, Tokens, World
+from receiver import Receiver, Reply, unused_port
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 FAILED = webhook_pb2.DELIVERY_STATUS_FAILED

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from harness import Stubs, Tokens, World, make_settings, seed_world
-from receiver import Receiver, Reply
 from sqlalchemy import update
 from sqlmodel import Session
 
@@ -41,6 +39,9 @@ from dembrane.webhooks.v1 import (
 )
 from dembrane.webhooks.v1 import event_service_pb2 as epb
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
+
+from harness import Stubs, Tokens, World, make_settings, seed_world
+from receiver import Receiver, Reply
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OCCURRED = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)

@@ -19,8 +19,6 @@ from typing import Any
 import aiohttp
 import jsonschema_rs
 import pytest
-from harness import Stubs, Tokens, World, make_settings
-from receiver import Receiver, Reply, unused_port
 
 from dembrane.webhooks.auth import SCOPE_PUBLISH
 from dembrane.webhooks.config import Settings
@@ -28,6 +26,9 @@ from dembrane.webhooks.gateway.routes import ROUTES, Route
 from dembrane.webhooks.service import Service
 from dembrane.webhooks.v1 import event_pb2
 from dembrane.webhooks.v1 import event_service_pb2 as epb
+
+from harness import Stubs, Tokens, World, make_settings
+from receiver import Receiver, Reply, unused_port
 
 ROUTE_BY_RPC = {route.rpc_name: route for route in ROUTES}
 WEBHOOK_KEYS = {

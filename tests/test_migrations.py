@@ -6,12 +6,13 @@ from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from harness import fresh_database_url
 from sqlalchemy import inspect
 from sqlmodel import SQLModel
 
 from dembrane.webhooks.store import tables  # noqa: F401  (registers the tables)
 from dembrane.webhooks.store.database import Database
+
+from harness import fresh_database_url
 
 
 def test_first_start_creates_the_schema(tmp_path: Path) -> None:

@@ -13,9 +13,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_helpers import rich_error
-from harness import Stubs, Tokens, World
-from receiver import Receiver
 from sqlmodel import Session
 
 from dembrane.webhooks.auth import SCOPE_DIRECTORY, SCOPE_PUBLISH
@@ -30,6 +27,10 @@ from dembrane.webhooks.v1 import directory_service_pb2 as dpb
 from dembrane.webhooks.v1 import event_pb2, webhook_pb2
 from dembrane.webhooks.v1 import event_service_pb2 as epb
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
+
+from grpc_helpers import rich_error
+from harness import Stubs, Tokens, World
+from receiver import Receiver
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 PLAIN_SECRET = "my-shared-secret"

@@ -7,8 +7,6 @@ from dataclasses import replace
 
 import grpc
 import pytest
-from harness import Stubs, Tokens, seed_world
-from receiver import Receiver
 
 from dembrane.webhooks.auth import SCOPE_PUBLISH
 from dembrane.webhooks.config import Settings
@@ -26,6 +24,9 @@ from dembrane.webhooks.v1 import (
 )
 from dembrane.webhooks.v1 import event_service_pb2 as epb
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
+
+from harness import Stubs, Tokens, seed_world
+from receiver import Receiver
 
 pytestmark = pytest.mark.postgres_only
 

@@ -25,10 +25,8 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 import schemathesis
-from harness import Stubs, Tokens, make_settings, seed_world
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from receiver import Receiver
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -50,6 +48,9 @@ from dembrane.webhooks.v1 import (
     webhook_service_pb2,
     webhook_service_pb2_grpc,
 )
+
+from harness import Stubs, Tokens, make_settings, seed_world
+from receiver import Receiver
 
 T = TypeVar("T")
 

@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
-from receiver import Receiver, Reply, unused_port
 
 from dembrane.webhooks.delivery.sender import (
     RESPONSE_BODY_LIMIT,
@@ -22,6 +21,8 @@ from dembrane.webhooks.delivery.sender import (
 from dembrane.webhooks.delivery.signing import generate_secret
 from dembrane.webhooks.delivery.targets import TargetPolicy
 from dembrane.webhooks.domain.payload import ProjectInfo, render_body, test_event
+
+from receiver import Receiver, Reply, unused_port
 
 LOOPBACK = TargetPolicy([ipaddress.ip_network("127.0.0.0/8")])
 PROJECT = ProjectInfo(id="p1", name="Café Zuid", language="nl")

@@ -11,8 +11,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from harness import JWT_SECRET, Stubs
-from receiver import Receiver, Reply, unused_port
 
 from dembrane.webhooks.auth import SCOPE_DIRECTORY, mint_token
 from dembrane.webhooks.v1 import (
@@ -25,6 +23,9 @@ from dembrane.webhooks.v1 import (
 from dembrane.webhooks.v1 import (
     webhook_service_pb2 as pb,
 )
+
+from harness import JWT_SECRET, Stubs
+from receiver import Receiver, Reply, unused_port
 
 
 async def _list_services(channel: grpc.aio.Channel) -> set[str]:

@@ -7,7 +7,6 @@ import re
 import time
 
 import pytest
-from receiver import standard_webhook_for
 from standardwebhooks.webhooks import Webhook
 
 from dembrane.webhooks import __version__
@@ -20,6 +19,8 @@ from dembrane.webhooks.delivery.signing import (
     user_agent,
 )
 from dembrane.webhooks.domain.payload import canonical_json
+
+from receiver import standard_webhook_for
 
 VECTOR3_BODY = (
     b'{"event":"conversation.started","id":"evt_1","project":'

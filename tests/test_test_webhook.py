@@ -6,11 +6,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 from google.protobuf import field_mask_pb2
-from harness import Stubs, Tokens, World
-from receiver import Receiver, Reply, unused_port
 
 from dembrane.webhooks.v1 import webhook_pb2
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
+
+from harness import Stubs, Tokens, World
+from receiver import Receiver, Reply, unused_port
 
 
 @pytest.fixture

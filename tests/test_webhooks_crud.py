@@ -8,11 +8,12 @@ import base64
 import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2, json_format
-from grpc_helpers import rich_error
-from harness import Stubs, Tokens, World
 
 from dembrane.webhooks.v1 import webhook_pb2
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
+
+from grpc_helpers import rich_error
+from harness import Stubs, Tokens, World
 
 URL = "http://127.0.0.1:9/hook"
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import grpc
-from dembrane.webhooks.api.event_service import EventServicer
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dembrane.webhooks.api.directory_service import DirectoryServicer
+from dembrane.webhooks.api.event_service import EventServicer
 from dembrane.webhooks.api.interceptor import AuthInterceptor
 from dembrane.webhooks.api.webhook_service import WebhookServicer
 from dembrane.webhooks.auth import TokenVerifier
