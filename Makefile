@@ -71,8 +71,8 @@ check-generated: protodeps
 lint: protodeps $(BUF)
 	$(BUF) lint
 	$(BUF) format --diff --exit-code proto
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests $(wildcard bench)
+	$(VENV)/bin/ruff format --check src tests $(wildcard bench)
 	$(VENV)/bin/mypy
 
 test: install check-generated lint test-sqlite test-postgres
