@@ -33,7 +33,11 @@ def normalize_url(url: str) -> str:
 
 
 class Database:
-    """One engine, a thread pool to use it from asyncio, and the schema's migrations."""
+    """One engine, a thread pool to use it from asyncio, and the schema's migrations.
+
+    Statement parameters are kept out of error messages (``hide_parameters``): they hold
+    webhook secrets, and errors end up in logs.
+    """
 
     def __init__(
         self, url: str, *, threads: int | None = None, sqlite_synchronous: str = "FULL"
@@ -51,6 +55,7 @@ class Database:
                 pool_size=1,
                 max_overflow=2,
                 connect_args={"check_same_thread": False, "timeout": 30},
+                hide_parameters=True,
             )
             event.listen(
                 self.engine, "connect", functools.partial(_sqlite_pragmas, sqlite_synchronous)
@@ -59,7 +64,11 @@ class Database:
         else:
             workers = threads or 8
             self.engine = create_engine(
-                self.url, pool_size=workers, max_overflow=4, pool_pre_ping=True
+                self.url,
+                pool_size=workers,
+                max_overflow=4,
+                pool_pre_ping=True,
+                hide_parameters=True,
             )
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
 
