@@ -1,20 +1,19 @@
 """EventService: backend services publish events; the call returns once they are stored.
 
 A call is validated whole (every bad field of every event is reported at once), then the
-events and their deliveries are written in one transaction, and only after that commit is
-the dispatcher woken and the call answered: an acknowledged event is never lost.
+events and their deliveries are written in one transaction (shared with calls that arrive at
+the same moment, see ``store.publish_queue``), and only after that commit is the dispatcher
+woken and the call answered: an acknowledged event is never lost.
 """
 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlmodel import Session
 
 from dembrane.webhooks.domain.errors import ErrorCollector
 from dembrane.webhooks.domain.ids import new_id
@@ -26,6 +25,7 @@ from dembrane.webhooks.domain.payload import (
 )
 from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.store import outbox
+from dembrane.webhooks.store.publish_queue import PublishQueue
 from dembrane.webhooks.v1 import event_pb2, event_service_pb2_grpc
 from dembrane.webhooks.v1 import event_service_pb2 as pb
 
@@ -182,18 +182,12 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
     """Publishing: validation, one transaction, then a wake-up for the dispatcher."""
 
     def __init__(self, resources: Resources) -> None:
-        self._r = resources
+        self._queue = PublishQueue(
+            resources.database, resources.settings.dashboard_base_url, resources.wake_dispatcher
+        )
 
     async def _publish(self, events: Sequence[EventData]) -> list[outbox.PublishOutcome]:
-        outcomes = await self._r.database.run(
-            _publish_in_session,
-            list(events),
-            time.time(),
-            self._r.settings.dashboard_base_url,
-        )
-        if any(o.delivery_count and not o.duplicate for o in outcomes):
-            self._r.wake_dispatcher()
-        return outcomes
+        return await self._queue.publish(events)
 
     async def PublishEvent(
         self, request: pb.PublishEventRequest, context: Context
@@ -223,9 +217,3 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         errors.raise_if_any()
         outcomes = await self._publish(events)
         return pb.PublishEventsResponse(results=[_result_pb(o) for o in outcomes])
-
-
-def _publish_in_session(
-    session: Session, events: list[EventData], now: float, dashboard_base_url: str
-) -> list[outbox.PublishOutcome]:
-    return outbox.publish_events(session, events, now=now, dashboard_base_url=dashboard_base_url)
