@@ -3,6 +3,7 @@ copy, export, secrets and the event catalog."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import grpc
@@ -376,3 +377,27 @@ async def test_event_catalog_describes_every_type(
         in json_format.MessageToDict(by_name["conversation.summarized"].example)["conversation"]
     )
     assert "report" in json_format.MessageToDict(by_name["report.generated"].example)
+
+
+async def test_page_size_defaults_to_50_and_stops_at_200(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """Without a size a page holds 50 webhooks; asking for more than 200 gives 200."""
+    await asyncio.gather(*(create(stubs, tokens, name=f"Hook {i}") for i in range(205)))
+    default = await stubs.webhooks.ListWebhooks(
+        pb.ListWebhooksRequest(project_id="p-paid"), metadata=admin(tokens)
+    )
+    assert len(default.webhooks) == 50
+    assert default.next_page_token
+    largest = await stubs.webhooks.ListWebhooks(
+        pb.ListWebhooksRequest(project_id="p-paid", page_size=1000), metadata=admin(tokens)
+    )
+    assert len(largest.webhooks) == 200
+    rest = await stubs.webhooks.ListWebhooks(
+        pb.ListWebhooksRequest(
+            project_id="p-paid", page_size=1000, page_token=largest.next_page_token
+        ),
+        metadata=admin(tokens),
+    )
+    assert len(rest.webhooks) == 5
+    assert rest.next_page_token == ""
