@@ -12,9 +12,14 @@ A slow or dead receiver must not hold the dispatcher's capacity:
   (at least a second) is stalled: it hands the rows it holds back to the store, due again
   later, and takes no new ones, so it keeps no more than its own requests in flight and the
   other lanes get the claims; a healthy lane, however busy, never hands anything back;
-* a circuit breaker per webhook opens after consecutive failures (no answer, 5xx, 429): rows
+* a circuit breaker per webhook opens after consecutive failures (no answer, 5xx, 429): the
+  webhook's rows in the store are pushed to the cool-down's end in one statement, and rows
   that come up meanwhile go back to the store, unsent and without using an attempt, until a
-  single probe request after the cool-down succeeds.
+  single probe request after the cool-down succeeds;
+* claims leave in the store the rows of webhooks that could not be sent to now (stalled,
+  cooling down, or half-open with their probe in hand), unless a person changed the webhook
+  since: such rows would only be claimed, held and handed back, over and over, taking the
+  store's time and the room in memory that the healthy lanes need.
 
 The loop sleeps until the earliest pending row is due, and wakes at once when
 ``Resources.wake_dispatcher`` is called (after a publish, a retry, a recovery). On stop it
@@ -49,6 +54,7 @@ from dembrane.webhooks.store.outbox import (
     DeliveryClaim,
     DeliveryResult,
     DeliveryState,
+    HoldBack,
     Release,
 )
 
@@ -165,6 +171,7 @@ class _Lane:
         "last_used",
         "latency",
         "started",
+        "updated_at",
         "url",
         "waiting",
     )
@@ -183,6 +190,8 @@ class _Lane:
         self.gone: str | None = None
         self.gone_at = 0.0
         self.url = ""
+        #: The webhook's ``updated_at`` as the last claim saw it.
+        self.updated_at = 0.0
         self.last_used = time.monotonic()
 
     def mark_gone(self, reason: str) -> None:
@@ -191,6 +200,7 @@ class _Lane:
 
     def refresh(self, claim: DeliveryClaim) -> None:
         """Catch up with changes a person made to the webhook since the lane last saw it."""
+        self.updated_at = claim.webhook_updated_at
         if (
             self.gone is not None
             and claim.webhook_status == "published"
@@ -221,6 +231,20 @@ class _Lane:
             self.latency = latency
         else:
             self.latency += LATENCY_SMOOTHING * (latency - self.latency)
+
+    def holds_back(self, now: float, mono: float) -> bool:
+        """Whether claims should leave this webhook's rows in the store for now.
+
+        So it is while the breaker cools down, while the half-open breaker has its probe
+        (in flight or waiting), and while the lane is stalled: rows claimed for it would
+        only be handed back, and held meanwhile they take room the other lanes need.
+        """
+        open_until = self.breaker.open_until
+        if open_until is not None and (
+            now < open_until or self.breaker.probing or bool(self.waiting)
+        ):
+            return True
+        return self.stalled(mono)
 
     def cap(self, per_webhook: int, now: float) -> int:
         return 1 if self.breaker.is_half_open(now) else per_webhook
@@ -293,6 +317,10 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._results: list[DeliveryResult] = []
         self._releases: list[Release] = []
+        #: Webhooks whose breaker opened: their rows in the store wait out the cool-down.
+        self._holds: dict[str, float] = {}
+        #: When the earliest cool-down of a lane that claims leave out ends (Unix seconds).
+        self._cool_down_ends: float | None = None
         self._flush_wanted = asyncio.Event()
         self._waiting_for_room = False
         self._stopping = False
@@ -367,8 +395,9 @@ class Dispatcher:
             next_due: float | None = None
             self._waiting_for_room = want < self._min_claim and self._held > 0
             if not self._waiting_for_room and want > 0:
+                excluded = self._excluded(now, mono)
                 try:
-                    claims, next_due = await self._db.run(self._claim, want)
+                    claims, next_due = await self._db.run(self._claim, want, excluded)
                 except Exception:
                     log.exception("claiming deliveries failed; trying again shortly")
                     claims, next_due = [], time.time() + min(self._idle_timeout, 1.0)
@@ -385,16 +414,41 @@ class Dispatcher:
                 break
             await self._idle(work, next_due)
 
-    def _claim(self, session: Session, want: int) -> tuple[list[DeliveryClaim], float | None]:
+    def _claim(
+        self, session: Session, want: int, excluded: dict[str, float]
+    ) -> tuple[list[DeliveryClaim], float | None]:
         now = time.time()
-        claims = outbox.claim_due(session, self.owner, now, self._lease, want)
-        next_due = outbox.next_due_time(session) if len(claims) < want else None
+        claims = outbox.claim_due(session, self.owner, now, self._lease, want, excluded=excluded)
+        next_due = outbox.next_due_time(session, excluded) if len(claims) < want else None
         return claims, next_due
+
+    def _excluded(self, now: float, mono: float) -> dict[str, float]:
+        """The webhooks whose rows the next claim leaves in the store (``holds_back``).
+
+        Each with the ``updated_at`` its lane saw: once a person changes the webhook, its
+        rows are claimed again, so the lane learns of a new address or status.
+        """
+        excluded: dict[str, float] = {}
+        cool_down_ends: float | None = None
+        for webhook_id, lane in self._lanes.items():
+            if lane.idle or not lane.holds_back(now, mono):
+                continue
+            excluded[webhook_id] = lane.updated_at
+            open_until = lane.breaker.open_until
+            if open_until is not None and now < open_until:
+                cool_down_ends = (
+                    open_until if cool_down_ends is None else min(cool_down_ends, open_until)
+                )
+        self._cool_down_ends = cool_down_ends
+        return excluded
 
     async def _idle(self, work: asyncio.Event, next_due: float | None) -> None:
         timeout = self._idle_timeout
         if next_due is not None and not self._waiting_for_room:
             timeout = min(timeout, max(0.0, next_due - time.time()))
+        if self._cool_down_ends is not None:
+            # Rows a claim left out come due for it when their webhook's cool-down ends.
+            timeout = min(timeout, max(0.0, self._cool_down_ends - time.time()))
         if any(lane.waiting for lane in self._lanes.values()):
             timeout = min(timeout, LANE_CHECK_SECONDS)
         if timeout <= 0:
@@ -420,6 +474,11 @@ class Dispatcher:
         if lane.breaker.is_open(now):
             assert lane.breaker.open_until is not None
             self._queue_release(claim.delivery_id, lane.breaker.open_until)
+            return
+        if lane.breaker.is_half_open(now) and (lane.breaker.probing or lane.waiting):
+            # One probe at a time: the lane has its probe, so the row goes back unsent,
+            # and claims leave the webhook's rows alone until the probe has answered.
+            self._queue_release(claim.delivery_id, now)
             return
         if lane.stalled(mono):
             position = overflow.get(claim.webhook_id, 0)
@@ -617,7 +676,13 @@ class Dispatcher:
         count = claim.attempt_count + len(outcomes)
         last = outcomes[-1]
         lane.observe(last.latency)
+        was_open_until = lane.breaker.open_until
         lane.breaker.record(alive=last.success or not trips_breaker(last), now=now)
+        open_until = lane.breaker.open_until
+        if open_until is not None and open_until != was_open_until:
+            # The breaker opened: the webhook's rows in the store wait out the cool-down
+            # there, rather than being claimed only to be handed back.
+            self._holds[claim.webhook_id] = max(open_until, self._holds.get(claim.webhook_id, 0))
 
         def result(
             state: DeliveryState, *, due: float | None = None, disable: str | None = None
@@ -668,15 +733,16 @@ class Dispatcher:
                 # receivers have their requests already, so nobody waits on this but the log.
                 await asyncio.sleep(FLUSH_WINDOW_SECONDS)
             await self._flush()
-            if self._closing and not self._results and not self._releases:
+            if self._closing and not self._results and not self._releases and not self._holds:
                 return
 
     async def _flush(self) -> None:
         """Write what has gathered, in as few transactions as the pace allows."""
         failures = 0
-        while self._results or self._releases:
+        while self._results or self._releases or self._holds:
             results, self._results = self._results, []
             releases, self._releases = self._releases, []
+            holds, self._holds = self._holds, {}
             now = time.time()
             try:
                 effects = await self._db.run(
@@ -686,6 +752,7 @@ class Dispatcher:
                     releases,
                     now,
                     self._settings.disable_after_seconds,
+                    [HoldBack(webhook_id, until) for webhook_id, until in holds.items()],
                 )
             except Exception:
                 failures += 1
@@ -698,6 +765,8 @@ class Dispatcher:
                 log.exception("recording delivery outcomes failed; trying again")
                 self._results[:0] = results
                 self._releases[:0] = releases
+                for webhook_id, until in holds.items():
+                    self._holds[webhook_id] = max(until, self._holds.get(webhook_id, 0))
                 await asyncio.sleep(min(5.0, 0.2 * 2**failures))
                 continue
             failures = 0

@@ -42,8 +42,10 @@ RESPONSE_BODY_LIMIT = 20_000
 # Where a Retry-After header is honoured (Too Many Requests, Service Unavailable).
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
 
-# Literal-IP checks are cached per host; the cap only bounds memory on odd workloads.
+# Literal-IP checks and parsed URLs are cached (per host, per URL): every delivery to a
+# webhook asks the same; the cap only bounds memory on odd workloads.
 _LITERAL_CACHE_SIZE = 4096
+_URL_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +166,7 @@ class Sender:
         self._session: aiohttp.ClientSession | None = None
         self._resolver: PolicyResolver | None = None
         self._literal_checks: dict[str, str | None] = {}
+        self._urls: dict[str, URL] = {}
 
     async def start(self) -> None:
         """Open the session; idempotent."""
@@ -215,6 +218,18 @@ class Sender:
         refusal = cache[host] = literal_refusal(host, self._policy)
         return refusal
 
+    def _url(self, raw: str) -> URL:
+        cache = self._urls
+        try:
+            return cache[raw]
+        except KeyError:
+            pass
+        url = URL(raw)
+        if len(cache) >= _URL_CACHE_SIZE:
+            cache.clear()
+        cache[raw] = url
+        return url
+
     async def send(self, req: OutboundRequest, *, timestamp: int | None = None) -> AttemptOutcome:
         """POST ``req`` once, signed for this attempt, and classify the answer.
 
@@ -228,7 +243,7 @@ class Sender:
         started = time.perf_counter()
 
         try:
-            url = URL(req.url)
+            url = self._url(req.url)
         except (ValueError, TypeError):
             return self._failed(attempted_at, started, "The webhook URL is not a valid URL.")
         host = url.raw_host

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import secrets as _random
 from collections.abc import Sequence
@@ -31,10 +32,33 @@ SECRET_PREFIX = "whsec_"  # noqa: S105 - a public prefix, not a secret
 _USER_AGENT = f"Dembrane-Webhook/{__version__}"
 
 
+# Keyed HMAC states, one per secret and scheme, copied for each message: a copy skips the
+# key schedule, and hashing a body under 2 kB this way keeps the interpreter lock (the
+# one-shot ``hmac.digest`` always lets it go, and the event loop then waits to get it back
+# from the store's thread). The cache holds secrets the dispatcher holds anyway.
+_KEYED_CACHE_SIZE = 1024
+
+
+@functools.lru_cache(maxsize=_KEYED_CACHE_SIZE)
+def _body_hmac(secret: str) -> hmac.HMAC:
+    return hmac.new(secret.encode(), digestmod="sha256")
+
+
+@functools.lru_cache(maxsize=_KEYED_CACHE_SIZE)
+def _standard_hmac(secret: str) -> hmac.HMAC:
+    return hmac.new(standard_key(secret), digestmod="sha256")
+
+
+def _digest(keyed: hmac.HMAC, *parts: bytes) -> bytes:
+    state = keyed.copy()
+    for part in parts:
+        state.update(part)
+    return state.digest()
+
+
 def body_signature(secret: str, body: bytes) -> str:
     """``sha256=`` + lowercase hex HMAC-SHA256 of ``body``, keyed by the secret's UTF-8 bytes."""
-    # hmac.digest with a digest name takes OpenSSL's one-shot path: the cheapest HMAC there is.
-    return "sha256=" + hmac.digest(secret.encode(), body, "sha256").hex()
+    return "sha256=" + _digest(_body_hmac(secret), body).hex()
 
 
 def standard_key(secret: str) -> bytes:
@@ -58,8 +82,7 @@ def standard_key(secret: str) -> bytes:
 
 def standard_signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     """``v1,`` + base64 HMAC-SHA256 over ``{msg_id}.{timestamp}.{body}``."""
-    message = f"{msg_id}.{timestamp}.".encode() + body
-    digest = hmac.digest(standard_key(secret), message, "sha256")
+    digest = _digest(_standard_hmac(secret), f"{msg_id}.{timestamp}.".encode(), body)
     return "v1," + base64.b64encode(digest).decode("ascii")
 
 
@@ -82,9 +105,8 @@ def signature_headers(
         raise ValueError("Signing needs at least one secret.")
     body_sig = body_signature(secrets[0], body)
     prefix = f"{event_id}.{timestamp}.".encode()
-    message = prefix + body
     standard = " ".join(
-        "v1," + base64.b64encode(hmac.digest(standard_key(s), message, "sha256")).decode("ascii")
+        "v1," + base64.b64encode(_digest(_standard_hmac(s), prefix, body)).decode("ascii")
         for s in secrets
     )
     return {

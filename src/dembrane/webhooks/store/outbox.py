@@ -4,29 +4,35 @@ Publishing writes an event and one delivery row per matching webhook in the call
 transaction; the dispatcher then claims due rows, sends them, and records what came of them.
 Every hot statement here is written for few round trips and batch sizes that stay bounded:
 
-* claiming is one ``UPDATE`` driven by the partial index ``ix_deliveries_due`` (only pending
-  rows, by due time; the literal ``status = 'pending'`` lets SQLite use that index), which
-  leases the rows to one dispatcher by pushing ``next_attempt_at`` to the lease's end, then
-  one ``SELECT`` that joins everything the sender needs;
-* recording a batch of outcomes is one read of the rows still leased, then ``executemany``
-  statements (attempt inserts, row updates) plus a few updates of the webhooks concerned;
+* claiming picks due rows through the partial index ``ix_deliveries_due`` (only pending
+  rows, by due time; the literal ``status = 'pending'`` lets SQLite use that index), leases
+  them to one dispatcher by pushing ``next_attempt_at`` to the lease's end, then reads what
+  the sender needs: the deliveries with their bodies, and each webhook once;
+* recording a batch of outcomes is one read of the rows still leased, then one multi-row
+  statement per kind of write (attempt inserts, row updates) plus a few updates of the
+  webhooks concerned, which only write a webhook whose state changes;
 * finishing and releasing only touch rows still leased to the caller, so a dispatcher whose
-  lease ran out cannot overwrite another one's work.
+  lease ran out cannot overwrite another one's work;
+* a dispatcher may name webhooks whose receivers are unwell: a claim leaves their rows in
+  the store, and a webhook whose circuit breaker opened has its rows wait out the cool-down
+  there (``HoldBack``), so they are not claimed only to be handed back.
 
-On PostgreSQL the claim's subquery adds ``FOR UPDATE SKIP LOCKED`` so replicas never wait on
+The hot statements run on the driver's cursor (see the note above ``claim_due``). On
+PostgreSQL the claim's subquery adds ``FOR UPDATE SKIP LOCKED`` so replicas never wait on
 each other. No function loads more than one batch of rows into memory.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Table, bindparam, func, select, text, tuple_, update
+from sqlalchemy import Table, bindparam, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, SQLModel, col
 
@@ -39,10 +45,12 @@ from dembrane.webhooks.store.tables import AttemptRow, DeliveryRow, EventRow, We
 
 __all__ = [
     "ERROR_MAX",
+    "MAX_EXCLUDED",
     "AttemptRecord",
     "DeliveryClaim",
     "DeliveryResult",
     "DeliveryState",
+    "HoldBack",
     "PublishOutcome",
     "RecordEffects",
     "Release",
@@ -339,82 +347,264 @@ class DeliveryClaim:
         return (self.secret,)
 
 
-_CLAIM = """
-UPDATE deliveries SET next_attempt_at = :lease_until, lease_owner = :owner
-WHERE id IN (
-    SELECT id FROM deliveries
-    WHERE status = 'pending' AND next_attempt_at <= :now
-    ORDER BY next_attempt_at
-    LIMIT :limit{lock}
-)
-RETURNING id
-"""
+# The hot statements run on the driver's own cursor with fixed SQL per dialect (the note
+# the module's docstring points to): the
+# dispatcher runs them for every delivery, and SQLAlchemy's statement machinery (parameter
+# processing per row, result objects) costs more than the statements themselves.
+#
+# On SQLite the number of statement steps matters more than their size: the driver lets the
+# interpreter lock go around every step (each row read, each row of an ``executemany``),
+# and getting it back waits for the event loop thread to yield it. So reads of many rows
+# come back as one JSON array in one row, id lists go in as one JSON array
+# (``json_each``), and writes of many rows are multi-row statements. Floats are never sent
+# through JSON, whose text form would round them. psycopg takes ``%s`` parameters, binds
+# lists as arrays, and reads a whole result at once, so PostgreSQL keeps plain statements.
 
-_CLAIMED = text(
+#: The most webhooks a claim leaves out; beyond that their rows are claimed and handed back.
+MAX_EXCLUDED = 200
+#: The row counts of multi-row SQLite statements: a batch goes out in the smallest that
+#: holds it, padded with rows of NULLs that match nothing, so one statement serves a whole
+#: flush and a handful of statement shapes stay compiled. The largest keeps the bound
+#: variables (rows times columns) well under SQLite's limit of 32,766.
+_VALUES_SIZES = (4, 16, 64, 256, 1024)
+
+
+def _cursor(session: Session) -> Any:
+    """A DBAPI cursor on the session's connection, inside the session's transaction."""
+    return session.connection().connection.cursor()
+
+
+def _json_list(cursor: Any) -> list[Any]:
+    row = cursor.fetchone()
+    return [] if row is None or row[0] is None else list(json.loads(row[0]))
+
+
+@functools.lru_cache(maxsize=512)
+def _values_sql(template: str, width: int, count: int) -> str:
+    row = "(" + ", ".join("?" * width) + ")"
+    return template.format(values=", ".join([row] * count))
+
+
+def _write_rows(
+    cursor: Any, template: str, rows: Sequence[Sequence[Any]], extra: Sequence[Any] = ()
+) -> None:
+    """Run a SQLite ``template`` whose ``{values}`` takes ``rows``, in as few statements as
+    ``_VALUES_SIZES`` allow.
+
+    The template must ignore rows whose first column is NULL (the padding); ``extra``
+    parameters follow the rows' in every statement.
     """
-SELECT d.id, d.event_id, d.event_type, d.webhook_id, d.attempt_count, e.body,
-       w.url, w.status, w.updated_at AS webhook_updated_at, w.disabled_reason,
-       w.secret, w.previous_secret, w.previous_secret_expires_at, ws.tier
-FROM deliveries d
-JOIN events e ON e.id = d.event_id
-JOIN webhooks w ON w.id = d.webhook_id
-JOIN projects p ON p.id = w.project_id
-JOIN workspaces ws ON ws.id = p.workspace_id
-WHERE d.id IN :ids
-"""
-).bindparams(bindparam("ids", expanding=True))
+    width = len(rows[0])
+    largest = _VALUES_SIZES[-1]
+    for start in range(0, len(rows), largest):
+        chunk = rows[start : start + largest]
+        size = next(size for size in _VALUES_SIZES if size >= len(chunk))
+        params = [value for row in chunk for value in row]
+        params.extend([None] * (width * (size - len(chunk))))
+        params.extend(extra)
+        cursor.execute(_values_sql(template, width, size), params)
+
+
+_DUE_SQLITE = (
+    "SELECT json_group_array(id) FROM (SELECT id FROM deliveries "
+    "WHERE status = 'pending' AND next_attempt_at <= ?{skip} ORDER BY next_attempt_at LIMIT ?)"
+)
+# Rows of the webhooks left out, unless the webhook changed since the dispatcher looked
+# (a new address, a new status): the pairs are (webhook id, ``updated_at`` it saw).
+_SKIP_SQLITE = (
+    " AND webhook_id NOT IN (SELECT w.id FROM webhooks w JOIN (VALUES {values}) AS x "
+    "ON w.id = x.column1 AND w.updated_at = x.column2)"
+)
+_SKIP_POSTGRES = (
+    " AND webhook_id NOT IN (SELECT w.id FROM webhooks w "
+    "JOIN unnest(%s::text[], %s::float8[]) AS x(id, seen) "
+    "ON w.id = x.id AND w.updated_at = x.seen)"
+)
+_LEASE_SQLITE = (
+    "UPDATE deliveries SET next_attempt_at = ?, lease_owner = ? "
+    "WHERE id IN (SELECT value FROM json_each(?)) "
+    "AND status = 'pending' AND next_attempt_at <= ?"
+)
+# The rows this claim leased: among the chosen ids, those now leased to the owner until
+# the claim's lease end (a row that was due cannot carry that lease end otherwise).
+_LEASED_SQLITE = (
+    "SELECT json_group_array(json_array(d.id, d.event_id, d.event_type, d.webhook_id, "
+    "d.attempt_count, hex(e.body))) "
+    "FROM deliveries d JOIN events e ON e.id = d.event_id "
+    "WHERE d.id IN (SELECT value FROM json_each(?)) "
+    "AND d.lease_owner = ? AND d.next_attempt_at = ?"
+)
+_WEBHOOKS = (
+    "SELECT w.id, w.url, w.status, w.updated_at, w.disabled_reason, w.secret, "
+    "w.previous_secret, w.previous_secret_expires_at, ws.tier "
+    "FROM webhooks w "
+    "JOIN projects p ON p.id = w.project_id "
+    "JOIN workspaces ws ON ws.id = p.workspace_id "
+    "WHERE w.id {match}"
+)
+_WEBHOOKS_SQLITE = _WEBHOOKS.format(match="IN (SELECT value FROM json_each(?))")
+_WEBHOOKS_POSTGRES = _WEBHOOKS.format(match="= ANY(%s)")
+_CLAIM_POSTGRES = (
+    "UPDATE deliveries SET next_attempt_at = %s, lease_owner = %s WHERE id IN ("
+    "SELECT id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= %s{skip} "
+    "ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED) "
+    "RETURNING id, event_id, event_type, webhook_id, attempt_count"
+)
+_BODIES_POSTGRES = "SELECT id, body FROM events WHERE id = ANY(%s)"
+_NEXT_DUE = "SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending'"
+# With webhooks left out, walk the due index in order and stop at the first row that counts.
+_NEXT_DUE_SKIPPING = (
+    "SELECT next_attempt_at FROM deliveries WHERE status = 'pending'{skip} "
+    "ORDER BY next_attempt_at LIMIT 1"
+)
+
+
+def _skipping(postgres: bool, excluded: Mapping[str, float] | None) -> tuple[str, list[Any]]:
+    """The claim's clause leaving out ``excluded`` and its parameters ("" when none)."""
+    if not excluded:
+        return "", []
+    pairs = sorted(excluded.items())[:MAX_EXCLUDED]
+    if postgres:
+        return _SKIP_POSTGRES, [[p[0] for p in pairs], [p[1] for p in pairs]]
+    clause = _values_sql(_SKIP_SQLITE, 2, len(pairs))
+    return clause, [value for pair in pairs for value in pair]
+
+
+@dataclass(frozen=True, slots=True)
+class _WebhookFacts:
+    url: str
+    status: str
+    updated_at: float
+    disabled_reason: str
+    secret: str
+    previous_secret: str | None
+    previous_secret_expires_at: float | None
+    tier: Tier
+
+
+def _webhook_facts(cursor: Any, postgres: bool, webhook_ids: set[str]) -> dict[str, _WebhookFacts]:
+    ids = sorted(webhook_ids)
+    if postgres:
+        cursor.execute(_WEBHOOKS_POSTGRES, (ids,))
+    else:
+        cursor.execute(_WEBHOOKS_SQLITE, (json.dumps(ids),))
+    return {
+        row[0]: _WebhookFacts(
+            url=row[1],
+            status=row[2],
+            updated_at=float(row[3]),
+            disabled_reason=row[4],
+            secret=row[5],
+            previous_secret=row[6],
+            previous_secret_expires_at=row[7],
+            tier=Tier(row[8]),
+        )
+        for row in cursor.fetchall()
+    }
+
+
+def _claims(
+    deliveries: Sequence[Sequence[Any]], bodies: dict[str, bytes], hooks: dict[str, _WebhookFacts]
+) -> list[DeliveryClaim]:
+    claims = []
+    for delivery_id, event_id, event_type, webhook_id, attempt_count in deliveries:
+        hook = hooks.get(webhook_id)
+        body = bodies.get(event_id)
+        if hook is None or body is None:
+            continue  # deleted meanwhile (only a cascade can do that)
+        claims.append(
+            DeliveryClaim(
+                delivery_id=delivery_id,
+                event_id=event_id,
+                event_type=event_type,
+                webhook_id=webhook_id,
+                attempt_count=int(attempt_count),
+                body=body,
+                url=hook.url,
+                webhook_status=hook.status,
+                webhook_updated_at=hook.updated_at,
+                disabled_reason=hook.disabled_reason,
+                secret=hook.secret,
+                previous_secret=hook.previous_secret,
+                previous_secret_expires_at=hook.previous_secret_expires_at,
+                tier=hook.tier,
+            )
+        )
+    return claims
 
 
 def claim_due(
-    session: Session, owner: str, now: float, lease_seconds: float, limit: int
+    session: Session,
+    owner: str,
+    now: float,
+    lease_seconds: float,
+    limit: int,
+    *,
+    excluded: Mapping[str, float] | None = None,
 ) -> list[DeliveryClaim]:
     """Lease up to ``limit`` due deliveries to ``owner``, oldest due first, and return them.
 
     A leased row stays pending with ``next_attempt_at`` at the lease's end: if its owner
-    never finishes it (a crash), it simply comes due again then.
+    never finishes it (a crash), it simply comes due again then. Rows of the webhooks in
+    ``excluded`` (webhook id to the ``updated_at`` the caller saw; at most ``MAX_EXCLUDED``
+    count) are left where they are, unless the webhook changed since: the dispatcher names
+    the webhooks it cannot send to now. ``lease_seconds`` must be positive.
     """
     if limit <= 0:
         return []
-    lock = " FOR UPDATE SKIP LOCKED" if _is_postgres(session) else ""
-    ids = list(
-        session.execute(
-            text(_CLAIM.format(lock=lock)),
-            {"lease_until": now + lease_seconds, "owner": owner, "now": now, "limit": limit},
-        ).scalars()
-    )
-    if not ids:
-        return []
-    rows = session.execute(_CLAIMED, {"ids": ids}).all()
-    claims = [
-        DeliveryClaim(
-            delivery_id=row.id,
-            event_id=row.event_id,
-            event_type=row.event_type,
-            webhook_id=row.webhook_id,
-            attempt_count=int(row.attempt_count),
-            body=bytes(row.body),
-            url=row.url,
-            webhook_status=row.status,
-            webhook_updated_at=float(row.webhook_updated_at),
-            disabled_reason=row.disabled_reason,
-            secret=row.secret,
-            previous_secret=row.previous_secret,
-            previous_secret_expires_at=row.previous_secret_expires_at,
-            tier=Tier(row.tier),
-        )
-        for row in rows
-    ]
-    # Keep the claim's order (oldest due first); the join returns rows in any order.
-    position = {delivery_id: index for index, delivery_id in enumerate(ids)}
-    claims.sort(key=lambda claim: position[claim.delivery_id])
-    return claims
+    lease_until = now + lease_seconds
+    postgres = _is_postgres(session)
+    skip, skip_params = _skipping(postgres, excluded)
+    cursor = _cursor(session)
+    try:
+        if postgres:
+            cursor.execute(
+                _CLAIM_POSTGRES.format(skip=skip), (lease_until, owner, now, *skip_params, limit)
+            )
+            deliveries = cursor.fetchall()
+            if not deliveries:
+                return []
+            event_ids = sorted({row[1] for row in deliveries})
+            cursor.execute(_BODIES_POSTGRES, (event_ids,))
+            bodies = {row[0]: bytes(row[1]) for row in cursor.fetchall()}
+        else:
+            cursor.execute(_DUE_SQLITE.format(skip=skip), (now, *skip_params, limit))
+            due = _json_list(cursor)
+            if not due:
+                return []
+            chosen = json.dumps(due)
+            cursor.execute(_LEASE_SQLITE, (lease_until, owner, chosen, now))
+            cursor.execute(_LEASED_SQLITE, (chosen, owner, lease_until))
+            leased = _json_list(cursor)
+            if not leased:
+                return []
+            # Oldest due first, as chosen; the join returns rows in any order.
+            position = {delivery_id: index for index, delivery_id in enumerate(due)}
+            leased.sort(key=lambda row: position[row[0]])
+            deliveries = [row[:5] for row in leased]
+            bodies = {row[1]: bytes.fromhex(row[5]) for row in leased}
+        hooks = _webhook_facts(cursor, postgres, {row[3] for row in deliveries})
+    finally:
+        cursor.close()
+    return _claims(deliveries, bodies, hooks)
 
 
-def next_due_time(session: Session) -> float | None:
-    """When the earliest pending delivery is due (leased ones at their lease's end)."""
-    value = session.execute(
-        text("SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending'")
-    ).scalar()
+def next_due_time(session: Session, excluded: Mapping[str, float] | None = None) -> float | None:
+    """When the earliest pending delivery is due (leased ones at their lease's end).
+
+    Rows of the webhooks in ``excluded`` (as ``claim_due`` counts them) are not looked at.
+    """
+    skip, skip_params = _skipping(_is_postgres(session), excluded)
+    cursor = _cursor(session)
+    try:
+        if skip:
+            cursor.execute(_NEXT_DUE_SKIPPING.format(skip=skip), skip_params)
+        else:
+            cursor.execute(_NEXT_DUE)
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    value = None if row is None else row[0]
     return None if value is None else float(value)
 
 
@@ -487,34 +677,101 @@ class RecordEffects:
     stale: int = 0
 
 
-_OWNED = """
-SELECT id FROM deliveries WHERE id IN :ids AND lease_owner = :owner{lock}
-"""
+@dataclass(frozen=True, slots=True)
+class HoldBack:
+    """A webhook whose receiver is unwell: its unleased rows due before ``until`` wait."""
 
-_FINISH_ATTEMPTED = text(
-    """
-UPDATE deliveries SET status = :status, attempt_count = :attempt_count,
-    next_attempt_at = :next_attempt_at, lease_owner = NULL, updated_at = :now,
-    last_attempt_at = :last_attempt_at, last_status_code = :last_status_code,
-    last_error = :last_error
-WHERE id = :id AND lease_owner = :owner
-"""
-)
+    webhook_id: str
+    until: float
 
-_FINISH_UNSENT = text(
-    """
-UPDATE deliveries SET status = :status, next_attempt_at = :next_attempt_at,
-    lease_owner = NULL, updated_at = :now, last_error = :last_error, skip_reason = :skip_reason
-WHERE id = :id AND lease_owner = :owner
-"""
-)
 
-_RELEASE = text(
-    """
-UPDATE deliveries SET next_attempt_at = :next_attempt_at, lease_owner = NULL
-WHERE id = :id AND lease_owner = :owner
-"""
+def _for_postgres(sql: str) -> str:
+    return sql.replace("?", "%s")
+
+
+_INSERT_ATTEMPTS = (
+    "INSERT INTO attempts (delivery_id, number, attempted_at, status_code, latency_ms, "
+    "response_body, error, success) VALUES {values}"
 )
+_INSERT_ATTEMPTS_SQLITE = (
+    "INSERT INTO attempts (delivery_id, number, attempted_at, status_code, latency_ms, "
+    "response_body, error, success) SELECT * FROM (VALUES {values}) WHERE column1 IS NOT NULL"
+)
+_INSERT_ATTEMPT_POSTGRES = _INSERT_ATTEMPTS.format(values="(%s, %s, %s, %s, %s, %s, %s, %s)")
+# Row parameters: id, status, attempt_count, next_attempt_at, last_attempt_at,
+# last_status_code, last_error, updated_at; then the owner. (SQLite numbers ``?`` in the
+# order they appear, so parameters of the SET clause cannot follow the rows'.)
+_FINISH_ATTEMPTED_SQLITE = (
+    "UPDATE deliveries SET status = v.column2, attempt_count = v.column3, "
+    "next_attempt_at = v.column4, lease_owner = NULL, updated_at = v.column8, "
+    "last_attempt_at = v.column5, last_status_code = v.column6, last_error = v.column7 "
+    "FROM (VALUES {values}) AS v WHERE deliveries.id = v.column1 AND deliveries.lease_owner = ?"
+)
+_FINISH_ATTEMPTED_POSTGRES = (
+    "UPDATE deliveries SET status = %s, attempt_count = %s, next_attempt_at = %s, "
+    "lease_owner = NULL, updated_at = %s, last_attempt_at = %s, last_status_code = %s, "
+    "last_error = %s WHERE id = %s AND lease_owner = %s"
+)
+_FINISH_UNSENT = (
+    "UPDATE deliveries SET status = ?, next_attempt_at = ?, lease_owner = NULL, "
+    "updated_at = ?, last_error = ?, skip_reason = ? WHERE id = ? AND lease_owner = ?"
+)
+# Row parameters: id, next_attempt_at; then the owner.
+_RELEASE_SQLITE = (
+    "UPDATE deliveries SET next_attempt_at = v.column2, lease_owner = NULL "
+    "FROM (VALUES {values}) AS v WHERE deliveries.id = v.column1 AND deliveries.lease_owner = ?"
+)
+_RELEASE_POSTGRES = (
+    "UPDATE deliveries SET next_attempt_at = %s, lease_owner = NULL "
+    "WHERE id = %s AND lease_owner = %s"
+)
+_HOLD_BACK = (
+    "UPDATE deliveries SET next_attempt_at = ? WHERE webhook_id = ? AND status = 'pending' "
+    "AND lease_owner IS NULL AND next_attempt_at < ?"
+)
+# A webhook's start of failures is written only when it changes: most flushes see webhooks
+# that were succeeding already, and rewriting their rows would cost a write each.
+# Row parameters: webhook id, failing_since.
+_RECOVERED_SQLITE = (
+    "UPDATE webhooks SET failing_since = v.column2 FROM (VALUES {values}) AS v "
+    "WHERE webhooks.id = v.column1 AND webhooks.failing_since IS NOT v.column2"
+)
+_RECOVERED_POSTGRES = (
+    "UPDATE webhooks SET failing_since = %s WHERE id = %s AND failing_since IS DISTINCT FROM %s"
+)
+_FAILING_SQLITE = (
+    "UPDATE webhooks SET failing_since = v.column2 FROM (VALUES {values}) AS v "
+    "WHERE webhooks.id = v.column1 AND webhooks.failing_since IS NULL"
+)
+_FAILING_POSTGRES = "UPDATE webhooks SET failing_since = %s WHERE id = %s AND failing_since IS NULL"
+_DISABLE = (
+    "UPDATE webhooks SET status = 'disabled', disabled_reason = ?, updated_at = ? "
+    "WHERE id = ? AND status = 'published'"
+)
+_DISABLE_FAILING_SQLITE = (
+    "UPDATE webhooks SET status = 'disabled', disabled_reason = ?, updated_at = ? "
+    "WHERE id IN (SELECT value FROM json_each(?)) AND status = 'published' "
+    "AND failing_since IS NOT NULL AND failing_since <= ? RETURNING id"
+)
+_DISABLE_FAILING_POSTGRES = (
+    "UPDATE webhooks SET status = 'disabled', disabled_reason = %s, updated_at = %s "
+    "WHERE id = ANY(%s) AND status = 'published' "
+    "AND failing_since IS NOT NULL AND failing_since <= %s RETURNING id"
+)
+_OWNED_SQLITE = (
+    "SELECT json_group_array(id) FROM deliveries "
+    "WHERE lease_owner = ? AND id IN (SELECT value FROM json_each(?))"
+)
+_OWNED_POSTGRES = "SELECT id FROM deliveries WHERE lease_owner = %s AND id = ANY(%s) FOR UPDATE"
+
+
+def _owned(cursor: Any, postgres: bool, owner: str, ids: list[str]) -> set[str]:
+    """The ids still leased to ``owner``; on PostgreSQL locked until the commit."""
+    if postgres:
+        cursor.execute(_OWNED_POSTGRES, (owner, ids))
+        return {row[0] for row in cursor.fetchall()}
+    cursor.execute(_OWNED_SQLITE, (owner, json.dumps(ids)))
+    return set(_json_list(cursor))
 
 
 def record_results(
@@ -524,92 +781,119 @@ def record_results(
     releases: Sequence[Release],
     now: float,
     disable_after_seconds: float,
+    holds: Sequence[HoldBack] = (),
 ) -> RecordEffects:
     """Record a batch of outcomes and releases of deliveries leased to ``owner``.
 
     Rows no longer leased to ``owner`` are left alone (their lease ran out and someone else
     has them). Webhooks keep the start of their current run of failures; one failing for
-    ``disable_after_seconds`` without a success, or answering 410, is disabled.
+    ``disable_after_seconds`` without a success, or answering 410, is disabled. Each of
+    ``holds`` makes its webhook's unleased pending rows due no sooner than its ``until``.
     """
     effects = RecordEffects()
     ids = [r.delivery_id for r in results] + [r.delivery_id for r in releases]
-    if not ids:
+    if not ids and not holds:
         return effects
-    # One read finds the rows still ours; on PostgreSQL it also locks them, so no other
-    # dispatcher can lease them between this check and the writes below.
-    lock = " FOR UPDATE" if _is_postgres(session) else ""
-    owned = set(
-        session.execute(
-            text(_OWNED.format(lock=lock)).bindparams(bindparam("ids", expanding=True)),
-            {"ids": ids, "owner": owner},
-        ).scalars()
-    )
-    results = [r for r in results if r.delivery_id in owned]
-    releases = [r for r in releases if r.delivery_id in owned]
-    effects.stale = len(ids) - len(results) - len(releases)
+    postgres = _is_postgres(session)
+    cursor = _cursor(session)
+    try:
+        if ids:
+            # One read finds the rows still ours; on PostgreSQL it also locks them, so no
+            # other dispatcher can lease them between this check and the writes below.
+            owned = _owned(cursor, postgres, owner, ids)
+            if len(owned) < len(ids):
+                results = [r for r in results if r.delivery_id in owned]
+                releases = [r for r in releases if r.delivery_id in owned]
+            effects.stale = len(ids) - len(results) - len(releases)
+            attempted = [r for r in results if r.attempts]
+            _write_outcomes(cursor, postgres, owner, results, attempted, releases, now)
+            _track_failures(cursor, postgres, attempted, now, disable_after_seconds, effects)
+        if holds:
+            hold_back = _for_postgres(_HOLD_BACK) if postgres else _HOLD_BACK
+            cursor.executemany(
+                hold_back, [(hold.until, hold.webhook_id, hold.until) for hold in holds]
+            )
+    finally:
+        cursor.close()
+    return effects
 
-    attempted = [r for r in results if r.attempts]
-    unsent = [r for r in results if not r.attempts]
-    attempt_rows = [
-        {
-            "delivery_id": result.delivery_id,
-            "number": attempt.number,
-            "attempted_at": attempt.attempted_at,
-            "status_code": attempt.status_code,
-            "latency_ms": attempt.latency_ms,
-            "response_body": attempt.response_body,
-            "error": _clip(attempt.error, ERROR_MAX),
-            "success": attempt.success,
-        }
-        for result in attempted
-        for attempt in result.attempts
-    ]
-    if attempt_rows:
-        session.execute(_table("attempts").insert(), attempt_rows)
+
+def _write_outcomes(
+    cursor: Any,
+    postgres: bool,
+    owner: str,
+    results: Sequence[DeliveryResult],
+    attempted: Sequence[DeliveryResult],
+    releases: Sequence[Release],
+    now: float,
+) -> None:
     if attempted:
-        session.execute(
-            _FINISH_ATTEMPTED,
+        attempt_rows = [
+            (
+                result.delivery_id,
+                attempt.number,
+                attempt.attempted_at,
+                attempt.status_code,
+                attempt.latency_ms,
+                attempt.response_body,
+                _clip(attempt.error, ERROR_MAX),
+                attempt.success,
+            )
+            for result in attempted
+            for attempt in result.attempts
+        ]
+        finished = [
+            (
+                r.delivery_id,
+                r.status.value,
+                r.attempt_count,
+                r.next_attempt_at,
+                r.attempts[-1].attempted_at,
+                r.attempts[-1].status_code,
+                _clip(r.last_error, ERROR_MAX),
+                now,
+            )
+            for r in attempted
+        ]
+        if postgres:
+            cursor.executemany(_INSERT_ATTEMPT_POSTGRES, attempt_rows)
+            cursor.executemany(
+                _FINISH_ATTEMPTED_POSTGRES,
+                [(*row[1:4], now, *row[4:7], row[0], owner) for row in finished],
+            )
+        else:
+            _write_rows(cursor, _INSERT_ATTEMPTS_SQLITE, attempt_rows)
+            _write_rows(cursor, _FINISH_ATTEMPTED_SQLITE, finished, (owner,))
+    if len(attempted) < len(results):
+        # Rows finished unsent (a paused or disabled webhook, a tier without webhooks).
+        cursor.executemany(
+            _for_postgres(_FINISH_UNSENT) if postgres else _FINISH_UNSENT,
             [
-                {
-                    "id": r.delivery_id,
-                    "owner": owner,
-                    "status": r.status.value,
-                    "attempt_count": r.attempt_count,
-                    "next_attempt_at": r.next_attempt_at,
-                    "now": now,
-                    "last_attempt_at": r.attempts[-1].attempted_at,
-                    "last_status_code": r.attempts[-1].status_code,
-                    "last_error": _clip(r.last_error, ERROR_MAX),
-                }
-                for r in attempted
-            ],
-        )
-    if unsent:
-        session.execute(
-            _FINISH_UNSENT,
-            [
-                {
-                    "id": r.delivery_id,
-                    "owner": owner,
-                    "status": r.status.value,
-                    "next_attempt_at": r.next_attempt_at,
-                    "now": now,
-                    "last_error": _clip(r.last_error, ERROR_MAX),
-                    "skip_reason": _clip(r.skip_reason, _REASON_MAX),
-                }
-                for r in unsent
+                (
+                    r.status.value,
+                    r.next_attempt_at,
+                    now,
+                    _clip(r.last_error, ERROR_MAX),
+                    _clip(r.skip_reason, _REASON_MAX),
+                    r.delivery_id,
+                    owner,
+                )
+                for r in results
+                if not r.attempts
             ],
         )
     if releases:
-        session.execute(
-            _RELEASE,
-            [
-                {"id": r.delivery_id, "owner": owner, "next_attempt_at": r.next_attempt_at}
-                for r in releases
-            ],
-        )
-    _track_failures(session, attempted, now, disable_after_seconds, effects)
-    return effects
+        if postgres:
+            cursor.executemany(
+                _RELEASE_POSTGRES, [(r.next_attempt_at, r.delivery_id, owner) for r in releases]
+            )
+        else:
+            _write_rows(
+                cursor,
+                _RELEASE_SQLITE,
+                [(r.delivery_id, r.next_attempt_at) for r in releases],
+                (owner,),
+            )
 
 
 def _rowcount(result: Any) -> int:
@@ -618,7 +902,8 @@ def _rowcount(result: Any) -> int:
 
 
 def _track_failures(
-    session: Session,
+    cursor: Any,
+    postgres: bool,
     attempted: Sequence[DeliveryResult],
     now: float,
     disable_after_seconds: float,
@@ -626,76 +911,69 @@ def _track_failures(
 ) -> None:
     """Keep each webhook's ``failing_since`` and disable the ones that must stop."""
     last_success: dict[str, float] = {}
+    failed_any = False
     for result in attempted:
         for attempt in result.attempts:
             if attempt.success:
                 seen = last_success.get(result.webhook_id)
                 if seen is None or attempt.attempted_at > seen:
                     last_success[result.webhook_id] = attempt.attempted_at
+            else:
+                failed_any = True
     # The first failure after the webhook's last success in this batch (or at all).
     first_failure: dict[str, float] = {}
-    for result in attempted:
-        after = last_success.get(result.webhook_id)
-        for attempt in result.attempts:
-            if attempt.success or (after is not None and attempt.attempted_at <= after):
-                continue
-            seen = first_failure.get(result.webhook_id)
-            if seen is None or attempt.attempted_at < seen:
-                first_failure[result.webhook_id] = attempt.attempted_at
+    if failed_any:
+        for result in attempted:
+            after = last_success.get(result.webhook_id)
+            for attempt in result.attempts:
+                if attempt.success or (after is not None and attempt.attempted_at <= after):
+                    continue
+                seen = first_failure.get(result.webhook_id)
+                if seen is None or attempt.attempted_at < seen:
+                    first_failure[result.webhook_id] = attempt.attempted_at
 
-    webhooks = _table("webhooks")
-    recovered = [{"wid": wid, "since": first_failure.get(wid)} for wid in sorted(last_success)]
-    if recovered:
-        session.execute(
-            update(webhooks)
-            .where(webhooks.c.id == bindparam("wid"))
-            .values(failing_since=bindparam("since")),
-            recovered,
-        )
+    recovered = [(wid, first_failure.get(wid)) for wid in sorted(last_success)]
     failing = [
-        {"wid": wid, "since": since}
-        for wid, since in sorted(first_failure.items())
-        if wid not in last_success
+        (wid, since) for wid, since in sorted(first_failure.items()) if wid not in last_success
     ]
-    if failing:
-        session.execute(
-            update(webhooks)
-            .where(webhooks.c.id == bindparam("wid"), webhooks.c.failing_since.is_(None))
-            .values(failing_since=bindparam("since")),
-            failing,
-        )
+    if postgres:
+        if recovered:
+            cursor.executemany(
+                _RECOVERED_POSTGRES, [(since, wid, since) for wid, since in recovered]
+            )
+        if failing:
+            cursor.executemany(_FAILING_POSTGRES, [(since, wid) for wid, since in failing])
+    else:
+        if recovered:
+            _write_rows(cursor, _RECOVERED_SQLITE, recovered)
+        if failing:
+            _write_rows(cursor, _FAILING_SQLITE, failing)
 
     gone = {r.webhook_id: r.disable_reason for r in attempted if r.disable_reason}
+    disable = _for_postgres(_DISABLE) if postgres else _DISABLE
     for webhook_id, reason in sorted(gone.items()):
-        if reason and _disable(session, webhook_id, reason, now, None):
+        if not reason:
+            continue
+        cursor.execute(disable, (_clip(reason, _REASON_MAX), now, webhook_id))
+        if _rowcount(cursor) > 0:
             effects.disabled[webhook_id] = reason
-    if first_failure and disable_after_seconds > 0:
+    candidates = sorted(set(first_failure) - set(effects.disabled))
+    if candidates and disable_after_seconds > 0:
         days = disable_after_seconds / 86400
         reason = (
             f"Every delivery failed for {days:g} days without a single success, "
             "so the service disabled the webhook."
         )
-        for webhook_id in sorted(first_failure):
-            if webhook_id in effects.disabled:
-                continue
-            if _disable(session, webhook_id, reason, now, now - disable_after_seconds):
-                effects.disabled[webhook_id] = reason
-
-
-def _disable(
-    session: Session, webhook_id: str, reason: str, now: float, failing_before: float | None
-) -> bool:
-    webhooks = _table("webhooks")
-    statement = (
-        update(webhooks)
-        .where(webhooks.c.id == webhook_id, webhooks.c.status == "published")
-        .values(status="disabled", disabled_reason=_clip(reason, _REASON_MAX), updated_at=now)
-    )
-    if failing_before is not None:
-        statement = statement.where(
-            webhooks.c.failing_since.is_not(None), webhooks.c.failing_since <= failing_before
-        )
-    return _rowcount(session.execute(statement)) > 0
+        failing_before = now - disable_after_seconds
+        clipped = _clip(reason, _REASON_MAX)
+        if postgres:
+            cursor.execute(_DISABLE_FAILING_POSTGRES, (clipped, now, candidates, failing_before))
+        else:
+            cursor.execute(
+                _DISABLE_FAILING_SQLITE, (clipped, now, json.dumps(candidates), failing_before)
+            )
+        for (webhook_id,) in cursor.fetchall():
+            effects.disabled[webhook_id] = reason
 
 
 # -- retention ----------------------------------------------------------------------------
