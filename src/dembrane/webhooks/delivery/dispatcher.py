@@ -397,7 +397,7 @@ class Dispatcher:
             if not self._waiting_for_room and want > 0:
                 excluded = self._excluded(now, mono)
                 try:
-                    claims, next_due = await self._db.run(self._claim, want, excluded)
+                    claims, next_due = await self._db.run_relaxed(self._claim, want, excluded)
                 except Exception:
                     log.exception("claiming deliveries failed; trying again shortly")
                     claims, next_due = [], time.time() + min(self._idle_timeout, 1.0)
@@ -745,7 +745,7 @@ class Dispatcher:
             holds, self._holds = self._holds, {}
             now = time.time()
             try:
-                effects = await self._db.run(
+                effects = await self._db.run_relaxed(
                     outbox.record_results,
                     self.owner,
                     results,

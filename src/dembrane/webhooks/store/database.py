@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import QueuePool
 from sqlmodel import Session
@@ -45,6 +45,7 @@ class Database:
         self.url = normalize_url(url)
         parsed = make_url(self.url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        self._synchronous = sqlite_synchronous
         if self.is_sqlite:
             database = parsed.database or ""
             if database and database != ":memory:":
@@ -95,15 +96,31 @@ class Database:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(session, *args)`` in one transaction on the store's threads."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call_with, fn, args)
+        return await loop.run_in_executor(self._executor, self._call_with, fn, args, True)
+
+    async def run_relaxed(self, fn: Callable[..., T], *args: Any) -> T:
+        """Like ``run``, for bookkeeping whose loss on a power cut costs only a repeat.
+
+        On SQLite the commit then skips the disk sync (``synchronous=NORMAL`` in WAL mode:
+        still safe against a process crash, and the database stays consistent). The
+        dispatcher's leases and outcomes qualify: a lost one makes a delivery due again,
+        which at-least-once delivery allows. What a caller was promised, such as a
+        published event, is always written with ``run``.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call_with, fn, args, False)
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a plain blocking ``fn(*args)`` (no session) on the store's threads."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
-    def _call_with(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    def _call_with(self, fn: Callable[..., T], args: tuple[Any, ...], durable: bool) -> T:
         with self.session() as session, session.begin():
+            if self.is_sqlite:
+                # Set before the transaction's first write, when the driver opens it.
+                level = self._synchronous if durable else "NORMAL"
+                session.execute(text(f"PRAGMA synchronous={level}"))
             return fn(session, *args)
 
     def close(self) -> None:
