@@ -1,27 +1,23 @@
 """Identifiers: a type prefix and a time-ordered, URL-safe random part.
 
 The time comes first so identifiers created later sort later, which keeps "newest first"
-listings stable when two rows share a creation time.
+listings stable when two rows share a creation time. Ids are made on the publish path (one
+per delivery), so they are plain hexadecimal, formatted in C.
 """
 
 from __future__ import annotations
 
-import os
+import random
 import time
-
-_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford's base32, lower case
-
-
-def _encode(number: int, length: int) -> str:
-    chars = []
-    for _ in range(length):
-        number, rest = divmod(number, 32)
-        chars.append(_ALPHABET[rest])
-    return "".join(reversed(chars))
 
 
 def new_id(prefix: str) -> str:
-    """A new identifier such as ``wh_01jd5m...``: 10 time characters and 16 random ones."""
+    """A new identifier such as ``dlv_0194f3a2c1d07e5b...``: 32 hex digits after the prefix.
+
+    48 bits of milliseconds since the epoch, then 80 random bits. Ids must be unique, not
+    unguessable (nothing is authorized by knowing one), so the random part comes from the
+    fast generator, which stays in C and holds the interpreter lock, rather than a system
+    call per id; the ``random`` module reseeds it in forked children.
+    """
     millis = time.time_ns() // 1_000_000
-    randomness = int.from_bytes(os.urandom(10), "big")
-    return f"{prefix}_{_encode(millis, 10)}{_encode(randomness, 16)}"
+    return f"{prefix}_{millis:012x}{random.getrandbits(80):020x}"
