@@ -286,16 +286,74 @@ def _insert_fresh(
             }
         )
 
+    if not _is_postgres(session):
+        # One process owns a SQLite database and this transaction read the ids above, so
+        # no other publication can have stored them meanwhile: plain multi-row inserts.
+        cursor = _cursor(session)
+        _write_rows(
+            cursor, _INSERT_EVENTS_SQLITE, [_ordered(r, _EVENT_COLUMNS) for r in event_rows]
+        )
+        delivery_rows = [row for rows in deliveries.values() for row in rows]
+        if delivery_rows:
+            _write_rows(
+                cursor,
+                _INSERT_DELIVERIES_SQLITE,
+                [_ordered(r, _DELIVERY_COLUMNS) for r in delivery_rows],
+            )
+        return outcomes
+
     inserted = _insert_events_once(session, event_rows)
     if len(inserted) < len(event_rows):
-        # Another transaction stored some of these ids between our read and our insert
-        # (possible on PostgreSQL only): theirs is the first publication.
+        # Another transaction stored some of these ids between our read and our insert:
+        # theirs is the first publication.
         raced = [row["id"] for row in event_rows if row["id"] not in inserted]
         outcomes.update(_stored_outcomes(session, raced))
     delivery_rows = [row for event_id in inserted for row in deliveries[event_id]]
     if delivery_rows:
         session.execute(_table("deliveries").insert(), delivery_rows)
     return outcomes
+
+
+_EVENT_COLUMNS = (
+    "id",
+    "type",
+    "project_id",
+    "occurred_at",
+    "created_at",
+    "body",
+    "skip_reason",
+    "delivery_count",
+)
+_DELIVERY_COLUMNS = (
+    "id",
+    "event_id",
+    "webhook_id",
+    "event_type",
+    "status",
+    "attempt_count",
+    "next_attempt_at",
+    "lease_owner",
+    "created_at",
+    "updated_at",
+    "last_attempt_at",
+    "last_status_code",
+    "last_error",
+    "skip_reason",
+)
+# Padding rows (all NULL) are dropped by the WHERE clause; see ``_write_rows``.
+# Built from the constant column tuples above, never from input (hence the noqa).
+_INSERT_EVENTS_SQLITE = (
+    f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) "  # noqa: S608
+    "SELECT * FROM (VALUES {values}) WHERE column1 IS NOT NULL"
+)
+_INSERT_DELIVERIES_SQLITE = (
+    f"INSERT INTO deliveries ({', '.join(_DELIVERY_COLUMNS)}) "  # noqa: S608
+    "SELECT * FROM (VALUES {values}) WHERE column1 IS NOT NULL"
+)
+
+
+def _ordered(row: dict[str, Any], columns: Sequence[str]) -> tuple[Any, ...]:
+    return tuple(row[column] for column in columns)
 
 
 def _insert_events_once(session: Session, rows: list[dict[str, Any]]) -> set[str]:
