@@ -41,6 +41,7 @@ from dembrane.webhooks.domain.webhooks import (
     check_secret,
     check_status,
     require,
+    signing_secrets,
 )
 from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.store import directory, webhooks
@@ -285,7 +286,7 @@ class WebhookServicer(webhook_service_pb2_grpc.WebhookServiceServicer):
         row = await self._webhook(request.project_id, request.webhook_id, lambda _s, r: r)
         response = pb.GetWebhookSecretResponse(secret=row.secret)
         expires = row.previous_secret_expires_at
-        if row.previous_secret and expires is not None and expires > time.time():
+        if expires is not None and len(_signing_secrets(row, time.time())) > 1:
             response.previous_secret_expire_time.CopyFrom(timestamp(expires))
         return response
 
@@ -415,10 +416,7 @@ def _update_paths(request: pb.UpdateWebhookRequest) -> set[str]:
 
 def _signing_secrets(row: WebhookRow, now: float) -> tuple[str, ...]:
     """The current secret, plus the previous one while its grace period lasts."""
-    expires = row.previous_secret_expires_at
-    if row.previous_secret and expires is not None and expires > now:
-        return (row.secret, row.previous_secret)
-    return (row.secret,)
+    return signing_secrets(row.secret, row.previous_secret, row.previous_secret_expires_at, now)
 
 
 def _duration(seconds: float) -> Duration:

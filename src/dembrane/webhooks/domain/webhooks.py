@@ -90,3 +90,13 @@ def require(value: str, field: str, what: str) -> str:
     if not value or not value.strip():
         raise InvalidArgument.for_field(field, f"The {what} is required.")
     return value.strip()
+
+
+def signing_secrets(
+    secret: str, previous: str | None, previous_expires_at: float | None, now: float
+) -> tuple[str, ...]:
+    """The secrets a request is signed with: the current one first, then the previous one
+    while its rotation's grace period lasts (``previous_expires_at`` in Unix seconds)."""
+    if previous and previous_expires_at is not None and previous_expires_at > now:
+        return (secret, previous)
+    return (secret,)

@@ -41,6 +41,7 @@ from dembrane.webhooks.domain.errors import FailedPrecondition
 from dembrane.webhooks.domain.ids import new_id
 from dembrane.webhooks.domain.paging import Cursor
 from dembrane.webhooks.domain.payload import EventData, ProjectInfo, render_body
+from dembrane.webhooks.domain.webhooks import signing_secrets
 from dembrane.webhooks.store.tables import AttemptRow, DeliveryRow, EventRow, WebhookRow
 
 __all__ = [
@@ -399,10 +400,9 @@ class DeliveryClaim:
 
     def secrets(self, now: float) -> tuple[str, ...]:
         """The secrets to sign with: the current one, and the previous during its grace."""
-        expires = self.previous_secret_expires_at
-        if self.previous_secret and expires is not None and expires > now:
-            return (self.secret, self.previous_secret)
-        return (self.secret,)
+        return signing_secrets(
+            self.secret, self.previous_secret, self.previous_secret_expires_at, now
+        )
 
 
 # The hot statements run on the driver's own cursor with fixed SQL per dialect (the note

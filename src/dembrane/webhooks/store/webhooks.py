@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from sqlalchemy import delete, tuple_, update
+from sqlalchemy import delete, tuple_
 from sqlmodel import Session, col, select
 
 from dembrane.webhooks.domain.paging import Cursor
@@ -74,22 +74,3 @@ def delete_webhook(session: Session, webhook_id: str) -> None:
     """Delete a webhook; its deliveries and their attempts cascade."""
     session.execute(delete(DeliveryRow).where(col(DeliveryRow.webhook_id) == webhook_id))
     session.execute(delete(WebhookRow).where(col(WebhookRow.id) == webhook_id))
-
-
-def webhooks_for_event(session: Session, project_id: str, event_type: str) -> list[WebhookRow]:
-    """The project's published webhooks that subscribe to ``event_type``."""
-    rows = session.scalars(
-        select(WebhookRow).where(
-            col(WebhookRow.project_id) == project_id, col(WebhookRow.status) == "published"
-        )
-    )
-    return [row for row in rows if event_type in events_of(row)]
-
-
-def expire_previous_secrets(session: Session, now: float) -> None:
-    """Forget previous secrets whose grace period is over."""
-    session.execute(
-        update(WebhookRow)
-        .where(col(WebhookRow.previous_secret_expires_at) <= now)
-        .values(previous_secret=None, previous_secret_expires_at=None)
-    )
