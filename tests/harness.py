@@ -57,6 +57,8 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
         connect_timeout=2.0,
         request_timeout=5.0,
         sqlite_synchronous="NORMAL",
+        # Requests go out from the test's own process; test_sender_pool.py covers workers.
+        sender_processes=0,
         dashboard_base_url="https://dashboard.example.test",
     )
     return replace(base, **overrides)  # type: ignore[arg-type]

@@ -60,3 +60,19 @@ def test_bad_values_name_the_variable(name: str, value: str) -> None:
     """A value the service cannot use raises an error naming the variable."""
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [(None, None), ("auto", None), ("AUTO", None), ("0", 0), ("3", 3)]
+)
+def test_sender_processes_are_auto_or_a_count(raw: str | None, expected: int | None) -> None:
+    """WEBHOOKS_SENDER_PROCESSES takes 'auto' (the default) or a whole number of processes."""
+    env = {} if raw is None else {"WEBHOOKS_SENDER_PROCESSES": raw}
+    assert Settings.from_env(env).sender_processes == expected
+
+
+@pytest.mark.parametrize("raw", ["-1", "two", "1.5", "65"])
+def test_bad_sender_processes_name_the_variable(raw: str) -> None:
+    """A bad process count stops start-up with a message naming the variable."""
+    with pytest.raises(ConfigError, match="WEBHOOKS_SENDER_PROCESSES"):
+        Settings.from_env({"WEBHOOKS_SENDER_PROCESSES": raw})

@@ -53,6 +53,8 @@ class Settings:
     log_level: str = "INFO"
     # SQLite's durability: FULL syncs every commit to disk before a publish call returns.
     sqlite_synchronous: str = "FULL"
+    # Worker processes that send the dispatcher's requests; None: chosen from the cores.
+    sender_processes: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -89,6 +91,7 @@ class Settings:
             sqlite_synchronous=reader.choice(
                 "WEBHOOKS_SQLITE_SYNCHRONOUS", "FULL", ("FULL", "NORMAL", "EXTRA")
             ),
+            sender_processes=reader.count_or_auto("WEBHOOKS_SENDER_PROCESSES", high=64),
         )
 
 
@@ -124,6 +127,14 @@ class _Reader:
         if (low is not None and value < low) or (high is not None and value > high):
             raise ConfigError(f"{name} must be between {low} and {high}, not {raw!r}.")
         return value
+
+    def count_or_auto(self, name: str, *, high: int) -> int | None:
+        raw = self.optional(name)
+        if raw is None or raw.lower() == "auto":
+            return None
+        if not raw.isdigit() or int(raw) > high:
+            raise ConfigError(f"{name} must be 'auto' or a whole number from 0 to {high}.")
+        return int(raw)
 
     def port(self, name: str, default: int) -> int:
         value = self.number(name, default, low=0, high=65535)

@@ -15,7 +15,8 @@ from aiohttp import web
 from dembrane.webhooks.api.server import GrpcServer, start_grpc_server
 from dembrane.webhooks.config import Settings
 from dembrane.webhooks.delivery.dispatcher import Dispatcher
-from dembrane.webhooks.delivery.sender import Sender
+from dembrane.webhooks.delivery.pool import SenderPool, default_processes
+from dembrane.webhooks.delivery.sender import RequestSender, Sender
 from dembrane.webhooks.delivery.targets import TargetPolicy
 from dembrane.webhooks.gateway.app import create_app, run_gateway
 from dembrane.webhooks.resources import Resources
@@ -61,12 +62,7 @@ class Service:
         database = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
         await database.offload(database.migrate)
         policy = TargetPolicy(settings.allowed_targets)
-        sender = Sender(
-            connect_timeout=settings.connect_timeout,
-            request_timeout=settings.request_timeout,
-            policy=policy,
-            max_connections=max(settings.max_concurrency, 16),
-        )
+        sender = _sender(settings, policy, delivering=self.parts.dispatcher)
         await sender.start()
         self.resources = Resources(
             settings=settings, database=database, policy=policy, sender=sender
@@ -96,6 +92,29 @@ class Service:
         if self.resources is not None:
             await self.resources.sender.close()
             self.resources.database.close()
+
+
+def _sender(settings: Settings, policy: TargetPolicy, *, delivering: bool) -> RequestSender:
+    """Worker processes where this process delivers; else (or when told so) in-process."""
+    processes = settings.sender_processes
+    if processes is None:
+        processes = default_processes()
+    max_connections = max(settings.max_concurrency, 16)
+    if delivering and processes > 0:
+        return SenderPool(
+            processes,
+            connect_timeout=settings.connect_timeout,
+            request_timeout=settings.request_timeout,
+            allowed_targets=tuple(str(network) for network in policy.allowed),
+            max_connections=max_connections,
+            log_level=settings.log_level,
+        )
+    return Sender(
+        connect_timeout=settings.connect_timeout,
+        request_timeout=settings.request_timeout,
+        policy=policy,
+        max_connections=max_connections,
+    )
 
 
 def _bound_port(runner: web.AppRunner) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
+from typing import Protocol
 
 import aiohttp
 from yarl import URL
@@ -31,6 +32,7 @@ __all__ = [
     "RESPONSE_BODY_LIMIT",
     "AttemptOutcome",
     "OutboundRequest",
+    "RequestSender",
     "Sender",
     "describe_test_outcome",
     "parse_retry_after",
@@ -85,6 +87,18 @@ class AttemptOutcome:
     def permanent_gone(self) -> bool:
         """Whether the receiver answered 410 Gone, which disables the webhook."""
         return self.status_code == 410
+
+
+class RequestSender(Protocol):
+    """What sends attempts: a ``Sender`` in this process, or a ``SenderPool`` of workers."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def send(
+        self, req: OutboundRequest, *, timestamp: int | None = None
+    ) -> AttemptOutcome: ...
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:

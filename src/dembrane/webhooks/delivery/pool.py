@@ -1,0 +1,353 @@
+"""Sending from worker processes, so HTTP work runs on other cores than the store and gRPC.
+
+Python runs one thread of Python code at a time in a process, and an HTTP request through
+aiohttp costs about as much CPU as everything else a delivery needs (publishing, claiming,
+recording) put together. ``SenderPool`` hands each signed request to one of a few worker
+processes (``delivery/worker.py``) that each run a ``Sender`` of their own: the same SSRF
+policy, the same timeouts, their own keep-alive connections. The dispatcher keeps every
+decision (leases, lanes, caps, the breaker, retries, what is recorded); a worker only sends
+and reports what the receiver answered.
+
+Requests and answers travel over a private socket pair as length-prefixed pickles, many
+per write: whatever the event loop gathered in one turn goes out in one frame.
+
+A worker that dies fails only its in-flight attempts (recorded as failed, retried on the
+schedule, so at-least-once holds) and is started again; a worker whose parent dies reads
+the end of its socket and exits, so none outlives the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import socket
+import struct
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from dembrane.webhooks.delivery.sender import AttemptOutcome, OutboundRequest
+
+__all__ = ["SenderOptions", "SenderPool", "read_frame", "write_frame"]
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct(">I")
+#: A worker that dies this soon after its start is started again only after this pause.
+_RESTART_PAUSE_SECONDS = 1.0
+_STOP_TIMEOUT_SECONDS = 5.0
+_START_TIMEOUT_SECONDS = 60.0
+
+#: What a worker answers per request: status, latency, body excerpt, error, retry-after,
+#: attempted-at (Unix seconds).
+WireOutcome = tuple[int | None, float, str, str, float | None, float]
+
+
+@dataclass(frozen=True)
+class SenderOptions:
+    """What a worker's ``Sender`` is built from; sent to the worker as its first frame."""
+
+    connect_timeout: float
+    request_timeout: float
+    #: The networks opened on top of the public internet, as CIDR strings.
+    allowed_targets: tuple[str, ...]
+    max_connections: int
+    log_level: str = "INFO"
+
+
+def write_frame(writer: asyncio.StreamWriter, message: Any) -> None:
+    """Queue one length-prefixed pickle on ``writer``."""
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    writer.write(_HEADER.pack(len(payload)) + payload)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Any:
+    """Read one frame; raises ``asyncio.IncompleteReadError`` at the end of the stream."""
+    (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+    # Frames come only from the other end of a private socket pair, written by this module.
+    return pickle.loads(await reader.readexactly(size))  # noqa: S301
+
+
+class _WorkerLost(Exception):
+    """The worker process ended before answering."""
+
+
+class _Worker:
+    """One worker process and the requests it has not answered yet."""
+
+    def __init__(self, slot: int, options: SenderOptions) -> None:
+        self.slot = slot
+        self._options = options
+        self.process: asyncio.subprocess.Process | None = None
+        self.pending: dict[int, asyncio.Future[WireOutcome]] = {}
+        self.started_at = 0.0
+        self.alive = False
+        self._writer: asyncio.StreamWriter | None = None
+        self._outbox: list[tuple[Any, ...]] = []
+        self._flush_scheduled = False
+        self._reader_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "dembrane.webhooks.delivery.worker",
+                str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        reader, self._writer = await asyncio.open_connection(sock=ours)
+        write_frame(self._writer, asdict(self._options))
+        # The worker says it is ready once its sender is up, so the first requests after
+        # start never wait for an interpreter to boot.
+        await asyncio.wait_for(read_frame(reader), _START_TIMEOUT_SECONDS)
+        self.started_at = time.monotonic()
+        self.alive = True
+        self._reader_task = asyncio.create_task(
+            self._read_answers(reader), name=f"webhooks-sender-worker-{self.slot}"
+        )
+
+    def submit(self, token: int, request: OutboundRequest, timestamp: int | None) -> None:
+        self._outbox.append(
+            (
+                token,
+                request.url,
+                request.body,
+                request.event_type,
+                request.event_id,
+                request.delivery_id,
+                request.secrets,
+                timestamp,
+            )
+        )
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._outbox = self._outbox, []
+        if not batch:
+            return
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            for item in batch:
+                self._fail(item[0])
+            return
+        write_frame(writer, batch)
+
+    def _fail(self, token: int) -> None:
+        future = self.pending.pop(token, None)
+        if future is not None and not future.done():
+            future.set_exception(_WorkerLost())
+
+    async def _read_answers(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                answers = await read_frame(reader)
+                for token, *fields in answers:
+                    future = self.pending.pop(token, None)
+                    if future is not None and not future.done():
+                        future.set_result(tuple(fields))
+        except (asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError):
+            pass
+        finally:
+            self.alive = False
+            for token in list(self.pending):
+                self._fail(token)
+            if self._writer is not None:
+                self._writer.close()
+
+    async def stop(self) -> None:
+        """Close the socket (the worker exits when it reads its end), then reap the process."""
+        self.alive = False
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(ConnectionError):
+                await self._writer.wait_closed()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+        process = self.process
+        if process is not None and process.returncode is None:
+            try:
+                await asyncio.wait_for(process.wait(), _STOP_TIMEOUT_SECONDS)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+class SenderPool:
+    """Sends requests through ``processes`` worker processes; the same calls as ``Sender``."""
+
+    def __init__(
+        self,
+        processes: int,
+        *,
+        connect_timeout: float,
+        request_timeout: float,
+        allowed_targets: tuple[str, ...],
+        max_connections: int,
+        log_level: str = "INFO",
+    ) -> None:
+        if processes < 1:
+            raise ValueError("A sender pool needs at least one process.")
+        self._options = SenderOptions(
+            connect_timeout=connect_timeout,
+            request_timeout=request_timeout,
+            allowed_targets=allowed_targets,
+            max_connections=max_connections,
+            log_level=log_level,
+        )
+        self._workers = [_Worker(slot, self._options) for slot in range(processes)]
+        self._tokens = itertools.count(1)
+        self._restarts: dict[int, asyncio.Task[None]] = {}
+        self._running = False
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of the running workers."""
+        return [w.process.pid for w in self._workers if w.alive and w.process is not None]
+
+    async def start(self) -> None:
+        """Start every worker and wait until each is ready; idempotent."""
+        if self._running:
+            return
+        self._running = True
+        try:
+            await asyncio.gather(*(worker.start() for worker in self._workers))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Stop the workers; requests still in flight come back as failed attempts."""
+        self._running = False
+        for task in self._restarts.values():
+            task.cancel()
+        self._restarts.clear()
+        await asyncio.gather(*(worker.stop() for worker in self._workers))
+
+    async def __aenter__(self) -> SenderPool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    def _pick(self) -> _Worker | None:
+        best: _Worker | None = None
+        for worker in self._workers:
+            if worker.alive and (best is None or len(worker.pending) < len(best.pending)):
+                best = worker
+        return best
+
+    async def send(self, req: OutboundRequest, *, timestamp: int | None = None) -> AttemptOutcome:
+        """POST ``req`` once from a worker; like ``Sender.send``, never raises for the network."""
+        if not self._running:
+            raise RuntimeError("The sender pool is not started; await SenderPool.start() first.")
+        attempted_at = time.time()
+        worker = self._pick()
+        if worker is None:
+            # Every worker is gone: wait for a replacement rather than fail attempts.
+            self._restart_lost()
+            if self._restarts:
+                await asyncio.wait(
+                    list(self._restarts.values()), return_when=asyncio.FIRST_COMPLETED
+                )
+            worker = self._pick()
+            if worker is None:
+                return _lost(attempted_at, "No delivery worker process is running.")
+        token = next(self._tokens)
+        future: asyncio.Future[WireOutcome] = asyncio.get_running_loop().create_future()
+        worker.pending[token] = future
+        worker.submit(token, req, timestamp)
+        try:
+            status, latency, body, error, retry_after, sent_at = await future
+        except _WorkerLost:
+            self._restart_lost()
+            return _lost(
+                attempted_at,
+                "The delivery worker process stopped during the attempt; "
+                "the receiver may or may not have the request.",
+            )
+        finally:
+            worker.pending.pop(token, None)
+        return AttemptOutcome(
+            status_code=status,
+            latency=latency,
+            response_body=body,
+            error=error,
+            retry_after=retry_after,
+            attempted_at=datetime.fromtimestamp(sent_at, UTC),
+        )
+
+    def _restart_lost(self) -> None:
+        if not self._running:
+            return
+        for worker in self._workers:
+            if not worker.alive and worker.slot not in self._restarts:
+                self._restarts[worker.slot] = asyncio.create_task(self._restart(worker))
+
+    async def _restart(self, old: _Worker) -> None:
+        try:
+            code = old.process.returncode if old.process is not None else None
+            log.warning(
+                "delivery worker process %d (pid %s) exited with status %s; starting another",
+                old.slot,
+                old.process.pid if old.process is not None else "?",
+                code,
+            )
+            await old.stop()
+            pause = _RESTART_PAUSE_SECONDS - (time.monotonic() - old.started_at)
+            if pause > 0:
+                await asyncio.sleep(pause)
+            fresh = _Worker(old.slot, self._options)
+            await fresh.start()
+            if not self._running:
+                await fresh.stop()
+                return
+            self._workers[old.slot] = fresh
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("could not start delivery worker process %d", old.slot)
+        finally:
+            self._restarts.pop(old.slot, None)
+
+
+def _lost(attempted_at: float, error: str) -> AttemptOutcome:
+    return AttemptOutcome(
+        status_code=None,
+        latency=0.0,
+        response_body="",
+        error=error,
+        retry_after=None,
+        attempted_at=datetime.fromtimestamp(attempted_at, UTC),
+    )
+
+
+def default_processes() -> int:
+    """How many worker processes ``WEBHOOKS_SENDER_PROCESSES=auto`` means on this machine.
+
+    One core is left to the process that serves gRPC and runs the store; on a single core
+    the workers would only add hand-offs, so requests are sent in-process (0).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    return 0 if cores < 2 else min(cores - 1, 4)
