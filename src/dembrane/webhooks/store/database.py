@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import QueuePool
 from sqlmodel import Session
@@ -118,9 +118,15 @@ class Database:
     def _call_with(self, fn: Callable[..., T], args: tuple[Any, ...], durable: bool) -> T:
         with self.session() as session, session.begin():
             if self.is_sqlite:
-                # Set before the transaction's first write, when the driver opens it.
+                # Set before the transaction's first write, when the driver opens it, and
+                # only when it changes: the setting stays with the connection.
                 level = self._synchronous if durable else "NORMAL"
-                session.execute(text(f"PRAGMA synchronous={level}"))
+                pooled = session.connection().connection
+                if pooled.info.get("synchronous") != level:
+                    cursor = pooled.cursor()
+                    cursor.execute(f"PRAGMA synchronous={level}")
+                    cursor.close()
+                    pooled.info["synchronous"] = level
             return fn(session, *args)
 
     def close(self) -> None:
