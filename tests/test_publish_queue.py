@@ -99,3 +99,96 @@ async def test_the_same_id_in_two_grouped_calls_is_stored_once(database: Databas
     assert (first[0].duplicate, second[0].duplicate) == (False, True)
     assert database.call(lambda s: len(outbox.deliveries_of_event(s, "same"))) == 1
     database.close()
+
+
+class RecordingClaimer:
+    """A dispatcher stand-in that leases up to ``limit`` rows and keeps what it is given."""
+
+    def __init__(self, limit: int, excluded: dict[str, float] | None = None) -> None:
+        self.limit = limit
+        self.excluded = excluded or {}
+        self.until = time.time() + 60
+        self.admitted: list[outbox.DeliveryClaim] = []
+        self.abandoned = 0
+        self.outstanding = 0
+
+    def lease_request(self) -> outbox.Lease | None:
+        self.outstanding += 1
+        return outbox.Lease("dsp_test", self.until, self.limit, self.excluded)
+
+    def admit_leased(self, lease: outbox.Lease, claims: list[outbox.DeliveryClaim]) -> None:
+        self.outstanding -= 1
+        self.admitted.extend(claims)
+
+    def lease_abandoned(self, lease: outbox.Lease) -> None:
+        self.outstanding -= 1
+        self.abandoned += 1
+
+
+def _leases(database: Database, event_ids: list[str]) -> dict[str, tuple[str | None, float]]:
+    def read(session: Session) -> dict[str, tuple[str | None, float]]:
+        rows = [row for e in event_ids for row in outbox.deliveries_of_event(session, e)]
+        return {row.event_id: (row.lease_owner, row.next_attempt_at or 0.0) for row in rows}
+
+    return database.call(read)
+
+
+async def test_new_rows_are_leased_to_the_dispatcher_in_the_same_transaction(
+    database: Database,
+) -> None:
+    """New deliveries are written leased to the in-process dispatcher up to its room, handed
+    over ready to send, and only the rows left due wake the claim loop."""
+    wakes: list[int] = []
+    claimer = RecordingClaimer(limit=2)
+    queue = PublishQueue(
+        database, "https://dash.example.test", lambda: wakes.append(1), claimer=lambda: claimer
+    )
+    before = time.time()
+    await queue.publish([report("e1"), report("e2"), report("e3")])
+
+    assert claimer.outstanding == 0
+    assert sorted(c.event_id for c in claimer.admitted) == ["e1", "e2"]
+    stored = database.call(lambda s: outbox.event_row(s, "e1"))
+    assert stored is not None
+    first = next(c for c in claimer.admitted if c.event_id == "e1")
+    assert first.body == stored.body
+    assert (first.url, first.secret, first.webhook_id) == (
+        "https://example.com/hook",
+        "a-secret-value",
+        "wh_1",
+    )
+    leases = _leases(database, ["e1", "e2", "e3"])
+    assert leases["e1"] == ("dsp_test", claimer.until)
+    assert leases["e2"] == ("dsp_test", claimer.until)
+    owner, due = leases["e3"]
+    assert owner is None
+    assert before <= due <= time.time()
+    # The third row is due in the store, so the claim loop is told.
+    assert wakes == [1]
+
+
+async def test_rows_of_excluded_webhooks_are_written_due(database: Database) -> None:
+    """A webhook the dispatcher cannot send to now gets its rows written due, not leased."""
+    claimer = RecordingClaimer(limit=10, excluded={"wh_1": 0.0})
+    queue = PublishQueue(
+        database, "https://dash.example.test", lambda: None, claimer=lambda: claimer
+    )
+    await queue.publish([report("x1")])
+    assert claimer.admitted == []
+    assert _leases(database, ["x1"])["x1"][0] is None
+
+
+async def test_a_failed_transaction_gives_the_lease_back(database: Database) -> None:
+    """When the shared transaction fails, the dispatcher's reserved room is returned and the
+    good call is still stored."""
+    claimer = RecordingClaimer(limit=10)
+    queue = PublishQueue(
+        database, "https://dash.example.test", lambda: None, claimer=lambda: claimer
+    )
+    good = asyncio.create_task(queue.publish([report("ok-1")]))
+    bad = asyncio.create_task(queue.publish([report("bad-1", project_id="nope")]))
+    results = await asyncio.gather(good, bad, return_exceptions=True)
+    assert isinstance(results[1], FailedPrecondition)
+    assert claimer.abandoned == 1
+    assert claimer.outstanding == 0
+    assert database.call(lambda s: outbox.event_row(s, "ok-1")) is not None

@@ -6,9 +6,10 @@ import asyncio
 from dataclasses import dataclass, field
 
 from dembrane.webhooks.config import Settings
-from dembrane.webhooks.delivery.sender import Sender
+from dembrane.webhooks.delivery.sender import RequestSender
 from dembrane.webhooks.delivery.targets import TargetPolicy
 from dembrane.webhooks.store.database import Database
+from dembrane.webhooks.store.publish_queue import Claimer
 
 
 @dataclass
@@ -18,9 +19,11 @@ class Resources:
     settings: Settings
     database: Database
     policy: TargetPolicy
-    sender: Sender
+    sender: RequestSender
     # Set when new deliveries are due, so an idle dispatcher wakes at once.
     work_available: asyncio.Event = field(default_factory=asyncio.Event)
+    # The dispatcher running in this process, which publishing transactions claim for.
+    claimer: Claimer | None = None
 
     def wake_dispatcher(self) -> None:
         self.work_available.set()

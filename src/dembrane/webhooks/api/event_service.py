@@ -183,7 +183,10 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
 
     def __init__(self, resources: Resources) -> None:
         self._queue = PublishQueue(
-            resources.database, resources.settings.dashboard_base_url, resources.wake_dispatcher
+            resources.database,
+            resources.settings.dashboard_base_url,
+            resources.wake_dispatcher,
+            claimer=lambda: resources.claimer,
         )
 
     async def _publish(self, events: Sequence[EventData]) -> list[outbox.PublishOutcome]:

@@ -74,7 +74,9 @@ STALL_FACTOR = 4.0
 #: The shortest pause for a row handed back by a stalled lane.
 MIN_DEFER_SECONDS = 1.0
 #: Outcomes are written together: a flush waits this long for more unless it has enough.
-FLUSH_WINDOW_SECONDS = 0.01
+#: Receivers have their requests by then; only the delivery log waits, and fewer, larger
+#: transactions leave the store free for publishing.
+FLUSH_WINDOW_SECONDS = 0.05
 FLUSH_BATCH = 256
 #: Lanes idle this long are forgotten (their breaker is closed by then).
 LANE_IDLE_SECONDS = 600.0
@@ -312,6 +314,8 @@ class Dispatcher:
         self._ready: deque[str] = deque()
         self._ready_set: set[str] = set()
         self._held = 0
+        #: Room promised to claims that publishing transactions are making for us.
+        self._reserved = 0
         self._held_ids: set[str] = set()
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -346,6 +350,7 @@ class Dispatcher:
             self._retention.start()
         if self._listener is not None:
             self._listener.start()
+        self._r.claimer = self
 
     async def stop(self) -> None:
         """Stop claiming, hand back or finish what is held, and write every outcome."""
@@ -353,6 +358,8 @@ class Dispatcher:
         if claim_task is None:
             return
         self._stopping = True
+        if self._r.claimer is self:
+            self._r.claimer = None
         self._r.wake_dispatcher()
         # The loop notices the flag after its current step; a claim in progress completes,
         # so its rows are in hand and can be handed back below.
@@ -390,7 +397,7 @@ class Dispatcher:
             work.clear()
             now, mono = time.time(), time.monotonic()
             self._check_lanes(now, mono)
-            room = self._buffer_limit - self._held
+            room = self._buffer_limit - self._held - self._reserved
             want = min(self._batch, room)
             next_due: float | None = None
             self._waiting_for_room = want < self._min_claim and self._held > 0
@@ -413,6 +420,43 @@ class Dispatcher:
             if self._stopping:
                 break
             await self._idle(work, next_due)
+
+    # -- rows leased by publishing transactions (store/publish_queue.py) ---------------------
+
+    def lease_request(self) -> outbox.Lease | None:
+        """The lease a publishing transaction may write new rows with; None without room."""
+        if self._stopping or self._claim_task is None:
+            return None
+        want = min(self._batch, self._buffer_limit - self._held - self._reserved)
+        if want < 1:
+            return None
+        self._reserved += want
+        now = time.time()
+        return outbox.Lease(
+            owner=self.owner,
+            until=now + self._lease,
+            limit=want,
+            excluded=self._excluded(now, time.monotonic()),
+        )
+
+    def admit_leased(self, lease: outbox.Lease, claims: list[DeliveryClaim]) -> None:
+        """Take the rows a committed publishing transaction leased to us."""
+        self._reserved -= lease.limit
+        if not claims:
+            return
+        now, mono = time.time(), time.monotonic()
+        if self._stopping:
+            for claim in claims:
+                self._queue_release(claim.delivery_id, now)
+            return
+        overflow: dict[str, int] = {}
+        for claim in claims:
+            self._admit(claim, now, mono, overflow)
+        self._pump()
+
+    def lease_abandoned(self, lease: outbox.Lease) -> None:
+        """The publishing transaction failed; nothing was leased."""
+        self._reserved -= lease.limit
 
     def _claim(
         self, session: Session, want: int, excluded: dict[str, float]

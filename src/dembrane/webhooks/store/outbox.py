@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Table, bindparam, func, select, text, tuple_
+from sqlalchemy import Table, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, SQLModel, col
 
@@ -52,7 +52,9 @@ __all__ = [
     "DeliveryResult",
     "DeliveryState",
     "HoldBack",
+    "Lease",
     "PublishOutcome",
+    "Published",
     "RecordEffects",
     "Release",
     "claim_due",
@@ -134,8 +136,34 @@ class PublishOutcome:
     skip_reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Lease new deliveries to a dispatcher as they are written (see ``publish_events``)."""
+
+    owner: str
+    until: float
+    #: The most rows to lease; the rest are written due, for any dispatcher's claim.
+    limit: int
+    #: Webhooks whose rows the dispatcher cannot take now (as ``claim_due`` counts them).
+    excluded: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Published:
+    """What ``publish_events`` did with a lease: the rows it leased, and those left due."""
+
+    claims: list[DeliveryClaim] = field(default_factory=list)
+    left_due: int = 0
+
+
 def publish_events(
-    session: Session, events: Sequence[EventData], *, now: float, dashboard_base_url: str
+    session: Session,
+    events: Sequence[EventData],
+    *,
+    now: float,
+    dashboard_base_url: str,
+    lease: Lease | None = None,
+    published: Published | None = None,
 ) -> list[PublishOutcome]:
     """Store ``events`` and their deliveries; return one outcome per event, in order.
 
@@ -143,6 +171,11 @@ def publish_events(
     nothing is written for it and its outcome repeats the first publication's. Raises
     ``FailedPrecondition`` when a new event's project is unknown, so that nothing of the
     batch is stored.
+
+    With a ``lease``, new pending deliveries are written already leased to its owner (up to
+    its limit), exactly as ``claim_due`` would lease them, and come back in ``published``
+    ready to send: the dispatcher of the publishing process starts on them at once, with no
+    claim of its own.
     """
     ids = list(dict.fromkeys(event.id for event in events))
     known = _stored_outcomes(session, ids)
@@ -154,8 +187,12 @@ def publish_events(
 
     first: dict[str, PublishOutcome] = {}
     if fresh:
-        first = _insert_fresh(session, list(fresh.values()), now, dashboard_base_url)
-        if any(outcome.delivery_count for outcome in first.values()):
+        first = _insert_fresh(
+            session, list(fresh.values()), now, dashboard_base_url, lease, published
+        )
+        if any(outcome.delivery_count for outcome in first.values()) and (
+            published is None or published.left_due
+        ):
             announce_due(session)
 
     outcomes: list[PublishOutcome] = []
@@ -175,18 +212,37 @@ def _as_duplicate(outcome: PublishOutcome) -> PublishOutcome:
     return PublishOutcome(outcome.event_id, True, outcome.delivery_count, outcome.skip_reason)
 
 
+def _select_in(session: Session, sql: str, ids: Iterable[str]) -> list[Any]:
+    """Rows of ``sql``, whose ``{ids}`` stands for membership in ``ids``, on the raw driver.
+
+    The hot path of publishing skips SQLAlchemy's statement machinery, which costs more than
+    these lookups themselves: SQLite gets the ids as one JSON array, PostgreSQL as an array.
+    """
+    values = sorted(set(ids))
+    if not values:
+        return []
+    postgres = _is_postgres(session)
+    cursor = _cursor(session)
+    try:
+        if postgres:
+            cursor.execute(sql.format(ids="= ANY(%s)"), (values,))
+        else:
+            cursor.execute(
+                sql.format(ids="IN (SELECT value FROM json_each(?))"), (json.dumps(values),)
+            )
+        rows: list[Any] = cursor.fetchall()
+    finally:
+        cursor.close()
+    return rows
+
+
 def _stored_outcomes(session: Session, ids: Sequence[str]) -> dict[str, PublishOutcome]:
-    if not ids:
-        return {}
-    rows = session.execute(
-        text("SELECT id, delivery_count, skip_reason FROM events WHERE id IN :ids").bindparams(
-            bindparam("ids", expanding=True)
-        ),
-        {"ids": list(ids)},
-    ).all()
+    rows = _select_in(
+        session, "SELECT id, delivery_count, skip_reason FROM events WHERE id {ids}", ids
+    )
     return {
-        row.id: PublishOutcome(row.id, True, int(row.delivery_count), row.skip_reason)
-        for row in rows
+        event_id: PublishOutcome(event_id, True, int(count), skip_reason)
+        for event_id, count, skip_reason in rows
     }
 
 
@@ -197,16 +253,15 @@ class _ProjectFacts:
 
 
 def _project_facts(session: Session, project_ids: Iterable[str]) -> dict[str, _ProjectFacts]:
-    rows = session.execute(
-        text(
-            "SELECT p.id, p.name, p.language, w.tier FROM projects p "
-            "JOIN workspaces w ON w.id = p.workspace_id WHERE p.id IN :ids"
-        ).bindparams(bindparam("ids", expanding=True)),
-        {"ids": sorted(set(project_ids))},
-    ).all()
+    rows = _select_in(
+        session,
+        "SELECT p.id, p.name, p.language, w.tier FROM projects p "
+        "JOIN workspaces w ON w.id = p.workspace_id WHERE p.id {ids}",
+        project_ids,
+    )
     return {
-        row.id: _ProjectFacts(ProjectInfo(row.id, row.name, row.language), Tier(row.tier))
-        for row in rows
+        project_id: _ProjectFacts(ProjectInfo(project_id, name, language), Tier(tier))
+        for project_id, name, language, tier in rows
     }
 
 
@@ -214,22 +269,26 @@ def _subscribers(
     session: Session, project_ids: Iterable[str]
 ) -> dict[str, list[tuple[str, frozenset[str]]]]:
     """Published webhooks by project: (webhook id, subscribed types), oldest first."""
-    rows = session.execute(
-        text(
-            "SELECT id, project_id, events FROM webhooks "
-            "WHERE project_id IN :ids AND status = 'published' ORDER BY created_at, id"
-        ).bindparams(bindparam("ids", expanding=True)),
-        {"ids": sorted(set(project_ids))},
-    ).all()
+    rows = _select_in(
+        session,
+        "SELECT id, project_id, events FROM webhooks "
+        "WHERE project_id {ids} AND status = 'published' ORDER BY created_at, id",
+        project_ids,
+    )
     hooks: dict[str, list[tuple[str, frozenset[str]]]] = {}
-    for row in rows:
-        types = frozenset(str(t) for t in json.loads(row.events))
-        hooks.setdefault(row.project_id, []).append((row.id, types))
+    for webhook_id, project_id, events in rows:
+        types = frozenset(str(t) for t in json.loads(events))
+        hooks.setdefault(project_id, []).append((webhook_id, types))
     return hooks
 
 
 def _insert_fresh(
-    session: Session, events: Sequence[EventData], now: float, dashboard_base_url: str
+    session: Session,
+    events: Sequence[EventData],
+    now: float,
+    dashboard_base_url: str,
+    lease: Lease | None = None,
+    published: Published | None = None,
 ) -> dict[str, PublishOutcome]:
     facts = _project_facts(session, (e.project_id for e in events))
     unknown = sorted({e.project_id for e in events if e.project_id not in facts})
@@ -246,6 +305,7 @@ def _insert_fresh(
     event_rows: list[dict[str, Any]] = []
     deliveries: dict[str, list[dict[str, Any]]] = {}
     outcomes: dict[str, PublishOutcome] = {}
+    bodies: dict[str, bytes] = {}
     for event in events:
         project = facts[event.project_id]
         body = render_body(event, project.info, dashboard_base_url)
@@ -273,6 +333,7 @@ def _insert_fresh(
         ]
         queued = 0 if skip_reason else len(rows)
         deliveries[event.id] = rows
+        bodies[event.id] = body
         outcomes[event.id] = PublishOutcome(event.id, False, queued, skip_reason)
         event_rows.append(
             {
@@ -286,6 +347,8 @@ def _insert_fresh(
                 "delivery_count": queued,
             }
         )
+
+    leased = _lease_rows(deliveries, lease, published)
 
     if not _is_postgres(session):
         # One process owns a SQLite database and this transaction read the ids above, so
@@ -301,6 +364,7 @@ def _insert_fresh(
                 _INSERT_DELIVERIES_SQLITE,
                 [_ordered(r, _DELIVERY_COLUMNS) for r in delivery_rows],
             )
+        _claim_leased(session, leased, bodies, published)
         return outcomes
 
     inserted = _insert_events_once(session, event_rows)
@@ -312,7 +376,56 @@ def _insert_fresh(
     delivery_rows = [row for event_id in inserted for row in deliveries[event_id]]
     if delivery_rows:
         session.execute(_table("deliveries").insert(), delivery_rows)
+    written = {row["id"] for row in delivery_rows}
+    _claim_leased(session, [row for row in leased if row["id"] in written], bodies, published)
     return outcomes
+
+
+def _lease_rows(
+    deliveries: Mapping[str, list[dict[str, Any]]],
+    lease: Lease | None,
+    published: Published | None,
+) -> list[dict[str, Any]]:
+    """Mark up to the lease's limit of new pending rows as leased; count the rest."""
+    if lease is None or published is None:
+        return []
+    leased: list[dict[str, Any]] = []
+    for rows in deliveries.values():
+        for row in rows:
+            if row["status"] != DeliveryState.PENDING.value:
+                continue
+            if len(leased) < lease.limit and row["webhook_id"] not in lease.excluded:
+                row["next_attempt_at"] = lease.until
+                row["lease_owner"] = lease.owner
+                leased.append(row)
+            else:
+                published.left_due += 1
+    return leased
+
+
+def _claim_leased(
+    session: Session,
+    leased: list[dict[str, Any]],
+    bodies: dict[str, bytes],
+    published: Published | None,
+) -> None:
+    if not leased or published is None:
+        return
+    cursor = _cursor(session)
+    try:
+        hooks = _webhook_facts(cursor, _is_postgres(session), {r["webhook_id"] for r in leased})
+    finally:
+        cursor.close()
+    published.claims.extend(
+        _claims(
+            [
+                (r["id"], r["event_id"], r["event_type"], r["webhook_id"], r["attempt_count"])
+                for r in leased
+            ],
+            bodies,
+            hooks,
+        )
+    )
 
 
 _EVENT_COLUMNS = (

@@ -9,6 +9,10 @@ events has committed.
 If a shared transaction fails (say one call names a project the directory does not know),
 every call of the group is written again on its own, so one caller's mistake never fails
 another's events.
+
+When a dispatcher runs in the same process, the transaction writes the new deliveries
+already leased to it (as much as it has room for): the dispatcher has them in hand the moment
+the call is acknowledged, with no claim transaction of its own in between.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from sqlmodel import Session
 
@@ -26,6 +31,19 @@ from dembrane.webhooks.store.database import Database
 
 #: The most events one shared transaction takes; a call is never split.
 MAX_GROUP_EVENTS = 1000
+
+
+class Claimer(Protocol):
+    """A dispatcher in this process, to which publishing transactions lease new rows."""
+
+    def lease_request(self) -> outbox.Lease | None:
+        """The lease to write new rows with (reserving room for them), or None for none."""
+
+    def admit_leased(self, lease: outbox.Lease, claims: list[outbox.DeliveryClaim]) -> None:
+        """Take the rows a committed transaction leased; give back the room left over."""
+
+    def lease_abandoned(self, lease: outbox.Lease) -> None:
+        """The transaction failed: give back the room reserved for ``lease``."""
 
 
 @dataclass
@@ -40,11 +58,16 @@ class PublishQueue:
     """Writes publish calls in shared transactions, one transaction at a time."""
 
     def __init__(
-        self, database: Database, dashboard_base_url: str, on_stored: Callable[[], None]
+        self,
+        database: Database,
+        dashboard_base_url: str,
+        on_stored: Callable[[], None],
+        claimer: Callable[[], Claimer | None] = lambda: None,
     ) -> None:
         self._db = database
         self._dashboard_base_url = dashboard_base_url
         self._on_stored = on_stored
+        self._claimer = claimer
         self._waiting: list[_Call] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -61,9 +84,17 @@ class PublishQueue:
         while self._waiting:
             group = self._take_group()
             try:
-                await self._write_group(group)
-            except Exception:
-                await self._write_each(group)
+                try:
+                    await self._write_group(group)
+                except Exception:
+                    await self._write_each(group)
+            except BaseException as error:
+                # Never leave a caller waiting on a writer that is gone.
+                for call in group + self._waiting:
+                    if not call.done.done():
+                        call.done.set_exception(error)
+                self._waiting.clear()
+                raise
 
     def _take_group(self) -> list[_Call]:
         group: list[_Call] = []
@@ -78,8 +109,19 @@ class PublishQueue:
 
     async def _write_group(self, group: list[_Call]) -> None:
         events = [event for call in group for event in call.events]
-        outcomes = await self._db.run(self._store, events)
-        self._stored(outcomes)
+        claimer = self._claimer()
+        lease = None if claimer is None else claimer.lease_request()
+        published = outbox.Published()
+        try:
+            outcomes = await self._db.run(self._store, events, lease, published)
+        except BaseException:
+            if claimer is not None and lease is not None:
+                claimer.lease_abandoned(lease)
+            raise
+        if claimer is not None and lease is not None:
+            claimer.admit_leased(lease, published.claims)
+        if lease is None or published.left_due:
+            self._stored(outcomes)
         start = 0
         for call in group:
             end = start + len(call.events)
@@ -99,9 +141,20 @@ class PublishQueue:
             if not call.done.done():
                 call.done.set_result(outcomes)
 
-    def _store(self, session: Session, events: list[EventData]) -> list[outbox.PublishOutcome]:
+    def _store(
+        self,
+        session: Session,
+        events: list[EventData],
+        lease: outbox.Lease | None = None,
+        published: outbox.Published | None = None,
+    ) -> list[outbox.PublishOutcome]:
         return outbox.publish_events(
-            session, events, now=time.time(), dashboard_base_url=self._dashboard_base_url
+            session,
+            events,
+            now=time.time(),
+            dashboard_base_url=self._dashboard_base_url,
+            lease=lease,
+            published=published,
         )
 
     def _stored(self, outcomes: Sequence[outbox.PublishOutcome]) -> None:
