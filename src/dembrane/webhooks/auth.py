@@ -38,6 +38,10 @@ class Principal:
             raise ScopeRequired(f"This call needs the {scope} scope.", metadata={"scope": scope})
 
 
+#: How many verified tokens are remembered (all are forgotten when it fills up).
+_VERIFIED_CACHE_SIZE = 4096
+
+
 class TokenVerifier:
     """Verifies bearer tokens against the configured key."""
 
@@ -49,6 +53,10 @@ class TokenVerifier:
             self._keys.append((settings.jwt_secret, ["HS256"]))
         if settings.jwt_public_key:
             self._keys.append((settings.jwt_public_key.encode(), ["RS256", "ES256"]))
+        # Tokens verified before, with when they expire: a backend publishing thousands of
+        # events a second presents the same token every time, and checking a signature
+        # costs more than the rest of the call's bookkeeping.
+        self._verified: dict[str, tuple[Principal, float | None]] = {}
 
     @property
     def configured(self) -> bool:
@@ -66,6 +74,21 @@ class TokenVerifier:
 
     def verify(self, token: str) -> Principal:
         """Check the token's signature and claims; raise ``Unauthenticated`` otherwise."""
+        known = self._verified.get(token)
+        if known is not None:
+            principal, expires = known
+            if expires is None or time.time() < expires:
+                return principal
+            del self._verified[token]
+        claims = self._decode(token)
+        principal = principal_from_claims(claims)
+        exp = claims.get("exp")
+        if len(self._verified) >= _VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = (principal, float(exp) if isinstance(exp, int | float) else None)
+        return principal
+
+    def _decode(self, token: str) -> dict[str, object]:
         claims: dict[str, object] | None = None
         for key, algorithms in self._keys:
             try:
@@ -86,7 +109,7 @@ class TokenVerifier:
                 continue
         if claims is None:
             raise Unauthenticated(INVALID_SESSION)
-        return principal_from_claims(claims)
+        return claims
 
 
 def principal_from_claims(claims: dict[str, object]) -> Principal:
