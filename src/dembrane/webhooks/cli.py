@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -61,6 +62,10 @@ async def _serve_until_signalled(service: Service) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await service.start()
+    # What start-up built lives as long as the process: keep the collector from walking it
+    # again and again, which shortens its pauses under load.
+    gc.collect()
+    gc.freeze()
     try:
         await stop.wait()
         log.info("shutting down: finishing in-flight calls and deliveries")
