@@ -12,7 +12,8 @@ with ``COPY``), every delivery pending and due in the past. Then, per size:
   the same table;
 * the memory: the service's dispatcher (``dembrane-webhooks worker``) runs over the backlog in
   a process of its own for a few seconds, delivering to the receiver, and its peak resident
-  memory (``VmHWM``) is read before it stops. One process per size, so peaks never mix.
+  memory (``VmHWM``, its sender processes' added) is read before it stops. One process per
+  size, so peaks never mix.
 """
 
 from __future__ import annotations

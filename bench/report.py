@@ -168,7 +168,9 @@ _METHOD = """\
 ## What each scenario measures
 
 Each run of the service is a separate `dembrane-webhooks serve --no-gateway` process
-(settings from `WEBHOOKS_*`, loopback targets allowed) on an empty database. Events are
+(settings from `WEBHOOKS_*`, loopback targets allowed) on an empty database, with the
+sender processes it starts itself (`WEBHOOKS_SENDER_PROCESSES`, by default one fewer than
+the cores: one here). Events are
 published over gRPC from the benchmark's own process. Deliveries go to a lean aiohttp
 receiver in a third process that answers 200 at once and records each delivery id and the
 first arrival of each event. A run counts as finished when the receiver has every delivery
@@ -206,13 +208,14 @@ publish, commit, claim, sign, POST, record.
    as the dispatcher calls it (its batch size, in its own transaction), median of repeated
    claims. The commit is timed apart and noted, because a disk sync does not grow with the
    table. The *peak memory* is the `VmHWM` of a `dembrane-webhooks worker` process that
-   delivers from the backlog for a few seconds, one process per size. Its delivery rate
+   delivers from the backlog for a few seconds, one process per size, plus that of its
+   sender processes. Its delivery rate
    while draining, with nothing being published, is set against C.
 
 The notes under the table give the CPU time the service spent per delivery, publish
-included, next to the CPU time the bare loop spent per request. They are measured from
-`/proc`, so other work on the machine does not inflate them the way it does wall-clock
-rates.
+and its sender processes included, next to the CPU time the bare loop spent per request.
+They are measured from `/proc`, so other work on the machine does not inflate them the way
+it does wall-clock rates.
 
 The goals, set for a 2-core machine on SQLite: throughput at
 least half of C; ack p99 under 10 ms; publish to receiver p50 under 20 ms and p99 under

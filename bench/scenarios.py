@@ -267,7 +267,10 @@ class DeliveryRun:
         if self.service_cpu is None or not self.deliveries:
             return ""
         per = self.service_cpu / self.deliveries * 1000
-        return f"{label}: the service used {per:.2f} ms of CPU per delivery (publish included)"
+        return (
+            f"{label}: the service used {per:.2f} ms of CPU per delivery "
+            "(publish included, its sender processes too)"
+        )
 
     def describe_shortfall(self) -> str:
         return (

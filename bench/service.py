@@ -173,23 +173,29 @@ class ServiceProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     def cpu_seconds(self) -> float | None:
-        """CPU time (user and system) the process has used so far."""
+        """CPU time (user and system) the service has used so far, its sender processes
+        included."""
         if self._process is None:
             return None
-        return proc_cpu_seconds(self._process.pid)
+        pids = [self._process.pid, *child_pids(self._process.pid)]
+        times = [proc_cpu_seconds(pid) for pid in pids]
+        if times[0] is None:
+            return None
+        return sum(t for t in times if t is not None)
 
     def memory(self) -> tuple[int | None, int | None]:
-        """The process's current and peak resident memory in bytes (Linux ``/proc``)."""
+        """The service's current and peak resident memory in bytes (Linux ``/proc``), its
+        sender processes included (the sum of each process's figure)."""
         if self._process is None:
             return None, None
-        return proc_memory(self._process.pid)
+        return _memory_with_children(self._process.pid)
 
     async def stop(self) -> None:
         """SIGTERM, wait for a graceful exit, SIGKILL if it does not come."""
         process, self._process = self._process, None
         if process is None:
             return
-        _, peak = proc_memory(process.pid)
+        _, peak = _memory_with_children(process.pid)
         if peak is not None:
             self.peak_rss_bytes = peak
         if process.returncode is None:
@@ -199,6 +205,33 @@ class ServiceProcess:
             except TimeoutError:
                 process.kill()
                 await process.wait()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (the service's sender processes)."""
+    children: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            children.append(int(entry.name))
+    return children
+
+
+def _memory_with_children(pid: int) -> tuple[int | None, int | None]:
+    current, peak = proc_memory(pid)
+    for child in child_pids(pid):
+        child_current, child_peak = proc_memory(child)
+        if current is not None and child_current is not None:
+            current += child_current
+        if peak is not None and child_peak is not None:
+            peak += child_peak
+    return current, peak
 
 
 def proc_cpu_seconds(pid: int) -> float | None:
