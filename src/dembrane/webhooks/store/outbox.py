@@ -190,8 +190,9 @@ def publish_events(
         first = _insert_fresh(
             session, list(fresh.values()), now, dashboard_base_url, lease, published
         )
+        # Rows leased to the publishing process need no other dispatcher.
         if any(outcome.delivery_count for outcome in first.values()) and (
-            published is None or published.left_due
+            lease is None or published is None or published.left_due
         ):
             announce_due(session)
 
