@@ -28,6 +28,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -81,9 +82,12 @@ class _WorkerLost(Exception):
 class _Worker:
     """One worker process and the requests it has not answered yet."""
 
-    def __init__(self, slot: int, options: SenderOptions) -> None:
+    def __init__(
+        self, slot: int, options: SenderOptions, on_lost: Callable[[], None] = lambda: None
+    ) -> None:
         self.slot = slot
         self._options = options
+        self._on_lost = on_lost
         self.process: asyncio.subprocess.Process | None = None
         self.pending: dict[int, asyncio.Future[WireOutcome]] = {}
         self.started_at = 0.0
@@ -166,11 +170,13 @@ class _Worker:
         except (asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError):
             pass
         finally:
-            self.alive = False
+            was_alive, self.alive = self.alive, False
             for token in list(self.pending):
                 self._fail(token)
             if self._writer is not None:
                 self._writer.close()
+            if was_alive:
+                self._on_lost()
 
     async def stop(self) -> None:
         """Close the socket (the worker exits when it reads its end), then reap the process."""
@@ -214,7 +220,7 @@ class SenderPool:
             max_connections=max_connections,
             log_level=log_level,
         )
-        self._workers = [_Worker(slot, self._options) for slot in range(processes)]
+        self._workers = [self._new_worker(slot) for slot in range(processes)]
         self._tokens = itertools.count(1)
         self._restarts: dict[int, asyncio.Task[None]] = {}
         self._running = False
@@ -238,10 +244,15 @@ class SenderPool:
     async def close(self) -> None:
         """Stop the workers; requests still in flight come back as failed attempts."""
         self._running = False
-        for task in self._restarts.values():
+        restarts = list(self._restarts.values())
+        for task in restarts:
             task.cancel()
+        await asyncio.gather(*restarts, return_exceptions=True)
         self._restarts.clear()
         await asyncio.gather(*(worker.stop() for worker in self._workers))
+
+    def _new_worker(self, slot: int) -> _Worker:
+        return _Worker(slot, self._options, on_lost=self._restart_lost)
 
     async def __aenter__(self) -> SenderPool:
         await self.start()
@@ -305,28 +316,36 @@ class SenderPool:
                 self._restarts[worker.slot] = asyncio.create_task(self._restart(worker))
 
     async def _restart(self, old: _Worker) -> None:
+        """Replace a worker that ended, trying again until one starts or the pool closes."""
         try:
-            code = old.process.returncode if old.process is not None else None
+            await old.stop()
             log.warning(
                 "delivery worker process %d (pid %s) exited with status %s; starting another",
                 old.slot,
                 old.process.pid if old.process is not None else "?",
-                code,
+                old.process.returncode if old.process is not None else None,
             )
-            await old.stop()
-            pause = _RESTART_PAUSE_SECONDS - (time.monotonic() - old.started_at)
-            if pause > 0:
-                await asyncio.sleep(pause)
-            fresh = _Worker(old.slot, self._options)
-            await fresh.start()
-            if not self._running:
-                await fresh.stop()
+            started_at = old.started_at
+            while self._running:
+                pause = _RESTART_PAUSE_SECONDS - (time.monotonic() - started_at)
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                started_at = time.monotonic()
+                fresh = self._new_worker(old.slot)
+                try:
+                    await fresh.start()
+                except BaseException as error:
+                    # Never leave a half-started worker behind, cancelled or not.
+                    await asyncio.shield(fresh.stop())
+                    if not isinstance(error, Exception):
+                        raise
+                    log.exception("could not start delivery worker process %d", old.slot)
+                    continue
+                if not self._running:
+                    await fresh.stop()
+                    return
+                self._workers[old.slot] = fresh
                 return
-            self._workers[old.slot] = fresh
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("could not start delivery worker process %d", old.slot)
         finally:
             self._restarts.pop(old.slot, None)
 

@@ -16,6 +16,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,11 +58,12 @@ async def _send_one(sender: Sender, answers: _Answers, item: Sequence[Any]) -> N
         delivery_id=delivery_id,
         secrets=tuple(secrets),
     )
+    attempted_at = time.time()
     try:
         outcome = await sender.send(request, timestamp=timestamp)
     except Exception:
         log.exception("sending delivery %s failed unexpectedly", delivery_id)
-        answers.add(token, (None, 0.0, "", "The request failed unexpectedly.", None, 0.0))
+        answers.add(token, (None, 0.0, "", "The request failed unexpectedly.", None, attempted_at))
         return
     answers.add(
         token,
