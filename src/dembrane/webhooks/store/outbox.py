@@ -251,36 +251,50 @@ def _stored_outcomes(session: Session, ids: Sequence[str]) -> dict[str, PublishO
 class _ProjectFacts:
     info: ProjectInfo
     tier: Tier
+    #: Published webhooks, oldest first: (webhook id, subscribed types, what a claim needs).
+    subscribers: list[tuple[str, frozenset[str], _WebhookFacts]]
 
 
 def _project_facts(session: Session, project_ids: Iterable[str]) -> dict[str, _ProjectFacts]:
+    """Each known project with its tier and its published webhooks, in one statement."""
     rows = _select_in(
         session,
-        "SELECT p.id, p.name, p.language, w.tier FROM projects p "
-        "JOIN workspaces w ON w.id = p.workspace_id WHERE p.id {ids}",
+        "SELECT p.id, p.name, p.language, ws.tier, w.id, w.events, w.url, w.status, "
+        "w.updated_at, w.disabled_reason, w.secret, w.previous_secret, "
+        "w.previous_secret_expires_at "
+        "FROM projects p JOIN workspaces ws ON ws.id = p.workspace_id "
+        "LEFT JOIN webhooks w ON w.project_id = p.id AND w.status = 'published' "
+        "WHERE p.id {ids} ORDER BY p.id, w.created_at, w.id",
         project_ids,
     )
-    return {
-        project_id: _ProjectFacts(ProjectInfo(project_id, name, language), Tier(tier))
-        for project_id, name, language, tier in rows
-    }
-
-
-def _subscribers(
-    session: Session, project_ids: Iterable[str]
-) -> dict[str, list[tuple[str, frozenset[str]]]]:
-    """Published webhooks by project: (webhook id, subscribed types), oldest first."""
-    rows = _select_in(
-        session,
-        "SELECT id, project_id, events FROM webhooks "
-        "WHERE project_id {ids} AND status = 'published' ORDER BY created_at, id",
-        project_ids,
-    )
-    hooks: dict[str, list[tuple[str, frozenset[str]]]] = {}
-    for webhook_id, project_id, events in rows:
-        types = frozenset(str(t) for t in json.loads(events))
-        hooks.setdefault(project_id, []).append((webhook_id, types))
-    return hooks
+    facts: dict[str, _ProjectFacts] = {}
+    for project_id, name, language, tier_name, webhook_id, events, *hook in rows:
+        project = facts.get(project_id)
+        if project is None:
+            tier = Tier(tier_name)
+            project = facts[project_id] = _ProjectFacts(
+                ProjectInfo(project_id, name, language), tier, []
+            )
+        if webhook_id is None:
+            continue
+        url, status, updated_at, disabled_reason, secret, previous, previous_expires = hook
+        project.subscribers.append(
+            (
+                webhook_id,
+                frozenset(str(t) for t in json.loads(events)),
+                _WebhookFacts(
+                    url=url,
+                    status=status,
+                    updated_at=float(updated_at),
+                    disabled_reason=disabled_reason,
+                    secret=secret,
+                    previous_secret=previous,
+                    previous_secret_expires_at=previous_expires,
+                    tier=project.tier,
+                ),
+            )
+        )
+    return facts
 
 
 def _insert_fresh(
@@ -301,7 +315,6 @@ def _insert_fresh(
             reason="PROJECT_UNKNOWN",
             metadata={"project_id": unknown[0]},
         )
-    hooks = _subscribers(session, facts)
 
     event_rows: list[dict[str, Any]] = []
     deliveries: dict[str, list[dict[str, Any]]] = {}
@@ -329,7 +342,7 @@ def _insert_fresh(
                 "last_error": "",
                 "skip_reason": skip_reason,
             }
-            for webhook_id, types in hooks.get(event.project_id, ())
+            for webhook_id, types, _hook in project.subscribers
             if event.type in types
         ]
         queued = 0 if skip_reason else len(rows)
@@ -365,7 +378,7 @@ def _insert_fresh(
                 _INSERT_DELIVERIES_SQLITE,
                 [_ordered(r, _DELIVERY_COLUMNS) for r in delivery_rows],
             )
-        _claim_leased(session, leased, bodies, published)
+        _claim_leased(leased, bodies, facts, published)
         return outcomes
 
     inserted = _insert_events_once(session, event_rows)
@@ -378,7 +391,7 @@ def _insert_fresh(
     if delivery_rows:
         session.execute(_table("deliveries").insert(), delivery_rows)
     written = {row["id"] for row in delivery_rows}
-    _claim_leased(session, [row for row in leased if row["id"] in written], bodies, published)
+    _claim_leased([row for row in leased if row["id"] in written], bodies, facts, published)
     return outcomes
 
 
@@ -405,18 +418,18 @@ def _lease_rows(
 
 
 def _claim_leased(
-    session: Session,
     leased: list[dict[str, Any]],
     bodies: dict[str, bytes],
+    facts: Mapping[str, _ProjectFacts],
     published: Published | None,
 ) -> None:
     if not leased or published is None:
         return
-    cursor = _cursor(session)
-    try:
-        hooks = _webhook_facts(cursor, _is_postgres(session), {r["webhook_id"] for r in leased})
-    finally:
-        cursor.close()
+    hooks = {
+        webhook_id: hook
+        for project in facts.values()
+        for webhook_id, _types, hook in project.subscribers
+    }
     published.claims.extend(
         _claims(
             [
