@@ -192,3 +192,16 @@ async def test_a_failed_transaction_gives_the_lease_back(database: Database) -> 
     assert claimer.abandoned == 1
     assert claimer.outstanding == 0
     assert database.call(lambda s: outbox.event_row(s, "ok-1")) is not None
+
+
+async def test_callers_never_wait_on_a_writer_that_is_gone(database: Database) -> None:
+    """If the writer task is cancelled (at shutdown), its waiting callers are released at once
+    instead of hanging."""
+    queue = PublishQueue(database, "https://dash.example.test", lambda: None)
+    call = asyncio.create_task(queue.publish([report("gone-1")]))
+    await asyncio.sleep(0)
+    writer = queue._writer
+    assert writer is not None
+    writer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, timeout=5)

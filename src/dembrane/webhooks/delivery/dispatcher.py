@@ -314,7 +314,7 @@ class Dispatcher:
         self._ready: deque[str] = deque()
         self._ready_set: set[str] = set()
         self._held = 0
-        #: Room promised to claims that publishing transactions are making for us.
+        #: Room promised to leases that publishing transactions are writing for us.
         self._reserved = 0
         self._held_ids: set[str] = set()
         self._in_flight = 0

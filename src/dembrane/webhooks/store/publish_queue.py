@@ -69,6 +69,8 @@ class PublishQueue:
         self._on_stored = on_stored
         self._claimer = claimer
         self._waiting: list[_Call] = []
+        #: The calls of the transaction being written.
+        self._current: list[_Call] = []
         self._writer: asyncio.Task[None] | None = None
 
     async def publish(self, events: Sequence[EventData]) -> list[outbox.PublishOutcome]:
@@ -77,24 +79,34 @@ class PublishQueue:
         self._waiting.append(call)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_all(), name="webhooks-publish")
+            self._writer.add_done_callback(self._writer_done)
         # Shielded: a caller that goes away must not cancel a transaction others wait on.
         return await asyncio.shield(call.done)
 
     async def _write_all(self) -> None:
         while self._waiting:
             group = self._take_group()
+            self._current = group
             try:
-                try:
-                    await self._write_group(group)
-                except Exception:
-                    await self._write_each(group)
-            except BaseException as error:
-                # Never leave a caller waiting on a writer that is gone.
-                for call in group + self._waiting:
-                    if not call.done.done():
-                        call.done.set_exception(error)
-                self._waiting.clear()
-                raise
+                await self._write_group(group)
+            except Exception:
+                await self._write_each(group)
+            self._current = []
+
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        """Never leave a caller waiting on a writer that is gone (cancelled at shutdown)."""
+        error = None if task.cancelled() else task.exception()
+        if (error is None and not task.cancelled()) or task is not self._writer:
+            # Finished with nothing left, or a newer writer owns what waits now.
+            return
+        stranded, self._current, self._waiting = self._current + self._waiting, [], []
+        for call in stranded:
+            if call.done.done():
+                continue
+            if error is None:
+                call.done.cancel()
+            else:
+                call.done.set_exception(error)
 
     def _take_group(self) -> list[_Call]:
         group: list[_Call] = []
