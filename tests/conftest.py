@@ -20,11 +20,6 @@ from harness import Stubs, Tokens, World, make_settings, seed_world
 
 if TYPE_CHECKING:
     from dembrane.webhooks.service import Service
-from dembrane.webhooks.v1 import (
-    directory_service_pb2_grpc,
-    event_service_pb2_grpc,
-    webhook_service_pb2_grpc,
-)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -64,12 +59,7 @@ def tokens(settings: Settings) -> Tokens:
 async def stubs(service: Service) -> AsyncIterator[Stubs]:
     channel = grpc.aio.insecure_channel(service.grpc_target)
     try:
-        yield Stubs(
-            channel=channel,
-            webhooks=webhook_service_pb2_grpc.WebhookServiceStub(channel),
-            events=event_service_pb2_grpc.EventServiceStub(channel),
-            directory=directory_service_pb2_grpc.DirectoryServiceStub(channel),
-        )
+        yield Stubs.on(channel)
     finally:
         await channel.close()
 

@@ -96,6 +96,16 @@ class Stubs:
     events: event_service_pb2_grpc.EventServiceStub
     directory: directory_service_pb2_grpc.DirectoryServiceStub
 
+    @classmethod
+    def on(cls, channel: grpc.aio.Channel) -> Stubs:
+        """Every service's stub on ``channel``."""
+        return cls(
+            channel=channel,
+            webhooks=webhook_service_pb2_grpc.WebhookServiceStub(channel),
+            events=event_service_pb2_grpc.EventServiceStub(channel),
+            directory=directory_service_pb2_grpc.DirectoryServiceStub(channel),
+        )
+
 
 @dataclass
 class World:

@@ -31,11 +31,8 @@ from dembrane.webhooks.store import directory, outbox
 from dembrane.webhooks.store.database import Database
 from dembrane.webhooks.store.tables import DeliveryRow, WebhookRow
 from dembrane.webhooks.v1 import (
-    directory_service_pb2_grpc,
     event_pb2,
-    event_service_pb2_grpc,
     webhook_pb2,
-    webhook_service_pb2_grpc,
 )
 from dembrane.webhooks.v1 import event_service_pb2 as epb
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
@@ -106,12 +103,7 @@ async def running_service(tmp_path: Path, **overrides: object) -> AsyncIterator[
     service = Service(make_settings(tmp_path, **overrides))
     await service.start()
     channel = grpc.aio.insecure_channel(service.grpc_target)
-    stubs = Stubs(
-        channel=channel,
-        webhooks=webhook_service_pb2_grpc.WebhookServiceStub(channel),
-        events=event_service_pb2_grpc.EventServiceStub(channel),
-        directory=directory_service_pb2_grpc.DirectoryServiceStub(channel),
-    )
+    stubs = Stubs.on(channel)
     try:
         await seed_world(stubs, Tokens(service.settings.jwt_secret or ""))
         yield stubs

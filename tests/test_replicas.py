@@ -17,10 +17,7 @@ from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.service import Parts, Service
 from dembrane.webhooks.store.database import Database
 from dembrane.webhooks.v1 import (
-    directory_service_pb2_grpc,
     event_pb2,
-    event_service_pb2_grpc,
-    webhook_service_pb2_grpc,
 )
 from dembrane.webhooks.v1 import event_service_pb2 as epb
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
@@ -47,12 +44,7 @@ async def test_a_publish_on_one_replica_wakes_the_worker_of_another(
     channel = grpc.aio.insecure_channel(api.grpc_target)
     try:
         await worker.start()
-        stubs = Stubs(
-            channel=channel,
-            webhooks=webhook_service_pb2_grpc.WebhookServiceStub(channel),
-            events=event_service_pb2_grpc.EventServiceStub(channel),
-            directory=directory_service_pb2_grpc.DirectoryServiceStub(channel),
-        )
+        stubs = Stubs.on(channel)
         await seed_world(stubs, tokens)
         async with Receiver() as receiver:
             await stubs.webhooks.CreateWebhook(

@@ -41,12 +41,9 @@ from dembrane.webhooks.gateway.openapi import build_openapi
 from dembrane.webhooks.gateway.routes import ROUTES
 from dembrane.webhooks.service import Service
 from dembrane.webhooks.v1 import (
-    directory_service_pb2_grpc,
     event_pb2,
     event_service_pb2,
-    event_service_pb2_grpc,
     webhook_service_pb2,
-    webhook_service_pb2_grpc,
 )
 
 from harness import Stubs, Tokens, make_settings, seed_world
@@ -101,12 +98,7 @@ class ThreadedService:
         await self.service.start()
         self.receiver = await Receiver().start()
         async with grpc.aio.insecure_channel(self.service.grpc_target) as channel:
-            stubs = Stubs(
-                channel=channel,
-                webhooks=webhook_service_pb2_grpc.WebhookServiceStub(channel),
-                events=event_service_pb2_grpc.EventServiceStub(channel),
-                directory=directory_service_pb2_grpc.DirectoryServiceStub(channel),
-            )
+            stubs = Stubs.on(channel)
             world = await seed_world(stubs, self.tokens)
             admin = self.tokens.bearer(self.tokens.user(world.admin))
             webhook_ids = []

@@ -27,11 +27,8 @@ from dembrane.webhooks.delivery.targets import TargetPolicy
 from dembrane.webhooks.domain.payload import ProjectInfo, render_body, test_event
 from dembrane.webhooks.service import Service
 from dembrane.webhooks.v1 import (
-    directory_service_pb2_grpc,
     event_pb2,
-    event_service_pb2_grpc,
     webhook_pb2,
-    webhook_service_pb2_grpc,
 )
 from dembrane.webhooks.v1 import event_service_pb2 as epb
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
@@ -416,12 +413,7 @@ async def test_a_service_with_worker_processes_delivers_end_to_end(tmp_path: Pat
             grpc.aio.insecure_channel(service.grpc_target) as channel,
             Receiver() as receiver,
         ):
-            stubs = Stubs(
-                channel=channel,
-                webhooks=webhook_service_pb2_grpc.WebhookServiceStub(channel),
-                events=event_service_pb2_grpc.EventServiceStub(channel),
-                directory=directory_service_pb2_grpc.DirectoryServiceStub(channel),
-            )
+            stubs = Stubs.on(channel)
             await seed_world(stubs, tokens)
             created = await stubs.webhooks.CreateWebhook(
                 pb.CreateWebhookRequest(
