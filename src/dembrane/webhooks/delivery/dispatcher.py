@@ -408,13 +408,7 @@ class Dispatcher:
                 except Exception:
                     log.exception("claiming deliveries failed; trying again shortly")
                     claims, next_due = [], time.time() + min(self._idle_timeout, 1.0)
-                if claims:
-                    now, mono = time.time(), time.monotonic()
-                    # Rows a stalled lane hands back are spread out in time, not all due at once.
-                    overflow: dict[str, int] = {}
-                    for claim in claims:
-                        self._admit(claim, now, mono, overflow)
-                    self._pump()
+                self._take(claims)
                 if len(claims) == want and not self._stopping:
                     continue
             if self._stopping:
@@ -444,11 +438,19 @@ class Dispatcher:
         self._reserved -= lease.limit
         if not claims:
             return
-        now, mono = time.time(), time.monotonic()
         if self._stopping:
+            now = time.time()
             for claim in claims:
                 self._queue_release(claim.delivery_id, now)
             return
+        self._take(claims)
+
+    def _take(self, claims: list[DeliveryClaim]) -> None:
+        """Put freshly leased rows into their lanes and start what may start."""
+        if not claims:
+            return
+        now, mono = time.time(), time.monotonic()
+        # Rows a stalled lane hands back are spread out in time, not all due at once.
         overflow: dict[str, int] = {}
         for claim in claims:
             self._admit(claim, now, mono, overflow)
