@@ -586,13 +586,7 @@ class Dispatcher:
                 continue
             if not lane.waiting:
                 continue
-            if lane.gone is not None:
-                self._fail_waiting(lane)
-                continue
-            if lane.breaker.is_open(now):
-                assert lane.breaker.open_until is not None
-                while lane.waiting:
-                    self._release(lane.waiting.popleft().claim, lane.breaker.open_until)
+            if self._empty_if_unsendable(lane, now):
                 continue
             if lane.stalled(mono):
                 position = 0
@@ -623,13 +617,7 @@ class Dispatcher:
             lane = self._lanes.get(webhook_id)
             if lane is None or not lane.waiting:
                 continue
-            if lane.gone is not None:
-                self._fail_waiting(lane)
-                continue
-            if lane.breaker.is_open(now):
-                assert lane.breaker.open_until is not None
-                while lane.waiting:
-                    self._release(lane.waiting.popleft().claim, lane.breaker.open_until)
+            if self._empty_if_unsendable(lane, now):
                 continue
             if lane.in_flight >= lane.cap(self._per_webhook, now) or not lane.breaker.may_start(
                 now
@@ -640,6 +628,19 @@ class Dispatcher:
             self._start(lane, held.claim, now)
             if lane.waiting:
                 self._mark_ready(webhook_id)
+
+    def _empty_if_unsendable(self, lane: _Lane, now: float) -> bool:
+        """Empty a lane that may not send now: its webhook was just disabled (its rows fail)
+        or its breaker is open (its rows wait out the cool-down in the store)."""
+        if lane.gone is not None:
+            self._fail_waiting(lane)
+            return True
+        open_until = lane.breaker.open_until
+        if lane.breaker.is_open(now) and open_until is not None:
+            while lane.waiting:
+                self._release(lane.waiting.popleft().claim, open_until)
+            return True
+        return False
 
     def _fail_waiting(self, lane: _Lane) -> None:
         """Finish, unsent, the rows of a lane whose webhook this process just disabled."""
