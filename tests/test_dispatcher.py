@@ -8,6 +8,7 @@ a real SQLite store directly, seeding rows through the store's own functions.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,7 +21,12 @@ from sqlalchemy import update
 from sqlmodel import Session
 
 from dembrane.webhooks.auth import SCOPE_PUBLISH
-from dembrane.webhooks.delivery.dispatcher import BreakerSettings, CircuitBreaker, Dispatcher
+from dembrane.webhooks.delivery.dispatcher import (
+    FLUSH_WINDOW_SECONDS,
+    BreakerSettings,
+    CircuitBreaker,
+    Dispatcher,
+)
 from dembrane.webhooks.delivery.sender import Sender
 from dembrane.webhooks.delivery.targets import TargetPolicy
 from dembrane.webhooks.domain.access import Tier
@@ -451,6 +457,41 @@ async def test_many_deliveries_each_arrive_once(tmp_path: Path) -> None:
             for receiver in (first, second):
                 assert sorted(r.headers["webhook-id"] for r in receiver.requests) == sorted(ids)
         assert all(r.attempt_count == 1 for r in rows(resources))
+
+
+async def test_outcomes_that_finish_during_a_write_wait_for_the_next_window(
+    tmp_path: Path,
+) -> None:
+    """Outcomes trickling in are written a window apart, never in a rushed write of their own."""
+    async with store_engine(tmp_path, max_concurrency=64, per_webhook_concurrency=64) as resources:
+        database = resources.database
+        write_outcomes = database.run_relaxed
+        writes: list[tuple[float, float, int]] = []
+
+        async def slow_recording(fn: Callable[..., object], *args: object) -> object:
+            # Slow each outcome write down, so that others finish while it is under way.
+            if fn is not outbox.record_results:
+                return await write_outcomes(fn, *args)
+            started = time.monotonic()
+            await asyncio.sleep(0.03)
+            result = await write_outcomes(fn, *args)
+            writes.append((started, time.monotonic(), len(args[1]) + len(args[2])))  # type: ignore[arg-type]
+            return result
+
+        database.run_relaxed = slow_recording  # type: ignore[method-assign,assignment]
+        # Forty answers, one every 10 ms: outcomes keep finishing across several writes.
+        replies = [Reply(200, delay=0.01 * i) for i in range(40)]
+        async with Receiver(SECRET, replies=replies) as receiver:
+            add_webhook(resources, "wh", receiver.url)
+            store_publish(resources, *[f"e{i}" for i in range(40)])
+            async with dispatching(resources):
+                await receiver.wait_for(40)
+                await until(lambda: all(r.status == "succeeded" for r in rows(resources)))
+    assert sum(count for _start, _end, count in writes) == 40
+    assert len(writes) >= 3
+    gaps = [later[0] - earlier[1] for earlier, later in itertools.pairwise(writes)]
+    # Timers may fire a little early; a rushed write would follow at once.
+    assert min(gaps) >= FLUSH_WINDOW_SECONDS * 0.8
 
 
 def most_started_within(receivers: list[Receiver], window: float) -> int:

@@ -836,3 +836,6 @@ class Dispatcher:
                 for r in results
             ) or any(r.next_attempt_at <= soon for r in releases):
                 self._r.wake_dispatcher()
+            if not self._closing and len(self._results) + len(self._releases) < FLUSH_BATCH:
+                # What finished during this write waits for the next window, with company.
+                return
