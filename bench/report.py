@@ -180,7 +180,10 @@ publish, commit, claim, sign, POST, record.
 1. **Ceiling (C).** A bare aiohttp loop POSTs the same signed body (a
    `conversation.summarized` event of about 1.7 kB) to the same receiver, at the service's
    global concurrency (`WEBHOOKS_MAX_CONCURRENCY`). Nothing can deliver faster than this on
-   this machine; it is the baseline of scenario 2.
+   this machine; it is the baseline of scenario 2. It is measured before scenario 2 and
+   again right after it, and the figure is the mean of the two (both are in the notes): a
+   shared machine's speed drifts during a run, and one measurement half a minute away from
+   scenario 2 could flatter or wrong it.
 2. **Throughput.** `PublishEvents` in batches of 100 (4 calls in flight) to a single
    webhook, which may use the whole concurrency
    (`WEBHOOKS_PER_WEBHOOK_CONCURRENCY` = the global one). Deliveries per second from the
