@@ -6,10 +6,10 @@ chunks of 50,000 (SQLite with ``synchronous=OFF`` on the loading connection only
 with ``COPY``), every delivery pending and due in the past. Then, per size:
 
 * the claim: ``store.outbox.claim_due`` as the dispatcher calls it (same batch size, its own
-  transaction), timed over repeated claims. The figure is the claim's statements, the part
-  that could grow with the table; the commit, a disk sync that does not, is timed apart and
-  noted. Each claim's lease is undone afterwards, outside the timing, so every claim meets
-  the same table;
+  transaction), timed over repeated claims, the two sizes taking turns. The figure is the
+  claim's statements, the part that could grow with the table; the commit, a disk sync that
+  does not, is timed apart and noted. Each claim's lease is undone afterwards, outside the
+  timing, so every claim meets the same table;
 * the memory: the service's dispatcher (``dembrane-webhooks worker``) runs over the backlog in
   a process of its own for a few seconds, delivering to the receiver, and its peak resident
   memory (``VmHWM``, its sender processes' added) is read before it stops. One process per
@@ -275,34 +275,42 @@ def _event_id(number: int) -> str:
 # -- measuring -----------------------------------------------------------------------------
 
 
-def time_claims(url: str, batch: int, repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds of ``claim_due``'s statements and of the commit after them, per claim."""
+def time_claims(
+    urls: dict[int, str], batch: int, repeats: int
+) -> dict[int, tuple[list[float], list[float]]]:
+    """Seconds of ``claim_due``'s statements and of the commit after them, per claim and size.
+
+    The sizes take turns, one claim each, so that the machine's drift in speed during the
+    run falls on both alike.
+    """
     synchronous = os.environ.get("WEBHOOKS_SQLITE_SYNCHRONOUS", "FULL").upper()
-    database = Database(url, sqlite_synchronous=synchronous)
+    databases = {size: Database(url, sqlite_synchronous=synchronous) for size, url in urls.items()}
     owner = "dsp_bench_claims"
     undo = text(
         "UPDATE deliveries SET next_attempt_at = :due, lease_owner = NULL WHERE id IN :ids"
     ).bindparams(bindparam("ids", expanding=True))
-    samples: list[float] = []
-    commits: list[float] = []
+    timings: dict[int, tuple[list[float], list[float]]] = {size: ([], []) for size in urls}
     try:
         for _ in range(repeats):
-            with database.session() as session:
-                session.begin()
-                started = time.perf_counter()
-                claims = claim_due(session, owner, time.time(), LEASE_SECONDS, batch)
-                claimed = time.perf_counter()
-                session.commit()
-                commits.append(time.perf_counter() - claimed)
-            samples.append(claimed - started)
-            if not claims:
-                raise RuntimeError("The claim found no due deliveries in the backlog.")
-            ids = [claim.delivery_id for claim in claims]
-            with database.engine.begin() as connection:
-                connection.execute(undo, {"due": time.time() - 3600.0, "ids": ids})
+            for size, database in databases.items():
+                samples, commits = timings[size]
+                with database.session() as session:
+                    session.begin()
+                    started = time.perf_counter()
+                    claims = claim_due(session, owner, time.time(), LEASE_SECONDS, batch)
+                    claimed = time.perf_counter()
+                    session.commit()
+                    commits.append(time.perf_counter() - claimed)
+                samples.append(claimed - started)
+                if not claims:
+                    raise RuntimeError("The claim found no due deliveries in the backlog.")
+                ids = [claim.delivery_id for claim in claims]
+                with database.engine.begin() as connection:
+                    connection.execute(undo, {"due": time.time() - 3600.0, "ids": ids})
     finally:
-        database.close()
-    return samples, commits
+        for database in databases.values():
+            database.close()
+    return timings
 
 
 @dataclass
@@ -356,23 +364,30 @@ async def backlog(ctx: BenchContext) -> ScenarioResult:
     claim_ms: dict[int, float] = {}
     peak_mb: dict[int, float | None] = {}
     drain: dict[int, float | None] = {}
-    for size in (scale.backlog_small, scale.backlog_large):
-        url = await asyncio.to_thread(ctx.lane.fresh, f"backlog-{size}")
+    sizes = (scale.backlog_small, scale.backlog_large)
+    urls: dict[int, str] = {}
+    built: dict[int, float] = {}
+    for size in sizes:
+        urls[size] = await asyncio.to_thread(ctx.lane.fresh, f"backlog-{size}")
         ctx.log(f"backlog: writing {size:,} due deliveries")
-        built = await asyncio.to_thread(build_backlog, url, size, hooks)
-        ctx.log(f"backlog: {size:,} rows written in {built:.1f} s; timing claims of {batch}")
-        samples, commits = await asyncio.to_thread(time_claims, url, batch, scale.claim_repeats)
+        built[size] = await asyncio.to_thread(build_backlog, urls[size], size, hooks)
+        ctx.log(f"backlog: {size:,} rows written in {built[size]:.1f} s")
+    ctx.log(f"backlog: timing claims of {batch}, the sizes taking turns")
+    timings = await asyncio.to_thread(time_claims, urls, batch, scale.claim_repeats)
+    for size in sizes:
+        samples, commits = timings[size]
         claim_ms[size] = statistics.median(samples) * 1000.0
         result.notes.append(
-            f"backlog {size:,}: built in {built:.1f} s; claim of {batch} rows: median "
+            f"backlog {size:,}: built in {built[size]:.1f} s; claim of {batch} rows: median "
             f"{claim_ms[size]:.2f} ms, first {samples[0] * 1000:.2f} ms, "
             f"max {max(samples) * 1000:.2f} ms over {len(samples)} claims; "
             f"its commit: median {statistics.median(commits) * 1000:.2f} ms"
         )
+    for size in sizes:
         ctx.log(
             f"backlog: the dispatcher runs over {size:,} rows for {scale.backlog_run_seconds:g} s"
         )
-        ran = await run_dispatcher(ctx, url, scale.backlog_run_seconds)
+        ran = await run_dispatcher(ctx, urls[size], scale.backlog_run_seconds)
         peak_mb[size] = None if ran.peak_rss_bytes is None else ran.peak_rss_bytes / _MB
         drain[size] = ran.drain_rate
         result.notes.append(
