@@ -784,7 +784,7 @@ class Dispatcher:
                 return
 
     async def _flush(self) -> None:
-        """Write what has gathered, in as few transactions as the pace allows."""
+        """Write what has gathered; keep writing only while full batches wait (or closing)."""
         failures = 0
         while self._results or self._releases or self._holds:
             results, self._results = self._results, []
