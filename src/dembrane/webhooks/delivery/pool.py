@@ -35,7 +35,7 @@ from typing import Any
 
 from dembrane.webhooks.delivery.sender import AttemptOutcome, OutboundRequest
 
-__all__ = ["SenderOptions", "SenderPool", "read_frame", "write_frame"]
+__all__ = ["FrameBatch", "SenderOptions", "SenderPool", "read_frame", "write_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,39 @@ async def read_frame(reader: asyncio.StreamReader) -> Any:
     return pickle.loads(await reader.readexactly(size))  # noqa: S301
 
 
+class FrameBatch:
+    """Messages added during one turn of the event loop, written to ``writer`` as one frame.
+
+    If the writer is closed by then, the batch goes to ``undelivered`` instead (or is dropped).
+    """
+
+    def __init__(
+        self,
+        writer: asyncio.StreamWriter,
+        undelivered: Callable[[list[tuple[Any, ...]]], None] = lambda _batch: None,
+    ) -> None:
+        self._writer = writer
+        self._undelivered = undelivered
+        self._batch: list[tuple[Any, ...]] = []
+        self._scheduled = False
+
+    def add(self, message: tuple[Any, ...]) -> None:
+        self._batch.append(message)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        if self._writer.is_closing():
+            self._undelivered(batch)
+        else:
+            write_frame(self._writer, batch)
+
+
 class _WorkerLost(Exception):
     """The worker process ended before answering."""
 
@@ -93,8 +126,7 @@ class _Worker:
         self.started_at = 0.0
         self.alive = False
         self._writer: asyncio.StreamWriter | None = None
-        self._outbox: list[tuple[Any, ...]] = []
-        self._flush_scheduled = False
+        self._outbox: FrameBatch | None = None
         self._reader_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -115,6 +147,7 @@ class _Worker:
         finally:
             theirs.close()
         reader, self._writer = await asyncio.open_connection(sock=ours)
+        self._outbox = FrameBatch(self._writer, self._fail_all)
         write_frame(self._writer, asdict(self._options))
         # The worker says it is ready once its sender is up, so the first requests after
         # start never wait for an interpreter to boot.
@@ -126,33 +159,24 @@ class _Worker:
         )
 
     def submit(self, token: int, request: OutboundRequest, timestamp: int | None) -> None:
-        self._outbox.append(
-            (
-                token,
-                request.url,
-                request.body,
-                request.event_type,
-                request.event_id,
-                request.delivery_id,
-                request.secrets,
-                timestamp,
-            )
+        message = (
+            token,
+            request.url,
+            request.body,
+            request.event_type,
+            request.event_id,
+            request.delivery_id,
+            request.secrets,
+            timestamp,
         )
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        if self._outbox is None:
+            self._fail(token)
+        else:
+            self._outbox.add(message)
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        batch, self._outbox = self._outbox, []
-        if not batch:
-            return
-        writer = self._writer
-        if writer is None or writer.is_closing():
-            for item in batch:
-                self._fail(item[0])
-            return
-        write_frame(writer, batch)
+    def _fail_all(self, batch: list[tuple[Any, ...]]) -> None:
+        for message in batch:
+            self._fail(message[0])
 
     def _fail(self, token: int) -> None:
         future = self.pending.pop(token, None)

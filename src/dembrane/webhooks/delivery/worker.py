@@ -20,35 +20,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from dembrane.webhooks.delivery.pool import WireOutcome, read_frame, write_frame
+from dembrane.webhooks.delivery.pool import FrameBatch, read_frame, write_frame
 from dembrane.webhooks.delivery.sender import OutboundRequest, Sender
 from dembrane.webhooks.delivery.targets import TargetPolicy
 
 log = logging.getLogger("dembrane.webhooks.delivery.worker")
 
 
-class _Answers:
-    """Outcomes gathered during one turn of the event loop, written as one frame."""
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
-        self._batch: list[tuple[Any, ...]] = []
-        self._scheduled = False
-
-    def add(self, token: int, outcome: WireOutcome) -> None:
-        self._batch.append((token, *outcome))
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        batch, self._batch = self._batch, []
-        if batch and not self._writer.is_closing():
-            write_frame(self._writer, batch)
-
-
-async def _send_one(sender: Sender, answers: _Answers, item: Sequence[Any]) -> None:
+async def _send_one(sender: Sender, answers: FrameBatch, item: Sequence[Any]) -> None:
     token, url, body, event_type, event_id, delivery_id, secrets, timestamp = item
     request = OutboundRequest(
         url=url,
@@ -63,18 +42,18 @@ async def _send_one(sender: Sender, answers: _Answers, item: Sequence[Any]) -> N
         outcome = await sender.send(request, timestamp=timestamp)
     except Exception:
         log.exception("sending delivery %s failed unexpectedly", delivery_id)
-        answers.add(token, (None, 0.0, "", "The request failed unexpectedly.", None, attempted_at))
+        answers.add((token, None, 0.0, "", "The request failed unexpectedly.", None, attempted_at))
         return
     answers.add(
-        token,
         (
+            token,
             outcome.status_code,
             outcome.latency,
             outcome.response_body,
             outcome.error,
             outcome.retry_after,
             outcome.attempted_at.timestamp(),
-        ),
+        )
     )
 
 
@@ -97,7 +76,7 @@ async def serve(fd: int) -> None:
         policy=policy,
         max_connections=options["max_connections"],
     ) as sender:
-        answers = _Answers(writer)
+        answers = FrameBatch(writer)
         write_frame(writer, "ready")
         while True:
             try:
