@@ -5,6 +5,8 @@ python -m bench --quick               # small counts, a smoke run in well under 
 python -m bench --only latency        # some scenarios (their baselines come along)
 python -m bench --database-url postgresql://...   # another database lane
 python -m bench --profile --only throughput       # where the service spends its time
+
+Two set-ups compared in alternating rounds: ``python -m bench.compare`` (see its docstring).
 """
 
 from __future__ import annotations

@@ -237,7 +237,15 @@ make bench                                   # the full run; rewrites this page
 .venv/bin/python -m bench --database-url postgresql://user@localhost:5432/webhooks_bench
 WEBHOOKS_SQLITE_SYNCHRONOUS=NORMAL make bench  # any WEBHOOKS_* setting passes through
 .venv/bin/python -m bench --only throughput --profile   # where the service spends its time
+.venv/bin/python -m bench.compare --b WEBHOOKS_SENDER_PROCESSES=2   # two set-ups, in turns
 ```
+
+One run measures each figure once, and this machine's speed drifts by up to a third within
+minutes, so a single run cannot show a change smaller than that. `bench.compare` runs two
+services side by side (different settings, `serve` arguments, or another checkout's code
+with `--b-source`) and publishes to them in alternating rounds of single-event calls at
+500/s, so both meet the same machine; it reports each side's acknowledgement and
+publish-to-receiver p50/p99 and in how many rounds each was faster.
 
 A database URL (the flag or `WEBHOOKS_DATABASE_URL`) is emptied before each run, so point
 it at a scratch database: the benchmark refuses one holding workspaces it did not create.
