@@ -6,11 +6,11 @@ from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlmodel import SQLModel
 
 from dembrane.webhooks.store import tables  # noqa: F401  (registers the tables)
-from dembrane.webhooks.store.database import Database
+from dembrane.webhooks.store.database import _MIGRATIONS, Database
 
 from harness import fresh_database_url
 
@@ -42,3 +42,39 @@ def test_migrations_match_the_table_classes(tmp_path: Path) -> None:
         context = MigrationContext.configure(connection)
         assert compare_metadata(context, SQLModel.metadata) == []
     database.close()
+
+
+def test_an_existing_database_upgrades_with_its_events(tmp_path: Path) -> None:
+    """A database made by the first migration keeps its rows on upgrade, minus the index."""
+    from alembic import command
+    from alembic.config import Config
+
+    database = Database(fresh_database_url(tmp_path))
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", database.url.replace("%", "%%"))
+    with database.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    with database.engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO events (id, type, project_id, occurred_at, created_at, body,"
+                " skip_reason, delivery_count) VALUES ('evt-old', 'conversation.started',"
+                " 'p-old', 1.0, 1.0, :body, '', 0)"
+            ),
+            {"body": b"{}"},
+        )
+    assert "ix_events_project_id" in _index_names(database, "events")
+
+    database.migrate()
+
+    assert "ix_events_project_id" not in _index_names(database, "events")
+    with database.engine.connect() as connection:
+        rows = connection.execute(text("SELECT id, project_id FROM events")).all()
+    assert [tuple(row) for row in rows] == [("evt-old", "p-old")]
+    database.close()
+
+
+def _index_names(database: Database, table: str) -> set[str]:
+    return {str(index["name"]) for index in inspect(database.engine).get_indexes(table)}

@@ -90,7 +90,8 @@ class EventRow(SQLModel, table=True):
 
     id: str = Field(primary_key=True, max_length=128)
     type: str = Field(max_length=64)
-    project_id: str = Field(max_length=128, index=True)
+    # Kept with the event, but not indexed: no query reads events by project.
+    project_id: str = Field(max_length=128)
     occurred_at: float
     created_at: float = Field(index=True)
     body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
