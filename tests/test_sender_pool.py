@@ -166,6 +166,21 @@ async def test_many_concurrent_sends_each_arrive_once(pool: SenderPool) -> None:
     assert all(r.body == bodies[r.headers["X-Dembrane-Delivery"]] for r in received)
 
 
+async def test_a_worker_keeps_every_request_in_flight_at_once_wave_after_wave() -> None:
+    """Twenty slow requests all reach the receiver together, and so do twenty more after."""
+    async with _pool(1) as pool, Receiver(SECRET, default=Reply(delay=2.0)) as receiver:
+        for wave in range(2):
+            requests = [_request(receiver.url, delivery_id=f"dlv_{wave}_{i}") for i in range(20)]
+            sends = asyncio.gather(*(pool.send(r) for r in requests))
+            # Each is held for 2 s: one at a time, only the first would be there by now.
+            arrived = await receiver.wait_for(20 * (wave + 1), within=1.5)
+            outcomes = await sends
+            assert all(o.success for o in outcomes)
+            assert {r.headers["X-Dembrane-Delivery"] for r in arrived[wave * 20 :]} == {
+                r.delivery_id for r in requests
+            }
+
+
 async def test_the_timestamp_is_signed_as_given(pool: SenderPool) -> None:
     """An explicit timestamp reaches the worker and is the one the request is signed with."""
     timestamp = int(time.time()) - 30

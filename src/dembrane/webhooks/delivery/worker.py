@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,6 +58,56 @@ async def _send_one(sender: Sender, answers: FrameBatch, item: Sequence[Any]) ->
     )
 
 
+class _Crew:
+    """Long-lived sending coroutines that take requests from one queue.
+
+    A request goes to an idle member, or to a new one while there are fewer than ``size``;
+    a member that finishes takes the next request waiting, without a new task. Under load
+    that saves a task per request, a measurable share of a worker's CPU. The parent never
+    has more requests in flight than the connection limit, which is ``size``, so none waits
+    for a member.
+    """
+
+    def __init__(self, sender: Sender, answers: FrameBatch, size: int) -> None:
+        self._sender = sender
+        self._answers = answers
+        self._size = max(1, size)
+        self._queue: deque[Sequence[Any]] = deque()
+        self._idle: deque[asyncio.Future[None]] = deque()
+        self._members: set[asyncio.Task[None]] = set()
+
+    def add(self, batch: Sequence[Sequence[Any]]) -> None:
+        self._queue.extend(batch)
+        waiting = len(self._queue)
+        while waiting and self._idle:
+            idle = self._idle.popleft()
+            if not idle.done():
+                idle.set_result(None)
+                waiting -= 1
+        while waiting and len(self._members) < self._size:
+            member = asyncio.create_task(self._work())
+            self._members.add(member)
+            member.add_done_callback(self._members.discard)
+            waiting -= 1
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        while True:
+            while not queue:
+                idle = loop.create_future()
+                self._idle.append(idle)
+                await idle
+            await _send_one(self._sender, self._answers, queue.popleft())
+
+    async def stop(self) -> None:
+        """Cancel every member, and the requests they are sending."""
+        members = list(self._members)
+        for member in members:
+            member.cancel()
+        await asyncio.gather(*members, return_exceptions=True)
+
+
 async def serve(fd: int) -> None:
     """Serve the parent on socket ``fd`` until it closes its end."""
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
@@ -69,27 +120,21 @@ async def serve(fd: int) -> None:
     policy = TargetPolicy(
         tuple(ipaddress.ip_network(cidr, strict=False) for cidr in options["allowed_targets"])
     )
-    tasks: set[asyncio.Task[None]] = set()
     async with Sender(
         connect_timeout=options["connect_timeout"],
         request_timeout=options["request_timeout"],
         policy=policy,
         max_connections=options["max_connections"],
     ) as sender:
-        answers = FrameBatch(writer)
+        crew = _Crew(sender, FrameBatch(writer), options["max_connections"])
         write_frame(writer, "ready")
         while True:
             try:
                 batch = await read_frame(reader)
             except (asyncio.IncompleteReadError, ConnectionError):
                 break
-            for item in batch:
-                task = asyncio.create_task(_send_one(sender, answers, item))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            crew.add(batch)
+        await crew.stop()
     writer.close()
 
 
