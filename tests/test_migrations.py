@@ -10,7 +10,7 @@ from sqlalchemy import inspect, text
 from sqlmodel import SQLModel
 
 from dembrane.webhooks.store import tables  # noqa: F401  (registers the tables)
-from dembrane.webhooks.store.database import _MIGRATIONS, Database
+from dembrane.webhooks.store.database import Database
 
 from harness import fresh_database_url
 
@@ -46,16 +46,8 @@ def test_migrations_match_the_table_classes(tmp_path: Path) -> None:
 
 def test_an_existing_database_upgrades_with_its_events(tmp_path: Path) -> None:
     """A database made by the first migration keeps its rows on upgrade, minus the index."""
-    from alembic import command
-    from alembic.config import Config
-
     database = Database(fresh_database_url(tmp_path))
-    config = Config()
-    config.set_main_option("script_location", str(_MIGRATIONS))
-    config.set_main_option("sqlalchemy.url", database.url.replace("%", "%%"))
-    with database.engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0001")
+    database.migrate("0001")
     with database.engine.begin() as connection:
         connection.execute(
             text(

@@ -73,8 +73,8 @@ class Database:
             )
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
 
-    def migrate(self) -> None:
-        """Bring the schema to the newest migration (creates it on first start)."""
+    def migrate(self, revision: str = "head") -> None:
+        """Bring the schema to ``revision``, the newest by default (creates it on first start)."""
         from alembic import command
         from alembic.config import Config
 
@@ -83,7 +83,7 @@ class Database:
         config.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
         with self.engine.begin() as connection:
             config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            command.upgrade(config, revision)
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
