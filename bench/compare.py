@@ -120,7 +120,7 @@ async def _round(
         sent_at[event.id] = wall
 
     await receiver.reset()
-    await paced(rate, count, lambda index: publish(index))
+    await paced(rate, count, publish)
     if side.delivers:
         await receiver.wait_delivered(count, deadline=time.monotonic() + _DELIVERY_DEADLINE_SECONDS)
         arrivals = await receiver.arrivals()
@@ -196,6 +196,10 @@ async def compare(a: Side, b: Side, *, rounds: int, seconds: float, rate: float)
     return _report(a, b)
 
 
+def _resolved(folder: str | None) -> str | None:
+    return None if folder is None else str(Path(folder).resolve())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.compare",
@@ -232,11 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             name=name.upper(),
             env=_settings(getattr(args, name)),
             serve_args=getattr(args, f"{name}_serve_arg"),
-            source=(
-                str(Path(getattr(args, f"{name}_source")).resolve())
-                if getattr(args, f"{name}_source")
-                else None
-            ),
+            source=_resolved(getattr(args, f"{name}_source")),
             hook=index,
         )
         for index, name in enumerate(("a", "b"))
