@@ -181,14 +181,18 @@ publish, commit, claim, sign, POST, record.
    `conversation.summarized` event of about 1.7 kB) to the same receiver, at the service's
    global concurrency (`WEBHOOKS_MAX_CONCURRENCY`). Nothing can deliver faster than this on
    this machine; it is the baseline of scenario 2. It is measured before scenario 2 and
-   again right after it, and the figure is the mean of the two (both are in the notes): a
-   shared machine's speed drifts during a run, and one measurement half a minute away from
-   scenario 2 could flatter or wrong it.
+   again right after each of its rounds, and each round is set against the mean of the two
+   measurements around it (all are in the notes): a shared machine's speed drifts during a
+   run, and one measurement half a minute away from a round could flatter or wrong it. The
+   figure in the table is the C of the round shown for scenario 2.
 2. **Throughput.** `PublishEvents` in batches of 100 (4 calls in flight) to a single
    webhook, which may use the whole concurrency
    (`WEBHOOKS_PER_WEBHOOK_CONCURRENCY` = the global one). Deliveries per second from the
    first publish until every delivery is recorded as succeeded, against C. The publish rate
-   beside it shows whether publishing or delivering set the pace.
+   beside it shows whether publishing or delivering set the pace. It runs three times, each
+   on a fresh database; the table shows the round with the median ratio to C, and the notes
+   give every round. One run of this scenario moves by a fifth from one minute to the next on
+   this machine, so a single one could land on either side of its goal by chance.
 3. **Latency at 500 events/s.** `PublishEvent` calls at a steady 500 per second (open loop:
    a slow answer does not slow the schedule), one event each. *Acknowledged per second* is
    how many of those calls the service answered per second, against the offered rate: below
@@ -205,7 +209,9 @@ publish, commit, claim, sign, POST, record.
    webhooks' deliveries per second against scenario 2. The service runs with the product's
    per-webhook cap (`WEBHOOKS_PER_WEBHOOK_CONCURRENCY=8`), as a deployment would. A control
    run with the same 100 webhooks, none hanging, separates the cost of the hanging from the
-   cost of spreading the work over many webhooks.
+   cost of spreading the work over many webhooks. The pair runs three times; the table shows
+   the round with the median healthy rate (set against the round of scenario 2 in the
+   table), and the notes give every round.
 6. **Backlog.** 1,000,000 due deliveries (10,000 events to 100 webhooks) are written
    straight into the store, against 1,000. The *claim time* is `store.outbox.claim_due`
    as the dispatcher calls it (its batch size, in its own transaction), median of repeated

@@ -24,7 +24,15 @@ import aiohttp
 from bench.client import BenchClient, make_event, signed_request
 from bench.lanes import DatabaseLane
 from bench.receiver import ReceiverProcess
-from bench.results import Figure, Goal, GoalKind, ScenarioResult, percentile
+from bench.results import (
+    Figure,
+    Goal,
+    GoalKind,
+    ScenarioResult,
+    fmt_number,
+    fmt_ratio,
+    percentile,
+)
 from bench.service import ServiceConfig, ServiceProcess
 from dembrane.webhooks.v1 import event_pb2
 
@@ -61,6 +69,8 @@ class Scale:
     claim_repeats: int
     #: The longest a scenario waits for its deliveries before reporting what it has.
     deadline: float
+    #: How many times throughput and isolation run; the table shows the median round.
+    rounds: int
 
 
 FULL = Scale(
@@ -86,6 +96,7 @@ FULL = Scale(
     backlog_run_seconds=8.0,
     claim_repeats=15,
     deadline=150.0,
+    rounds=3,
 )
 
 QUICK = Scale(
@@ -111,6 +122,7 @@ QUICK = Scale(
     backlog_run_seconds=1.0,
     claim_repeats=5,
     deadline=30.0,
+    rounds=1,
 )
 
 
@@ -430,7 +442,7 @@ async def bare_rate(ctx: BenchContext) -> tuple[float, float, int]:
 
 
 async def ceiling(ctx: BenchContext) -> ScenarioResult:
-    """C: the bare loop's rate (measured again after scenario 2, which uses the mean)."""
+    """C: the bare loop's rate (measured again after each round of scenario 2)."""
     result = ScenarioResult("ceiling")
     total = ctx.scale.ceiling_requests
     rate, cpu, delivered = await bare_rate(ctx)
@@ -447,22 +459,6 @@ async def ceiling(ctx: BenchContext) -> ScenarioResult:
     )
     result.figures.append(ctx.ceiling)
     return result
-
-
-async def ceiling_again(ctx: BenchContext, result: ScenarioResult) -> None:
-    """Measure C once more and use the mean of both: this machine's speed drifts in a run."""
-    if ctx.ceiling is None or ctx.ceiling.value is None:
-        return
-    first = ctx.ceiling.value
-    ctx.log("ceiling: measuring C again")
-    again, _cpu, _delivered = await bare_rate(ctx)
-    mean = (first + again) / 2
-    ctx.baselines["ceiling"] = mean
-    ctx.ceiling.value = mean
-    result.notes.append(
-        f"ceiling: C was {first:,.0f} req/s before scenario 2 and {again:,.0f} after it; "
-        f"the figures use the mean, {mean:,.0f}"
-    )
 
 
 async def bare_post_latency(ctx: BenchContext, rate: float, seconds: float) -> list[float]:
@@ -489,15 +485,40 @@ async def bare_post_latency(ctx: BenchContext, rate: float, seconds: float) -> l
 # -- 2. throughput --------------------------------------------------------------------------
 
 
-async def throughput(ctx: BenchContext) -> ScenarioResult:
-    """PublishEvents in batches to one webhook until every delivery is recorded."""
-    result = ScenarioResult("throughput")
+def round_name(base: str, number: int) -> str:
+    """The name of a run in round ``number`` (its database's and its profile's name)."""
+    return base if number == 1 else f"{base}-{number}"
+
+
+def median_round(keys: Sequence[float | None]) -> int:
+    """The index of the median round by ``keys`` (unmeasured ones count lowest); for an even
+    count, the lower of the two middle ones."""
+    order = sorted(range(len(keys)), key=lambda i: (keys[i] is not None, keys[i] or 0.0))
+    return order[(len(order) - 1) // 2]
+
+
+@dataclass
+class ThroughputRound:
+    """One throughput run and C around it: measured just before it and just after it."""
+
+    delivered: DeliveryRun
+    ceiling: float | None
+
+    @property
+    def ratio(self) -> float | None:
+        rate = self.delivered.rate
+        if rate is None or not self.ceiling:
+            return None
+        return rate / self.ceiling
+
+
+async def _throughput_run(ctx: BenchContext, name: str) -> DeliveryRun:
     scale = ctx.scale
     project = "p-throughput"
     # One webhook may use the whole concurrency, as the ceiling's loop does.
     async with running_service(
         ctx,
-        "throughput",
+        name,
         max_concurrency=ctx.concurrency,
         per_webhook_concurrency=ctx.concurrency,
     ) as run:
@@ -505,18 +526,71 @@ async def throughput(ctx: BenchContext) -> ScenarioResult:
         await run.client.create_webhooks(project, [ctx.receiver.url(0)])
         warm = await warm_up(ctx, run.client, project, per_event=1)
         events = [make_event(f"thr-{i}", project) for i in range(scale.throughput_events)]
-        ctx.log(f"throughput: publishing {len(events):,} events in batches of {scale.batch_size}")
-        delivered = await deliver_and_wait(
+        ctx.log(f"{name}: publishing {len(events):,} events in batches of {scale.batch_size}")
+        return await deliver_and_wait(
             ctx, run, chunks(events, scale.batch_size), len(events), already_succeeded=warm
         )
-    await ceiling_again(ctx, result)
+
+
+async def throughput(ctx: BenchContext) -> ScenarioResult:
+    """PublishEvents in batches to one webhook until every delivery is recorded.
+
+    It runs ``scale.rounds`` times, and C is measured again after each round: a round is set
+    against the mean of the C measured just before and just after it, so the machine's drift
+    in speed over the minutes of a run falls on both sides of the ratio. The table shows the
+    round with the median ratio; the notes give every round.
+    """
+    result = ScenarioResult("throughput")
+    scale = ctx.scale
+    ceilings: list[float] = []
+    if ctx.ceiling is not None and ctx.ceiling.value is not None:
+        ceilings.append(ctx.ceiling.value)
+    rounds: list[ThroughputRound] = []
+    for number in range(1, scale.rounds + 1):
+        delivered = await _throughput_run(ctx, round_name("throughput", number))
+        around: float | None = None
+        if ceilings:
+            ctx.log("ceiling: measuring C again")
+            again, _cpu, _delivered = await bare_rate(ctx)
+            around = (ceilings[-1] + again) / 2
+            ceilings.append(again)
+        rounds.append(ThroughputRound(delivered, around))
+
+    chosen = rounds[median_round([r.ratio if ceilings else r.delivered.rate for r in rounds])]
+    delivered = chosen.delivered
     rate = delivered.rate
-    if rate is None:
-        result.notes.append(f"throughput: {delivered.describe_shortfall()}")
-    else:
+    if ctx.ceiling is not None and chosen.ceiling is not None:
+        ctx.ceiling.value = chosen.ceiling
+        ctx.baselines["ceiling"] = chosen.ceiling
+        if len(rounds) == 1:
+            result.notes.append(
+                f"ceiling: C was {ceilings[0]:,.0f} req/s before scenario 2 and "
+                f"{ceilings[1]:,.0f} after it; the figures use the mean, {chosen.ceiling:,.0f}"
+            )
+        else:
+            measured = ", ".join(f"{c:,.0f}" for c in ceilings)
+            result.notes.append(
+                f"ceiling: C was {measured} req/s, measured before the first round of scenario "
+                "2 and after each; a round is set against the mean of the two around it, and "
+                f"the figures use the median round's, {chosen.ceiling:,.0f}"
+            )
+    if len(rounds) > 1:
+        described = "; ".join(
+            f"{fmt_number(r.delivered.rate, '/s')}"
+            + (f" ({fmt_ratio(r.ratio)})" if r.ratio is not None else "")
+            for r in rounds
+        )
+        result.notes.append(
+            f"throughput: {len(rounds)} rounds: {described}; the table shows the median round"
+        )
+    for number, done in enumerate(rounds, start=1):
+        label = "throughput" if len(rounds) == 1 else f"throughput round {number}"
+        if done.delivered.rate is None:
+            result.notes.append(f"{label}: {done.delivered.describe_shortfall()}")
+        if note := done.delivered.cpu_note(label):
+            result.notes.append(note)
+    if rate is not None:
         ctx.baselines["throughput"] = rate
-    if note := delivered.cpu_note("throughput"):
-        result.notes.append(note)
     result.figures.append(
         Figure(
             "2 throughput",
@@ -534,7 +608,7 @@ async def throughput(ctx: BenchContext) -> ScenarioResult:
             "2 throughput",
             f"publish rate, batches of {scale.batch_size}",
             "ev/s",
-            len(events) / published if published > 0 else None,
+            scale.throughput_events / published if published > 0 else None,
             baseline=rate,
             baseline_name="delivery rate",
         )
@@ -782,26 +856,48 @@ async def isolation(ctx: BenchContext) -> ScenarioResult:
     """A tenth of the webhooks hang until the request timeout; how fast do the rest go?
 
     A control run with the same webhooks, none hanging, shows how much of any difference to
-    scenario 2 is the hanging and how much the spread over many webhooks.
+    scenario 2 is the hanging and how much the spread over many webhooks. The pair runs
+    ``scale.rounds`` times; the table shows the round with the median healthy rate.
     """
     result = ScenarioResult("isolation")
     scale = ctx.scale
     hooks = scale.isolation_webhooks
     step = max(1, hooks // max(1, scale.isolation_hanging))
     hanging = set(range(0, hooks, step))
-    control = (
-        await _isolation_run(ctx, set(), "isolation-control") if scale.isolation_control else None
-    )
-    hung = await _isolation_run(ctx, hanging, "isolation")
-    stats = await ctx.receiver.stats()
-    runs = [("isolation", hung)] + ([("isolation control", control)] if control else [])
-    for label, done in runs:
-        if not done.complete:
-            result.notes.append(f"{label}: {done.describe_shortfall()}")
-        if note := done.cpu_note(label):
-            result.notes.append(note)
+    rounds: list[tuple[DeliveryRun, DeliveryRun | None, int]] = []
+    for number in range(1, scale.rounds + 1):
+        control = (
+            await _isolation_run(ctx, set(), round_name("isolation-control", number))
+            if scale.isolation_control
+            else None
+        )
+        hung = await _isolation_run(ctx, hanging, round_name("isolation", number))
+        stats = await ctx.receiver.stats()
+        rounds.append((hung, control, int(stats["hanging"])))
+    hung, control, hanging_requests = rounds[median_round([r[0].rate for r in rounds])]
+
+    if len(rounds) > 1:
+        described = "; ".join(
+            f"{fmt_number(h.rate, '/s')}"
+            + ("" if c is None else f" (control {fmt_number(c.rate, '/s')})")
+            for h, c, _ in rounds
+        )
+        result.notes.append(
+            f"isolation: {len(rounds)} rounds, healthy deliveries/s: {described}; "
+            "the table shows the round with the median"
+        )
+    for number, (h, c, _) in enumerate(rounds, start=1):
+        suffix = "" if len(rounds) == 1 else f" round {number}"
+        for label, done in [(f"isolation{suffix}", h)] + (
+            [(f"isolation control{suffix}", c)] if c is not None else []
+        ):
+            if not done.complete:
+                result.notes.append(f"{label}: {done.describe_shortfall()}")
+            if note := done.cpu_note(label):
+                result.notes.append(note)
     result.notes.append(
-        f"isolation: the hanging webhooks received {stats['hanging']:,} requests during the run"
+        f"isolation: the hanging webhooks received {hanging_requests:,} requests during the "
+        + ("run" if len(rounds) == 1 else "median round")
     )
     label = f"healthy deliveries/s, {len(hanging)} of {hooks} webhooks hanging"
     result.figures.append(
