@@ -544,6 +544,45 @@ async def test_a_receiver_that_never_answers_does_not_hold_up_the_others(
             await dead.stop()
 
 
+async def test_a_full_dispatcher_sleeps_while_a_cool_down_ends(tmp_path: Path) -> None:
+    """A dispatcher with no room left waits to be woken: a breaker's cool-down ending while
+    it waits never sets its claim loop spinning and holding up the event loop."""
+    async with store_engine(
+        tmp_path, per_webhook_concurrency=2, max_concurrency=2, request_timeout=30
+    ) as resources:
+        failing = Receiver(SECRET, default=500)
+        hanging = Receiver(SECRET, default=Reply(200, delay=30))
+        await failing.start()
+        await hanging.start()
+        try:
+            add_webhook(resources, "wh_fail", failing.url)
+            add_webhook(resources, "wh_hang", hanging.url)
+            store_publish(resources, *[f"e{i}" for i in range(10)])
+            # The failing webhook's breaker opens at its first answer and cools down for
+            # 0.3 s; meanwhile the hanging one fills every slot and the dispatcher's buffer.
+            breaker = BreakerSettings(failure_threshold=1, open_seconds=0.3)
+            async with dispatching(
+                resources, batch_size=4, breaker=breaker, drain_timeout=0.2
+            ) as dispatcher:
+                rounds = 0
+                check_lanes = dispatcher._check_lanes
+
+                def counting(now: float, mono: float) -> None:
+                    nonlocal rounds
+                    rounds += 1
+                    check_lanes(now, mono)
+
+                dispatcher._check_lanes = counting  # type: ignore[method-assign]
+                await hanging.wait_for(2)
+                await asyncio.sleep(1.5)
+            # Woken by claims, wake-ups and the lane check every 0.25 s: a few dozen rounds
+            # at most. A loop that spun would go round thousands of times.
+            assert rounds < 100
+        finally:
+            await failing.stop()
+            await hanging.stop()
+
+
 # -- the circuit breaker ---------------------------------------------------------------------
 
 

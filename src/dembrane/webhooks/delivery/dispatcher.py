@@ -490,14 +490,19 @@ class Dispatcher:
 
     async def _idle(self, work: asyncio.Event, next_due: float | None) -> None:
         timeout = self._idle_timeout
-        if next_due is not None and not self._waiting_for_room:
-            timeout = min(timeout, max(0.0, next_due - time.time()))
-        if self._cool_down_ends is not None:
-            # Rows a claim left out come due for it when their webhook's cool-down ends.
-            timeout = min(timeout, max(0.0, self._cool_down_ends - time.time()))
+        if not self._waiting_for_room:
+            # Due times matter only to a dispatcher with room to claim; without room, the
+            # request that frees it wakes the loop.
+            if next_due is not None:
+                timeout = min(timeout, max(0.0, next_due - time.time()))
+            if self._cool_down_ends is not None:
+                # Rows a claim left out come due for it when their webhook's cool-down ends.
+                timeout = min(timeout, max(0.0, self._cool_down_ends - time.time()))
         if any(lane.waiting for lane in self._lanes.values()):
             timeout = min(timeout, LANE_CHECK_SECONDS)
         if timeout <= 0:
+            # Claim again at once, but only after the event loop's other work has run.
+            await asyncio.sleep(0)
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(work.wait(), timeout)
