@@ -210,8 +210,9 @@ publish, commit, claim, sign, POST, record.
    per-webhook cap (`WEBHOOKS_PER_WEBHOOK_CONCURRENCY=8`), as a deployment would. A control
    run with the same 100 webhooks, none hanging, separates the cost of the hanging from the
    cost of spreading the work over many webhooks. The pair runs three times; the table shows
-   the round with the median healthy rate (set against the round of scenario 2 in the
-   table), and the notes give every round.
+   the round with the median healthy rate, set against the median of scenario 2's three
+   rates (which need not be the rate of the round shown for scenario 2), and the notes give
+   every round.
 6. **Backlog.** 1,000,000 due deliveries (10,000 events to 100 webhooks) are written
    straight into the store, against 1,000. The *claim time* is `store.outbox.claim_due`
    as the dispatcher calls it (its batch size, in its own transaction), median of repeated
