@@ -16,6 +16,7 @@ import jwt
 
 from dembrane.webhooks.config import Settings
 from dembrane.webhooks.domain.errors import ScopeRequired, Unauthenticated
+from dembrane.webhooks.domain.text import has_control_characters
 
 SCOPE_PUBLISH = "webhooks:publish"
 SCOPE_DIRECTORY = "webhooks:directory"
@@ -48,6 +49,7 @@ class TokenVerifier:
     def __init__(self, settings: Settings) -> None:
         self._issuer = settings.jwt_issuer
         self._audience = settings.jwt_audience
+        self._leeway = settings.jwt_leeway
         self._keys: list[tuple[str | bytes, list[str]]] = []
         if settings.jwt_secret:
             self._keys.append((settings.jwt_secret, ["HS256"]))
@@ -85,7 +87,10 @@ class TokenVerifier:
         exp = claims.get("exp")
         if len(self._verified) >= _VERIFIED_CACHE_SIZE:
             self._verified.clear()
-        self._verified[token] = (principal, float(exp) if isinstance(exp, int | float) else None)
+        self._verified[token] = (
+            principal,
+            float(exp) + self._leeway if isinstance(exp, int | float) else None,
+        )
         return principal
 
     def _decode(self, token: str) -> dict[str, object]:
@@ -98,8 +103,13 @@ class TokenVerifier:
                     algorithms=algorithms,
                     issuer=self._issuer,
                     audience=self._audience,
+                    # The issuer's clock may run a little ahead (iat, nbf) or behind (exp).
+                    leeway=self._leeway,
                     options={
                         "require": [],
+                        # The user may be named by `id` instead (a null or numeric `sub`
+                        # included); principal_from_claims reads and checks both.
+                        "verify_sub": False,
                         "verify_aud": self._audience is not None,
                         "verify_iss": self._issuer is not None,
                     },
@@ -115,7 +125,12 @@ class TokenVerifier:
 def principal_from_claims(claims: dict[str, object]) -> Principal:
     """Read the user, staff flag and scopes out of verified claims."""
     subject = claims.get("sub") or claims.get("id")
-    if not isinstance(subject, str | int) or isinstance(subject, bool) or str(subject) == "":
+    if (
+        not isinstance(subject, str | int)
+        or isinstance(subject, bool)
+        or str(subject) == ""
+        or has_control_characters(str(subject))
+    ):
         raise Unauthenticated(INVALID_SESSION)
     scope = claims.get("scope")
     scopes = frozenset(scope.split()) if isinstance(scope, str) else frozenset()

@@ -33,6 +33,8 @@ class Settings:
     jwt_public_key: str | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+    # How far the token issuer's clock may differ from this one (iat, nbf, exp), in seconds.
+    jwt_leeway: float = 30.0
     dashboard_base_url: str = "https://dashboard.dembrane.com"
     # Delays in seconds before each retry, after the immediate first attempt.
     retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
@@ -70,6 +72,7 @@ class Settings:
             jwt_public_key=reader.optional("WEBHOOKS_JWT_PUBLIC_KEY"),
             jwt_issuer=reader.optional("WEBHOOKS_JWT_ISSUER"),
             jwt_audience=reader.optional("WEBHOOKS_JWT_AUDIENCE"),
+            jwt_leeway=reader.number("WEBHOOKS_JWT_LEEWAY_SECONDS", 30.0, low=0.0),
             dashboard_base_url=reader.text(
                 "WEBHOOKS_DASHBOARD_BASE_URL", "https://dashboard.dembrane.com"
             ).rstrip("/"),
