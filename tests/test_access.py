@@ -324,6 +324,39 @@ async def test_directory_rejects_unknown_tier_and_role(stubs: Stubs, tokens: Tok
     assert "role" in error.violations
 
 
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ("workspace_id", dpb.UpsertWorkspaceRequest(workspace_id="w\x00", tier="guardian")),
+        ("name", dpb.UpsertWorkspaceRequest(workspace_id="w", name="A\x00B", tier="guardian")),
+        ("name", dpb.UpsertProjectRequest(project_id="p", workspace_id="ws-paid", name="\x07")),
+        (
+            "language",
+            dpb.UpsertProjectRequest(project_id="p", workspace_id="ws-paid", language="e\x00n"),
+        ),
+        (
+            "user_id",
+            dpb.SetMembershipRequest(workspace_id="ws-paid", user_id="u\x00x", role="admin"),
+        ),
+    ],
+    ids=["workspace-id", "workspace-name", "project-name", "language", "user-id"],
+)
+async def test_directory_refuses_control_characters(
+    stubs: Stubs, tokens: Tokens, world: World, field: str, message: object
+) -> None:
+    """Ids, names and languages with control characters are INVALID_ARGUMENT naming the field
+    (PostgreSQL could not store a NUL, so both databases refuse the same input)."""
+    md = tokens.bearer(tokens.service(SCOPE_DIRECTORY))
+    method = {
+        dpb.UpsertWorkspaceRequest: stubs.directory.UpsertWorkspace,
+        dpb.UpsertProjectRequest: stubs.directory.UpsertProject,
+        dpb.SetMembershipRequest: stubs.directory.SetMembership,
+    }[type(message)]
+    error = rich_error(await _fails(method(message, metadata=md)))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "control characters" in error.violations[field]
+
+
 async def test_project_of_unknown_workspace_is_refused(stubs: Stubs, tokens: Tokens) -> None:
     """A project can only join a workspace the directory knows."""
     error = rich_error(

@@ -229,6 +229,22 @@ async def test_a_delivery_shows_every_attempt_with_a_bounded_excerpt(
     assert delivery.last_attempt_time == second.attempt_time
 
 
+async def test_an_answer_holding_nul_characters_is_logged(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """A receiver's answer with NUL bytes is kept with U+FFFD in their place, so the outcome
+    is recorded on PostgreSQL too (its text columns cannot hold a NUL)."""
+    async with Receiver(SECRET, replies=[Reply(500, body=b"bad\x00answer")]) as receiver:
+        log = await create_webhook(stubs, tokens, receiver.url)
+        await publish(stubs, tokens, event("e1"))
+        (listed,) = await log.settled(1)
+        delivery = await log.get(listed.id)
+    assert delivery.status == SUCCEEDED
+    first, second = delivery.attempts
+    assert (first.status_code, first.response_body) == (500, "bad\ufffdanswer")
+    assert second.success
+
+
 async def test_an_attempt_without_an_answer_has_no_status_code(
     stubs: Stubs, tokens: Tokens, world: World
 ) -> None:

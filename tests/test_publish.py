@@ -311,6 +311,7 @@ async def test_an_empty_id_gets_one_assigned(stubs: Stubs, tokens: Tokens, world
         (lambda e: setattr(e, "type", "webhook.test"), "events[1].type", "Test action"),
         (lambda e: setattr(e, "id", "bad id!"), "events[1].id", "letters"),
         (lambda e: setattr(e, "project_id", ""), "events[1].project_id", "required"),
+        (lambda e: setattr(e, "project_id", "p-\x00"), "events[1].project_id", "control"),
         (lambda e: e.ClearField("conversation"), "events[1].conversation", "needs"),
         (lambda e: setattr(e.conversation, "id", ""), "events[1].conversation.id", "required"),
         (
@@ -325,6 +326,7 @@ async def test_an_empty_id_gets_one_assigned(stubs: Stubs, tokens: Tokens, world
         "test-type",
         "bad-id",
         "no-project",
+        "nul-in-project",
         "no-subject",
         "no-conversation-id",
         "bad-link",

@@ -105,6 +105,14 @@ async def test_duplicate_events_are_collapsed(stubs: Stubs, tokens: Tokens, worl
         ("events", {"events": ["webhook.test"]}),
         ("secret", {"secret": "x" * 257}),
         ("status", {"status": webhook_pb2.WEBHOOK_STATUS_DISABLED}),
+        # Control characters: PostgreSQL cannot store a NUL, and none belongs in these.
+        ("name", {"name": "Hook\x00one"}),
+        ("name", {"name": "Hook\x1b[31m"}),
+        ("url", {"url": "http://127.0.0.1:9/n\x00ul"}),
+        ("url", {"url": "http://127.0.0.1:9/\x7f"}),
+        ("secret", {"secret": "secret\x00value"}),
+        # Standard Webhooks libraries decode what follows whsec_, so it must be base64.
+        ("secret", {"secret": "whsec_!!!notbase64"}),
     ],
 )
 async def test_create_validation(
@@ -180,6 +188,38 @@ async def test_bad_page_token_and_size(stubs: Stubs, tokens: Tokens, world: Worl
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stubs.webhooks.ListWebhooks(request, metadata=admin(tokens))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_ids_and_page_tokens_with_control_characters_are_refused(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """A NUL in a project id, webhook id, delivery id or page token is INVALID_ARGUMENT naming
+    the field, on every database (PostgreSQL cannot even look such a value up)."""
+    webhook_id = (await create(stubs, tokens)).webhook.id
+    forged = base64.urlsafe_b64encode(b'[1.0,"a\\u0000b"]').decode().rstrip("=")
+    for field, method, request in [
+        ("project_id", stubs.webhooks.ListWebhooks, pb.ListWebhooksRequest(project_id="p\x00x")),
+        (
+            "page_token",
+            stubs.webhooks.ListWebhooks,
+            pb.ListWebhooksRequest(project_id="p-paid", page_token=forged),
+        ),
+        (
+            "webhook_id",
+            stubs.webhooks.GetWebhook,
+            pb.GetWebhookRequest(project_id="p-paid", webhook_id="w\x00"),
+        ),
+        (
+            "delivery_id",
+            stubs.webhooks.GetDelivery,
+            pb.GetDeliveryRequest(project_id="p-paid", webhook_id=webhook_id, delivery_id="d\x00"),
+        ),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await method(request, metadata=admin(tokens))
+        error = rich_error(caught.value)
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT, (field, error)
+        assert field in error.violations, (field, error.violations)
 
 
 async def test_update_changes_only_masked_fields(

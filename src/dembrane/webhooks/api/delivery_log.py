@@ -21,6 +21,7 @@ from dembrane.webhooks.domain.errors import ErrorCollector, NotFound
 from dembrane.webhooks.domain.ids import new_id
 from dembrane.webhooks.domain.paging import Cursor, decode_token, encode_token, page_size
 from dembrane.webhooks.domain.payload import SUBSCRIBABLE_EVENT_TYPES
+from dembrane.webhooks.domain.webhooks import require
 from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.store import outbox
 from dembrane.webhooks.store.outbox import DeliveryState
@@ -143,7 +144,9 @@ async def get_delivery(
 ) -> pb.GetDeliveryResponse:
     """One delivery of the webhook, with every attempt made for it."""
     found = await resources.database.run(
-        outbox.get_delivery, request.webhook_id, request.delivery_id.strip()
+        outbox.get_delivery,
+        request.webhook_id,
+        require(request.delivery_id, "delivery_id", "delivery id"),
     )
     if found is None:
         raise _not_found()
@@ -156,7 +159,10 @@ async def retry_delivery(
 ) -> pb.RetryDeliveryResponse:
     """Make the delivery due at once and wake the dispatcher."""
     row = await resources.database.run(
-        outbox.retry_delivery, request.webhook_id, request.delivery_id.strip(), time.time()
+        outbox.retry_delivery,
+        request.webhook_id,
+        require(request.delivery_id, "delivery_id", "delivery id"),
+        time.time(),
     )
     if row is None:
         raise _not_found()

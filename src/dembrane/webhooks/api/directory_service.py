@@ -8,6 +8,7 @@ import grpc
 
 from dembrane.webhooks.domain.access import REMOVE_ROLE, Tier, parse_role
 from dembrane.webhooks.domain.errors import ErrorCollector
+from dembrane.webhooks.domain.text import has_control_characters
 from dembrane.webhooks.domain.webhooks import require
 from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.store import directory
@@ -21,10 +22,12 @@ NAME_MAX = 200
 LANGUAGE_MAX = 16
 
 
-def _check_lengths(errors: ErrorCollector, **values: tuple[str, int]) -> None:
+def _check_text(errors: ErrorCollector, **values: tuple[str, int]) -> None:
     for field, (value, limit) in values.items():
         if len(value) > limit:
             errors.add(field, f"The {field} must be at most {limit} characters long.")
+        elif has_control_characters(value):
+            errors.add(field, f"The {field} must not contain control characters.")
 
 
 class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
@@ -39,7 +42,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
         workspace_id = require(request.workspace_id, "workspace_id", "workspace id")
         tier = Tier.parse(require(request.tier, "tier", "tier"))
         errors = ErrorCollector()
-        _check_lengths(errors, workspace_id=(workspace_id, ID_MAX), name=(request.name, NAME_MAX))
+        _check_text(errors, workspace_id=(workspace_id, ID_MAX), name=(request.name, NAME_MAX))
         errors.raise_if_any()
         created = await self._db.run(
             directory.upsert_workspace, workspace_id, request.name, tier, time.time()
@@ -52,7 +55,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
         project_id = require(request.project_id, "project_id", "project id")
         workspace_id = require(request.workspace_id, "workspace_id", "workspace id")
         errors = ErrorCollector()
-        _check_lengths(
+        _check_text(
             errors,
             project_id=(project_id, ID_MAX),
             name=(request.name, NAME_MAX),
@@ -76,7 +79,7 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
         user_id = require(request.user_id, "user_id", "user id")
         role = parse_role(require(request.role, "role", "role"))
         errors = ErrorCollector()
-        _check_lengths(errors, user_id=(user_id, ID_MAX))
+        _check_text(errors, user_id=(user_id, ID_MAX))
         errors.raise_if_any()
         await self._db.run(
             directory.set_membership,

@@ -23,6 +23,7 @@ from dembrane.webhooks.domain.payload import (
     EventData,
     ReportData,
 )
+from dembrane.webhooks.domain.text import has_control_characters
 from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.store import outbox
 from dembrane.webhooks.store.publish_queue import PublishQueue
@@ -132,6 +133,8 @@ def event_from_pb(
         errors.add(f"{field}.project_id", "The project id is required.")
     elif len(project_id) > ID_MAX:
         errors.add(f"{field}.project_id", f"The project id must be at most {ID_MAX} characters.")
+    elif has_control_characters(project_id):
+        errors.add(f"{field}.project_id", "The project id must not contain control characters.")
 
     occurred = now
     if message.HasField("occur_time"):

@@ -27,6 +27,7 @@ from dembrane.webhooks.delivery.targets import (
     TargetPolicy,
     literal_refusal,
 )
+from dembrane.webhooks.domain.text import printable
 
 __all__ = [
     "RESPONSE_BODY_LIMIT",
@@ -312,7 +313,8 @@ class Sender:
         return AttemptOutcome(
             status_code=status,
             latency=latency,
-            response_body=raw.decode("utf-8", errors="replace"),
+            # A NUL would not fit a PostgreSQL text column, and the log must always be written.
+            response_body=printable(raw.decode("utf-8", errors="replace")),
             error=error,
             retry_after=(
                 None

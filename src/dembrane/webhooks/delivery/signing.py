@@ -8,13 +8,14 @@ GitHub popularised (``X-Dembrane-Signature: sha256=<hex>``) and Standard Webhook
 from __future__ import annotations
 
 import base64
-import binascii
 import functools
 import hmac
 import secrets as _random
 from collections.abc import Sequence
 
 from dembrane.webhooks import __version__
+from dembrane.webhooks.domain.webhooks import STANDARD_PREFIX as SECRET_PREFIX
+from dembrane.webhooks.domain.webhooks import decoded_standard_key
 
 __all__ = [
     "SECRET_PREFIX",
@@ -26,8 +27,6 @@ __all__ = [
     "user_agent",
 ]
 
-#: The prefix of secrets in the Standard Webhooks form: ``whsec_`` + base64 of the key.
-SECRET_PREFIX = "whsec_"  # noqa: S105 - a public prefix, not a secret
 
 _USER_AGENT = f"Dembrane-Webhook/{__version__}"
 
@@ -67,17 +66,7 @@ def standard_key(secret: str) -> bytes:
     For ``whsec_<base64>`` secrets it is the decoded part after the prefix; any other
     secret (or one whose tail is not base64) signs with its own UTF-8 bytes.
     """
-    if secret.startswith(SECRET_PREFIX):
-        encoded = secret[len(SECRET_PREFIX) :]
-        # Some issuers drop the padding; restore it so both spellings give the same key.
-        padded = encoded + "=" * (-len(encoded) % 4)
-        try:
-            key = base64.b64decode(padded, validate=True)
-        except (binascii.Error, ValueError):
-            key = b""
-        if key:
-            return key
-    return secret.encode()
+    return decoded_standard_key(secret) or secret.encode()
 
 
 def standard_signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:

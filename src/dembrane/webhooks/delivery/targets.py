@@ -19,6 +19,7 @@ from yarl import URL
 
 from dembrane.webhooks.config import IPNetwork
 from dembrane.webhooks.domain.errors import FieldViolation, InvalidArgument
+from dembrane.webhooks.domain.text import has_control_characters
 
 __all__ = [
     "MAX_URL_LENGTH",
@@ -39,7 +40,6 @@ MAX_URL_LENGTH = 2048
 
 _SHARED_ADDRESS_SPACE = ipaddress.IPv4Network("100.64.0.0/10")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-_WHITESPACE = frozenset(" \t\r\n\v\f")
 _BAD_PORT = "The URL's port must be a number from 1 to 65535."
 
 
@@ -150,8 +150,8 @@ def validate_url_syntax(url: str) -> str | None:
         return "The URL is empty."
     if len(url) > MAX_URL_LENGTH:
         return f"The URL is longer than {MAX_URL_LENGTH} characters."
-    if any(char in _WHITESPACE for char in url):
-        return "The URL must not contain spaces or line breaks."
+    if " " in url or has_control_characters(url):
+        return "The URL must not contain spaces, line breaks or control characters."
     try:
         parsed = URL(url)
     except (ValueError, TypeError) as exc:

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 from dembrane.webhooks.domain.errors import InvalidArgument
+from dembrane.webhooks.domain.text import has_control_characters
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
@@ -46,7 +47,11 @@ def decode_token(token: str) -> Cursor | None:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         created_at, row_id = json.loads(raw)
-        if not isinstance(created_at, int | float) or not isinstance(row_id, str):
+        if (
+            not isinstance(created_at, int | float)
+            or not isinstance(row_id, str)
+            or has_control_characters(row_id)
+        ):
             raise ValueError
         return Cursor(float(created_at), row_id)
     except (ValueError, TypeError, binascii.Error):

@@ -6,15 +6,20 @@ one's sentence becomes the error message (the REST ``detail``).
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Iterable, Sequence
 from enum import StrEnum
 
 from dembrane.webhooks.domain.errors import ErrorCollector, InvalidArgument
+from dembrane.webhooks.domain.text import has_control_characters
 
 NAME_MAX = 200
 URL_MAX = 2048
 SECRET_MIN = 8
 SECRET_MAX = 256
+#: The prefix of secrets in the Standard Webhooks form: ``whsec_`` + base64 of the key.
+STANDARD_PREFIX = "whsec_"
 
 
 class WebhookStatus(StrEnum):
@@ -36,6 +41,8 @@ def check_name(name: str, errors: ErrorCollector) -> str:
         errors.add("name", "The name must not be empty.")
     elif len(cleaned) > NAME_MAX:
         errors.add("name", f"The name must be at most {NAME_MAX} characters long.")
+    elif has_control_characters(cleaned):
+        errors.add("name", "The name must not contain control characters or line breaks.")
     return cleaned
 
 
@@ -67,9 +74,34 @@ def check_secret(secret: str, errors: ErrorCollector) -> str:
             "secret",
             f"The secret must be between {SECRET_MIN} and {SECRET_MAX} characters long.",
         )
-    elif secret != secret.strip() or any(ch in secret for ch in "\r\n\t"):
-        errors.add("secret", "The secret must not contain whitespace at its ends or newlines.")
+    elif secret != secret.strip() or has_control_characters(secret):
+        errors.add(
+            "secret",
+            "The secret must not contain whitespace at its ends, line breaks or control "
+            "characters.",
+        )
+    elif secret.startswith(STANDARD_PREFIX) and decoded_standard_key(secret) is None:
+        # Standard Webhooks libraries decode what follows the prefix; they could never
+        # verify a signature made with such a secret.
+        errors.add(
+            "secret",
+            f"A secret that starts with {STANDARD_PREFIX} must continue with the base64 of "
+            "its key, as Standard Webhooks libraries expect.",
+        )
     return secret
+
+
+def decoded_standard_key(secret: str) -> bytes | None:
+    """The key of a ``whsec_<base64>`` secret; None for a secret not of that form."""
+    if not secret.startswith(STANDARD_PREFIX):
+        return None
+    encoded = secret[len(STANDARD_PREFIX) :]
+    # Some issuers drop the padding; restore it so both spellings give the same key.
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return key or None
 
 
 def check_status(status: str, errors: ErrorCollector) -> WebhookStatus | None:
@@ -79,17 +111,24 @@ def check_status(status: str, errors: ErrorCollector) -> WebhookStatus | None:
     except ValueError:
         parsed = None
     if parsed not in SETTABLE_STATUSES:
-        names = ", ".join(s.value for s in SETTABLE_STATUSES)
-        errors.add("status", f"The status must be one of {names}.")
+        names = ", ".join(s.value for s in SETTABLE_STATUSES[:-1])
+        errors.add(
+            "status",
+            f"The status can be set to {names} or {SETTABLE_STATUSES[-1].value}; "
+            f"{WebhookStatus.DISABLED.value} is set only by the service.",
+        )
         return None
     return parsed
 
 
 def require(value: str, field: str, what: str) -> str:
     """A required identifier: refuse empty ones with a sentence naming the field."""
-    if not value or not value.strip():
+    cleaned = value.strip()
+    if not cleaned:
         raise InvalidArgument.for_field(field, f"The {what} is required.")
-    return value.strip()
+    if has_control_characters(cleaned):
+        raise InvalidArgument.for_field(field, f"The {what} must not contain control characters.")
+    return cleaned
 
 
 def signing_secrets(

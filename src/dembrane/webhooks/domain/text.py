@@ -1,0 +1,27 @@
+"""Text a caller hands in, checked before it is stored or looked up.
+
+Control characters have no place in an id, a name, a URL or a secret. They would also
+store differently per database: PostgreSQL's text columns refuse the NUL character
+outright, so without this check the same request would succeed on SQLite and fail on
+PostgreSQL. Requests that carry them are refused with a sentence naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["has_control_characters", "printable"]
+
+# C0 and C1 control characters and DEL (Unicode category Cc).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def has_control_characters(text: str) -> bool:
+    """Whether ``text`` holds a control character (NUL, a line break, a tab, ESC, ...)."""
+    return _CONTROL.search(text) is not None
+
+
+def printable(text: str) -> str:
+    """``text`` with each NUL replaced by U+FFFD, for storing text that others wrote (a
+    receiver's answer) on a database that cannot hold NUL."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
