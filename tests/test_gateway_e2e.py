@@ -310,6 +310,26 @@ async def test_list_paging(rest: Rest, tokens: Tokens, world: World, receiver: R
     assert [w["id"] for w in first.body + rest_of.body] == ids[::-1]
 
 
+# Without page_size or page_token, the list holds every webhook, beyond the gRPC page of 50,
+# as the integrations tab expects: it reads one array and knows no paging.
+async def test_an_unpaged_list_holds_every_webhook(
+    rest: Rest, tokens: Tokens, world: World, receiver: Receiver
+) -> None:
+    admin = tokens.user(world.owner)
+    ids = [
+        (await _create(rest, admin, world.paid_project, receiver.url)).body["id"] for _ in range(53)
+    ]
+    whole = await rest.call("ListWebhooks", admin, project_id=world.paid_project)
+    assert whole.status == 200
+    assert "X-Next-Page-Token" not in whole.headers
+    assert [w["id"] for w in whole.body] == ids[::-1]
+    paged = await rest.call(
+        "ListWebhooks", admin, query={"page_token": ""}, project_id=world.paid_project
+    )
+    assert len(paged.body) == 50
+    assert paged.headers["X-Next-Page-Token"]
+
+
 # Copyable lists the caller's other projects' webhooks with the project name.
 async def test_copyable(rest: Rest, tokens: Tokens, world: World, receiver: Receiver) -> None:
     admin = tokens.user(world.admin)

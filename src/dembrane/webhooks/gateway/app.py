@@ -58,6 +58,11 @@ _CORS_MAX_AGE = "600"
 # The FieldMask an Update request carries; a PATCH body's keys become its paths.
 _MASK_FIELD = "update_mask"
 
+# The paging fields of list requests and responses (field names, not credentials).
+_PAGE_SIZE = "page_size"
+_PAGE_TOKEN = "page_token"  # noqa: S105
+_NEXT_PAGE_TOKEN = "next_page_token"  # noqa: S105
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -202,14 +207,40 @@ def _route_handler(route: Route) -> Handler:
                 getattr(message, _MASK_FIELD).paths.extend(mask_names[n] for n in given)
         else:
             set_from_query(message, request.query, skip=skip)
+        upstream, authorization = request.app[_UPSTREAM], _authorization(request)
         try:
-            answer = await request.app[_UPSTREAM].call(route, message, _authorization(request))
+            answer = await upstream.call(route, message, authorization)
+            if route.whole_unless_paged and not _names_a_page(request):
+                answer = await _remaining_pages(upstream, route, message, answer, authorization)
         except grpc.aio.AioRpcError as error:
             return _error_response(answer_for_rpc_error(error))
         return _render(route, answer)
 
     handle.__name__ = route.rpc_name
     return handle
+
+
+def _names_a_page(request: web.Request) -> bool:
+    return _PAGE_SIZE in request.query or _PAGE_TOKEN in request.query
+
+
+async def _remaining_pages(
+    upstream: _Upstream,
+    route: Route,
+    message: Message,
+    answer: Message,
+    authorization: str | None,
+) -> Message:
+    """``answer`` with the items of every following page added, and no next-page token."""
+    items = getattr(answer, route.response_body)
+    token: str = getattr(answer, _NEXT_PAGE_TOKEN)
+    while token:
+        setattr(message, _PAGE_TOKEN, token)
+        page = await upstream.call(route, message, authorization)
+        items.extend(getattr(page, route.response_body))
+        token = getattr(page, _NEXT_PAGE_TOKEN)
+    setattr(answer, _NEXT_PAGE_TOKEN, "")
+    return answer
 
 
 def _authorization(request: web.Request) -> str | None:

@@ -58,7 +58,8 @@ def build_openapi(routes: Sequence[Route], *, title: str = "Dembrane webhooks") 
                 "`/healthz` and this document needs `Authorization: Bearer <JWT>`; only owners "
                 "and admins of a workspace on the changemaker tier or above may manage webhooks. "
                 "Lists are bare JSON arrays; when more items exist, the `X-Next-Page-Token` "
-                "header holds the `page_token` of the next page."
+                "header holds the `page_token` of the next page. The list of a project's "
+                "webhooks is answered whole unless `page_size` or `page_token` asks for a page."
             ),
         },
         "paths": paths,

@@ -47,6 +47,10 @@ _OMIT: dict[str, frozenset[str]] = {
     "ListDeliveries": frozenset({"attempts"}),
 }
 
+# Lists answered whole when the caller asks for no page (neither page_size nor page_token):
+# the integrations tab reads a project's webhooks as one array and knows no paging.
+_WHOLE_UNLESS_PAGED: frozenset[str] = frozenset({"ListWebhooks"})
+
 # Body keys a request needs, for the OpenAPI document; the server checks them either way.
 _REQUIRED_BODY_KEYS: dict[str, tuple[str, ...]] = {
     "CreateWebhook": ("name", "url", "events"),
@@ -78,6 +82,8 @@ class Route:
     flatten: str
     omit: frozenset[str]
     required_body_keys: tuple[str, ...]
+    #: A list answered whole, page after page, when the request names no page.
+    whole_unless_paged: bool
 
     @property
     def rpc_name(self) -> str:
@@ -136,7 +142,7 @@ def build_routes(service: ServiceDescriptor) -> tuple[Route, ...]:
     before ``/webhooks/{webhook_id}`` or the variable would swallow it.
     """
     known = {method.name for method in service.methods}
-    for table in (_SUCCESS_STATUS, _FLATTEN, _OMIT, _REQUIRED_BODY_KEYS):
+    for table in (_SUCCESS_STATUS, _FLATTEN, _OMIT, _REQUIRED_BODY_KEYS, _WHOLE_UNLESS_PAGED):
         stale = set(table) - known
         if stale:
             raise RuntimeError(f"The gateway's tables name RPCs the service lacks: {stale}.")
@@ -181,6 +187,10 @@ def _route(method: MethodDescriptor, rule: http_pb2.HttpRule) -> Route:
     flatten = _FLATTEN.get(name, "")
     if flatten and (response_body or flatten not in outputs):
         raise RuntimeError(f"{name}: cannot flatten {flatten!r} into the response.")
+    if name in _WHOLE_UNLESS_PAGED and not (
+        response_body and _PAGE_TOKEN_FIELD in outputs and "page_token" in fields
+    ):
+        raise RuntimeError(f"{name}: only a paged list can be answered whole.")
     return Route(
         method=method,
         http_method=pattern.upper(),
@@ -192,6 +202,7 @@ def _route(method: MethodDescriptor, rule: http_pb2.HttpRule) -> Route:
         flatten=flatten,
         omit=_OMIT.get(name, frozenset()),
         required_body_keys=_REQUIRED_BODY_KEYS.get(name, ()),
+        whole_unless_paged=name in _WHOLE_UNLESS_PAGED,
     )
 
 
