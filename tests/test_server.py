@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -24,7 +25,8 @@ from dembrane.webhooks.v1 import (
     webhook_service_pb2 as pb,
 )
 
-from harness import JWT_SECRET, Stubs
+from grpc_helpers import rich_error
+from harness import JWT_SECRET, Stubs, Tokens, World
 from receiver import Receiver, Reply, unused_port
 
 
@@ -55,6 +57,42 @@ async def test_health_is_serving_without_a_token(stubs: Stubs) -> None:
     for service in ("", "dembrane.webhooks.v1.WebhookService"):
         response = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_cancelled_health_watches_leave_health_checks_working(stubs: Stubs) -> None:
+    """Watch streams opened and cancelled (more than the default thread pool's threads) hold
+    nothing back: later watches and checks still answer at once."""
+    health = health_pb2_grpc.HealthStub(stubs.channel)
+    for _ in range(2 * ((os.cpu_count() or 1) + 4)):
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        first = await asyncio.wait_for(watch.read(), timeout=5)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+    response = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_an_undecodable_request_is_invalid_argument(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """Bytes that are not the method's message (broken wire format, a string that is not
+    UTF-8) get INVALID_ARGUMENT with ErrorInfo, after authentication, never UNKNOWN."""
+    call = stubs.channel.unary_unary(
+        "/dembrane.webhooks.v1.WebhookService/ListWebhooks",
+        request_serializer=None,
+        response_deserializer=None,
+    )
+    admin = tokens.bearer(tokens.user("u-admin"))
+    for raw in (b"\xff\xff\xff\xff", b"\x0a\x02\xc3\x28"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(raw, metadata=admin)
+        error = rich_error(caught.value)
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error
+        assert error.domain == "webhooks.dembrane.com"
+        assert "ListWebhooks" in error.message
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(b"\xff\xff\xff\xff")
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def _wait_for_port(port: int, within: float = 20.0) -> None:

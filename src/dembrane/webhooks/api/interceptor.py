@@ -13,10 +13,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from dembrane.webhooks.api.errors import internal_status, to_status
 from dembrane.webhooks.auth import SCOPE_DIRECTORY, SCOPE_PUBLISH, Principal, TokenVerifier
-from dembrane.webhooks.domain.errors import WebhooksError
+from dembrane.webhooks.domain.errors import InvalidArgument, WebhooksError
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +56,25 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler.unary_unary is None:  # every RPC of the API is unary
             return handler
         scope = next((s for prefix, s in SERVICE_SCOPES.items() if method.startswith(prefix)), None)
-        behavior = self._wrap(cast(Behavior, handler.unary_unary), scope, method)
+        behavior = self._wrap(
+            cast(Behavior, handler.unary_unary), handler.request_deserializer, scope, method
+        )
+        # The request arrives as bytes and is decoded inside the wrapped handler, so that a
+        # malformed one is answered INVALID_ARGUMENT rather than an UNKNOWN with a traceback.
         return grpc.unary_unary_rpc_method_handler(
-            behavior,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            behavior, response_serializer=handler.response_serializer
         )
 
-    def _wrap(self, behavior: Behavior, scope: str | None, method: str) -> Behavior:
+    def _wrap(
+        self,
+        behavior: Behavior,
+        deserialize: Callable[[bytes], Any] | None,
+        scope: str | None,
+        method: str,
+    ) -> Behavior:
         verifier = self._verifier
 
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def wrapped(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 authorization = None
                 for key, value in context.invocation_metadata() or ():
@@ -76,6 +85,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 if scope is not None:
                     principal.require_scope(scope)
                 _principal.set(principal)
+                request = raw if deserialize is None else _decode(deserialize, raw, method)
                 return await behavior(request, context)
             except WebhooksError as error:
                 await cast(Any, context).abort_with_status(to_status(error))
@@ -86,3 +96,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 await cast(Any, context).abort_with_status(internal_status())
 
         return wrapped
+
+
+def _decode(deserialize: Callable[[bytes], Any], raw: bytes, method: str) -> Any:
+    try:
+        return deserialize(raw)
+    except DecodeError:
+        raise InvalidArgument(
+            f"The request is not a valid message for {method.rsplit('/', 1)[-1]}: its bytes "
+            "could not be decoded (broken wire format or a string that is not UTF-8)."
+        ) from None

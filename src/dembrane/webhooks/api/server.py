@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+# The package's asyncio servicer; its type stubs do not declare the module.
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
 from dembrane.webhooks.api.directory_service import DirectoryServicer
@@ -34,14 +37,16 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 class GrpcServer:
     """A started gRPC server and its health servicer."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.HealthServicer):
+    def __init__(
+        self, server: grpc.aio.Server, port: int, health_servicer: health_aio.HealthServicer
+    ) -> None:
         self.server = server
         self.port = port
         self.health = health_servicer
 
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING, then let in-flight calls finish for up to ``grace`` seconds."""
-        self.health.enter_graceful_shutdown()
+        await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
 
@@ -61,10 +66,13 @@ async def start_grpc_server(resources: Resources, host: str, port: int) -> GrpcS
     directory_service_pb2_grpc.add_DirectoryServiceServicer_to_server(
         DirectoryServicer(resources), server
     )
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    # The asyncio servicer: the threaded one parks a thread per Watch stream in the loop's
+    # default executor and never frees it when the stream is cancelled, so a few open
+    # watches would stall every Check and keep the process from exiting.
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (*SERVICE_NAMES, ""):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
