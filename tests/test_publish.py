@@ -312,6 +312,21 @@ async def test_an_empty_id_gets_one_assigned(stubs: Stubs, tokens: Tokens, world
         (lambda e: setattr(e, "id", "bad id!"), "events[1].id", "letters"),
         (lambda e: setattr(e, "project_id", ""), "events[1].project_id", "required"),
         (lambda e: setattr(e, "project_id", "p-\x00"), "events[1].project_id", "control"),
+        (
+            lambda e: setattr(e.conversation, "duration", float("nan")),
+            "events[1].conversation.duration",
+            "finite",
+        ),
+        (
+            lambda e: setattr(e.conversation, "duration", float("inf")),
+            "events[1].conversation.duration",
+            "finite",
+        ),
+        (
+            lambda e: setattr(e.conversation, "duration", -1.0),
+            "events[1].conversation.duration",
+            ">= 0",
+        ),
         (lambda e: e.ClearField("conversation"), "events[1].conversation", "needs"),
         (lambda e: setattr(e.conversation, "id", ""), "events[1].conversation.id", "required"),
         (
@@ -327,6 +342,9 @@ async def test_an_empty_id_gets_one_assigned(stubs: Stubs, tokens: Tokens, world
         "bad-id",
         "no-project",
         "nul-in-project",
+        "nan-duration",
+        "infinite-duration",
+        "negative-duration",
         "no-subject",
         "no-conversation-id",
         "bad-link",

@@ -8,6 +8,7 @@ woken and the call answered: an acknowledged event is never lost.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -59,6 +60,11 @@ def _conversation(
     def text_or_none(present: bool, value: str) -> str | None:
         return value if present else None
 
+    duration = message.duration if message.HasField("duration") else None
+    if duration is not None and not (math.isfinite(duration) and duration >= 0):
+        # JSON has no NaN or infinity: the body would not parse at the receiver.
+        errors.add(f"{field}.duration", "The duration must be a finite number of seconds, >= 0.")
+
     return ConversationData(
         id=message.id,
         created_at=(
@@ -74,7 +80,7 @@ def _conversation(
         participant_name=text_or_none(
             message.HasField("participant_name"), message.participant_name
         ),
-        duration=message.duration if message.HasField("duration") else None,
+        duration=duration,
         source=text_or_none(message.HasField("source"), message.source),
         is_finished=message.is_finished,
         is_all_chunks_transcribed=message.is_all_chunks_transcribed,

@@ -42,8 +42,13 @@ _WITH_SUMMARY = frozenset({CONVERSATION_SUMMARIZED})
 
 
 def canonical_json(obj: object) -> bytes:
-    """Serialize ``obj`` as canonical JSON: sorted keys, no spaces, ASCII only."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    """Serialize ``obj`` as canonical JSON: sorted keys, no spaces, ASCII only.
+
+    NaN and the infinities, which JSON cannot express, raise ``ValueError``.
+    """
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode()
 
 
 @dataclass(frozen=True)
