@@ -494,6 +494,37 @@ async def test_outcomes_that_finish_during_a_write_wait_for_the_next_window(
     assert min(gaps) >= FLUSH_WINDOW_SECONDS * 0.8
 
 
+async def test_an_outcome_that_cannot_be_written_does_not_hold_back_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When one delivery's outcome keeps failing to be written, the others' outcomes are
+    recorded on their own, and the failing one is given up to its lease (sent again later)."""
+    async with store_engine(tmp_path) as resources:
+        database = resources.database
+        write_outcomes = database.run_relaxed
+        async with Receiver(SECRET) as receiver:
+            add_webhook(resources, "wh", receiver.url)
+            store_publish(resources, *[f"e{i}" for i in range(5)])
+            (poisoned,) = [r.id for r in rows(resources) if r.event_id == "e2"]
+
+            async def failing_for_one(fn: Callable[..., object], *args: object) -> object:
+                outcomes = args[1] if fn is outbox.record_results else []
+                if any(r.delivery_id == poisoned for r in outcomes):  # type: ignore[attr-defined]
+                    raise RuntimeError("this outcome cannot be written")
+                return await write_outcomes(fn, *args)
+
+            database.run_relaxed = failing_for_one  # type: ignore[method-assign,assignment]
+            async with dispatching(resources):
+                await receiver.wait_for(5)
+                await until(
+                    lambda: sum(r.status == "succeeded" for r in rows(resources)) == 4, within=20
+                )
+            left = {r.id: r for r in rows(resources)}[poisoned]
+    assert left.status == "pending"
+    assert left.lease_owner is not None
+    assert f"could not record the outcome of delivery {poisoned}" in caplog.text
+
+
 def most_started_within(receivers: list[Receiver], window: float) -> int:
     """The most requests that began within any ``window`` seconds."""
     starts = sorted(r.received_at for receiver in receivers for r in receiver.requests)

@@ -78,6 +78,8 @@ MIN_DEFER_SECONDS = 1.0
 #: transactions leave the store free for publishing.
 FLUSH_WINDOW_SECONDS = 0.05
 FLUSH_BATCH = 256
+#: After this many failed writes of the same outcomes, each is written on its own.
+SPLIT_AFTER_FAILURES = 3
 #: Lanes idle this long are forgotten (their breaker is closed by then).
 LANE_IDLE_SECONDS = 600.0
 #: The weight of the newest sample in a lane's moving average of latency.
@@ -795,20 +797,22 @@ class Dispatcher:
             results, self._results = self._results, []
             releases, self._releases = self._releases, []
             holds, self._holds = self._holds, {}
-            now = time.time()
             try:
-                effects = await self._db.run_relaxed(
-                    outbox.record_results,
-                    self.owner,
-                    results,
-                    releases,
-                    now,
-                    self._settings.disable_after_seconds,
-                    [HoldBack(webhook_id, until) for webhook_id, until in holds.items()],
-                )
+                await self._record(results, releases, holds)
             except Exception:
                 failures += 1
-                if self._closing and failures >= 3:
+                if failures >= SPLIT_AFTER_FAILURES and len(results) + len(releases) > 1:
+                    # The same outcomes keep failing: one that cannot be written must not
+                    # hold back the others, so each is written on its own.
+                    log.exception(
+                        "recording %d outcomes failed %d times; recording them one by one",
+                        len(results) + len(releases),
+                        failures,
+                    )
+                    if await self._record_each(results, releases, holds):
+                        failures = 0
+                        continue
+                if self._closing and failures >= SPLIT_AFTER_FAILURES:
                     log.exception(
                         "could not record %d outcomes at shutdown; their leases will run out",
                         len(results) + len(releases),
@@ -822,25 +826,80 @@ class Dispatcher:
                 await asyncio.sleep(min(5.0, 0.2 * 2**failures))
                 continue
             failures = 0
-            if effects.stale:
-                log.warning(
-                    "%d outcomes were not recorded: their lease had passed to another dispatcher",
-                    effects.stale,
-                )
-            for webhook_id, reason in effects.disabled.items():
-                log.warning("disabled webhook %s: %s", webhook_id, reason)
-                lane = self._lanes.get(webhook_id)
-                if lane is not None:
-                    lane.mark_gone(reason)
-            # Retries that are due already (a zero delay) must not wait for the idle timer.
-            soon = time.time() + 0.01
-            if any(
-                r.status is DeliveryState.PENDING
-                and r.next_attempt_at is not None
-                and r.next_attempt_at <= soon
-                for r in results
-            ) or any(r.next_attempt_at <= soon for r in releases):
-                self._r.wake_dispatcher()
             if not self._closing and len(self._results) + len(self._releases) < FLUSH_BATCH:
                 # What finished during this write waits for the next window, with company.
                 return
+
+    async def _record(
+        self, results: list[DeliveryResult], releases: list[Release], holds: dict[str, float]
+    ) -> None:
+        """Write outcomes, releases and hold-backs in one transaction, then act on its effects."""
+        effects = await self._db.run_relaxed(
+            outbox.record_results,
+            self.owner,
+            results,
+            releases,
+            time.time(),
+            self._settings.disable_after_seconds,
+            [HoldBack(webhook_id, until) for webhook_id, until in holds.items()],
+        )
+        if effects.stale:
+            log.warning(
+                "%d outcomes were not recorded: their lease had passed to another dispatcher",
+                effects.stale,
+            )
+        for webhook_id, reason in effects.disabled.items():
+            log.warning("disabled webhook %s: %s", webhook_id, reason)
+            lane = self._lanes.get(webhook_id)
+            if lane is not None:
+                lane.mark_gone(reason)
+        # Retries that are due already (a zero delay) must not wait for the idle timer.
+        soon = time.time() + 0.01
+        if any(
+            r.status is DeliveryState.PENDING
+            and r.next_attempt_at is not None
+            and r.next_attempt_at <= soon
+            for r in results
+        ) or any(r.next_attempt_at <= soon for r in releases):
+            self._r.wake_dispatcher()
+
+    async def _record_each(
+        self, results: list[DeliveryResult], releases: list[Release], holds: dict[str, float]
+    ) -> bool:
+        """Write each outcome and release in a transaction of its own; False, with nothing
+        written, when the first ones all fail: then the store is failing, not an outcome,
+        and the caller tries the whole batch again later.
+
+        Once one was written, one that fails on its own is given up: its delivery keeps its
+        lease and is sent again once the lease runs out, as after a crash.
+        """
+        singles: list[tuple[str, list[DeliveryResult], list[Release]]] = [
+            (result.delivery_id, [result], []) for result in results
+        ]
+        singles += [(release.delivery_id, [], [release]) for release in releases]
+        written = False
+        failed: list[str] = []
+        for delivery_id, some_results, some_releases in singles:
+            try:
+                await self._record(some_results, some_releases, {})
+            except Exception:
+                failed.append(delivery_id)
+                if not written and len(failed) >= SPLIT_AFTER_FAILURES:
+                    return False
+            else:
+                written = True
+        if not written:
+            return False
+        for delivery_id in failed:
+            log.error(
+                "could not record the outcome of delivery %s; it is sent again once its lease "
+                "runs out",
+                delivery_id,
+            )
+        if holds:
+            try:
+                await self._record([], [], holds)
+            except Exception:
+                # Hold-backs only spare an unwell receiver early retries.
+                log.exception("could not record %d hold-backs", len(holds))
+        return True
