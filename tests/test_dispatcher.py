@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ from sqlmodel import Session
 from dembrane.webhooks.auth import SCOPE_PUBLISH
 from dembrane.webhooks.delivery.dispatcher import (
     FLUSH_WINDOW_SECONDS,
+    LANE_HOLD_FACTOR,
     BreakerSettings,
     CircuitBreaker,
     Dispatcher,
@@ -548,6 +550,58 @@ async def test_concurrency_is_capped_per_webhook_and_overall(tmp_path: Path) -> 
             assert most_started_within([one], 0.35) <= 2
             assert most_started_within([two], 0.35) <= 2
             assert most_started_within([one, two], 0.35) <= 3
+
+
+async def test_a_claim_leases_no_more_than_each_webhooks_room(tmp_path: Path) -> None:
+    """With a quota, a claim leases each webhook's rows only up to its room and leaves the
+    rest due for a later claim."""
+    async with store_engine(tmp_path) as resources:
+        add_webhook(resources, "wh_a", "http://127.0.0.1:9/a")
+        add_webhook(resources, "wh_b", "http://127.0.0.1:9/b")
+        store_publish(resources, *[f"e{i}" for i in range(5)])
+        quota = outbox.Quota(per_webhook=3, held={"wh_a": 2})
+        claims = resources.database.call(
+            lambda s: outbox.claim_due(s, "me", time.time(), 60, 100, quota=quota)
+        )
+        by_webhook = Counter(claim.webhook_id for claim in claims)
+        assert by_webhook == {"wh_a": 1, "wh_b": 3}
+        left_due = [r for r in rows(resources) if r.lease_owner is None]
+        assert Counter(r.webhook_id for r in left_due) == {"wh_a": 4, "wh_b": 2}
+
+
+async def test_a_slow_webhook_with_a_backlog_does_not_hold_up_the_others(
+    tmp_path: Path,
+) -> None:
+    """A webhook whose receiver answers, slowly, a long backlog holds only its share of rows
+    in memory: a later event for another webhook is sent at once, not after the backlog."""
+    async with (
+        store_engine(tmp_path, per_webhook_concurrency=2, max_concurrency=8) as resources,
+        Receiver(SECRET, default=Reply(200, delay=0.5)) as slow,
+        Receiver(SECRET) as quick,
+    ):
+        add_webhook(resources, "wh_slow", slow.url)
+        add_webhook(resources, "wh_quick", quick.url, events='["conversation.finished"]')
+        store_publish(resources, *[f"e{i}" for i in range(200)])
+        async with dispatching(resources) as dispatcher:
+            await slow.wait_for(2)
+            # Well under the backlog: the slow lane holds its share, not the whole room.
+            assert dispatcher._held <= LANE_HOLD_FACTOR * 2
+            finished = EventData(
+                "late", "conversation.finished", "p", OCCURRED, ConversationData("c-late")
+            )
+            resources.database.call(
+                lambda s: outbox.publish_events(
+                    s, [finished], now=time.time(), dashboard_base_url="https://d.test"
+                )
+            )
+            resources.wake_dispatcher()
+            sent = time.time()
+            (request,) = await quick.wait_for(1, within=10)
+            waited = request.received_at - sent
+        assert len(slow.requests) < 30
+    # The slow lane drains 4 rows a second; were its share not bounded, the quick
+    # webhook's row would wait behind the rows that filled the dispatcher's memory.
+    assert waited < 1.5, waited
 
 
 async def test_a_receiver_that_never_answers_does_not_hold_up_the_others(

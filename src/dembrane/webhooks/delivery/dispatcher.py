@@ -16,6 +16,11 @@ A slow or dead receiver must not hold the dispatcher's capacity:
   webhook's rows in the store are pushed to the cool-down's end in one statement, and rows
   that come up meanwhile go back to the store, unsent and without using an attempt, until a
   single probe request after the cool-down succeeds;
+* a lane holds at most ``LANE_HOLD_FACTOR`` times the per-webhook concurrency in rows:
+  claims and publishing leases take no more of a webhook's rows than its lane has room
+  for, so a webhook with a long backlog and a slow (but answering) receiver cannot fill
+  the dispatcher's memory while other webhooks' rows, due later, wait in the store; a lane
+  that drains to half its share wakes the claim loop;
 * claims leave in the store the rows of webhooks that could not be sent to now (stalled,
   cooling down, or half-open with their probe in hand), unless a person changed the webhook
   since: such rows would only be claimed, held and handed back, over and over, taking the
@@ -78,6 +83,9 @@ MIN_DEFER_SECONDS = 1.0
 #: transactions leave the store free for publishing.
 FLUSH_WINDOW_SECONDS = 0.05
 FLUSH_BATCH = 256
+#: A lane holds at most this many times the per-webhook concurrency in rows: a webhook with
+#: a backlog cannot fill the dispatcher's memory and keep other webhooks' rows unclaimed.
+LANE_HOLD_FACTOR = 4
 #: After this many failed writes of the same outcomes, each is written on its own.
 SPLIT_AFTER_FAILURES = 3
 #: Lanes idle this long are forgotten (their breaker is closed by then).
@@ -169,6 +177,7 @@ class _Lane:
     __slots__ = (
         "breaker",
         "breaker_settings",
+        "full",
         "gone",
         "gone_at",
         "in_flight",
@@ -197,6 +206,13 @@ class _Lane:
         #: The webhook's ``updated_at`` as the last claim saw it.
         self.updated_at = 0.0
         self.last_used = time.monotonic()
+        #: Claims leave the webhook's rows in the store: the lane holds its share.
+        self.full = False
+
+    @property
+    def held(self) -> int:
+        """Rows the lane holds: waiting and in flight."""
+        return len(self.waiting) + self.in_flight
 
     def mark_gone(self, reason: str) -> None:
         self.gone = reason
@@ -296,6 +312,9 @@ class Dispatcher:
         # while the next claim is on its way, no more.
         self._buffer_limit = self._max + self._batch
         self._min_claim = max(1, self._batch // 4)
+        # No quota when one lane may fill the whole buffer anyway.
+        self._lane_limit = LANE_HOLD_FACTOR * self._per_webhook
+        self._quota_bound = self._lane_limit < self._buffer_limit
         self._drain_timeout = drain_timeout
         self._idle_timeout = idle_timeout
         self._release_at_start = (
@@ -406,7 +425,9 @@ class Dispatcher:
             if not self._waiting_for_room and want > 0:
                 excluded = self._excluded(now, mono)
                 try:
-                    claims, next_due = await self._db.run_relaxed(self._claim, want, excluded)
+                    claims, next_due = await self._db.run_relaxed(
+                        self._claim, want, excluded, self._quota()
+                    )
                 except Exception:
                     log.exception("claiming deliveries failed; trying again shortly")
                     claims, next_due = [], time.time() + min(self._idle_timeout, 1.0)
@@ -433,6 +454,7 @@ class Dispatcher:
             until=now + self._lease,
             limit=want,
             excluded=self._excluded(now, time.monotonic()),
+            quota=self._quota(),
         )
 
     def admit_leased(self, lease: outbox.Lease, claims: list[DeliveryClaim]) -> None:
@@ -463,12 +485,31 @@ class Dispatcher:
         self._reserved -= lease.limit
 
     def _claim(
-        self, session: Session, want: int, excluded: dict[str, float]
+        self,
+        session: Session,
+        want: int,
+        excluded: dict[str, float],
+        quota: outbox.Quota | None,
     ) -> tuple[list[DeliveryClaim], float | None]:
         now = time.time()
-        claims = outbox.claim_due(session, self.owner, now, self._lease, want, excluded=excluded)
+        claims = outbox.claim_due(
+            session, self.owner, now, self._lease, want, excluded=excluded, quota=quota
+        )
         next_due = outbox.next_due_time(session, excluded) if len(claims) < want else None
+        if not claims and next_due is not None and next_due <= now:
+            # Due rows are there, but only of lanes holding their share: a lane that drains
+            # wakes the loop, so waiting for that (or the idle timeout) loses nothing.
+            next_due = None
         return claims, next_due
+
+    def _quota(self) -> outbox.Quota | None:
+        """Each webhook's room for rows: its lane's share less what the lane holds."""
+        if not self._quota_bound:
+            return None
+        return outbox.Quota(
+            self._lane_limit,
+            {webhook_id: lane.held for webhook_id, lane in self._lanes.items() if lane.held},
+        )
 
     def _excluded(self, now: float, mono: float) -> dict[str, float]:
         """The webhooks whose rows the next claim leaves in the store (``holds_back``).
@@ -479,7 +520,10 @@ class Dispatcher:
         excluded: dict[str, float] = {}
         cool_down_ends: float | None = None
         for webhook_id, lane in self._lanes.items():
-            if lane.idle or not lane.holds_back(now, mono):
+            if lane.idle:
+                continue
+            lane.full = self._quota_bound and lane.held >= self._lane_limit
+            if not lane.full and not lane.holds_back(now, mono):
                 continue
             excluded[webhook_id] = lane.updated_at
             open_until = lane.breaker.open_until
@@ -703,6 +747,10 @@ class Dispatcher:
             self._held_ids.discard(claim.delivery_id)
             if lane.waiting:
                 self._mark_ready(claim.webhook_id)
+            if lane.full and lane.held <= self._lane_limit // 2:
+                # Claims left its rows in the store; now it has room for a good share again.
+                lane.full = False
+                self._r.wake_dispatcher()
         if outcomes:
             self._queue_result(self._judge(lane, claim, outcomes))
         self._pump()

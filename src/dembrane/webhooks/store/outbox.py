@@ -55,6 +55,7 @@ __all__ = [
     "Lease",
     "PublishOutcome",
     "Published",
+    "Quota",
     "RecordEffects",
     "Release",
     "claim_due",
@@ -137,6 +138,27 @@ class PublishOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Quota:
+    """How many rows of each webhook a dispatcher may lease: ``per_webhook`` less the rows
+    of that webhook it ``held`` when it asked. One busy webhook then cannot fill the
+    dispatcher's memory, and the rows of other webhooks, due later, still find room."""
+
+    per_webhook: int
+    held: Mapping[str, int] = field(default_factory=dict)
+
+    def pick(self, rows: Iterable[tuple[str, str]]) -> list[str]:
+        """The ids, in order, of the ``(id, webhook id)`` rows within each webhook's room."""
+        counts = dict(self.held)
+        chosen: list[str] = []
+        for delivery_id, webhook_id in rows:
+            count = counts.get(webhook_id, 0)
+            if count < self.per_webhook:
+                counts[webhook_id] = count + 1
+                chosen.append(delivery_id)
+        return chosen
+
+
+@dataclass(frozen=True, slots=True)
 class Lease:
     """Lease new deliveries to a dispatcher as they are written (see ``publish_events``)."""
 
@@ -146,6 +168,8 @@ class Lease:
     limit: int
     #: Webhooks whose rows the dispatcher cannot take now (as ``claim_due`` counts them).
     excluded: Mapping[str, float] = field(default_factory=dict)
+    #: The most rows of each webhook to lease, if bounded.
+    quota: Quota | None = None
 
 
 @dataclass
@@ -403,17 +427,21 @@ def _lease_rows(
     """Mark up to the lease's limit of new pending rows as leased; count the rest."""
     if lease is None or published is None:
         return []
-    leased: list[dict[str, Any]] = []
-    for rows in deliveries.values():
-        for row in rows:
-            if row["status"] != DeliveryState.PENDING.value:
-                continue
-            if len(leased) < lease.limit and row["webhook_id"] not in lease.excluded:
-                row["next_attempt_at"] = lease.until
-                row["lease_owner"] = lease.owner
-                leased.append(row)
-            else:
-                published.left_due += 1
+    candidates = [
+        row
+        for rows in deliveries.values()
+        for row in rows
+        if row["status"] == DeliveryState.PENDING.value
+    ]
+    eligible = [row for row in candidates if row["webhook_id"] not in lease.excluded]
+    if lease.quota is not None:
+        within = set(lease.quota.pick((row["id"], row["webhook_id"]) for row in eligible))
+        eligible = [row for row in eligible if row["id"] in within]
+    leased = eligible[: lease.limit]
+    for row in leased:
+        row["next_attempt_at"] = lease.until
+        row["lease_owner"] = lease.owner
+    published.left_due += len(candidates) - len(leased)
     return leased
 
 
@@ -591,8 +619,9 @@ def _write_rows(
 
 
 _DUE_SQLITE = (
-    "SELECT json_group_array(id) FROM (SELECT id FROM deliveries "
-    "WHERE status = 'pending' AND next_attempt_at <= ?{skip} ORDER BY next_attempt_at LIMIT ?)"
+    "SELECT json_group_array(json_array(id, webhook_id)) FROM (SELECT id, webhook_id "
+    "FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?{skip} "
+    "ORDER BY next_attempt_at LIMIT ?)"
 )
 # Rows of the webhooks left out, unless the webhook changed since the dispatcher looked
 # (a new address, a new status): the pairs are (webhook id, ``updated_at`` it saw).
@@ -633,6 +662,15 @@ _CLAIM_POSTGRES = (
     "UPDATE deliveries SET next_attempt_at = %s, lease_owner = %s WHERE id IN ("
     "SELECT id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= %s{skip} "
     "ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED) "
+    "RETURNING id, event_id, event_type, webhook_id, attempt_count"
+)
+# With a quota: lock the due rows first, then lease those within it (the others stay due).
+_DUE_POSTGRES = (
+    "SELECT id, webhook_id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= %s"
+    "{skip} ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED"
+)
+_LEASE_POSTGRES = (
+    "UPDATE deliveries SET next_attempt_at = %s, lease_owner = %s WHERE id = ANY(%s) "
     "RETURNING id, event_id, event_type, webhook_id, attempt_count"
 )
 _BODIES_POSTGRES = "SELECT id, body FROM events WHERE id = ANY(%s)"
@@ -726,6 +764,7 @@ def claim_due(
     limit: int,
     *,
     excluded: Mapping[str, float] | None = None,
+    quota: Quota | None = None,
 ) -> list[DeliveryClaim]:
     """Lease up to ``limit`` due deliveries to ``owner``, oldest due first, and return them.
 
@@ -733,7 +772,9 @@ def claim_due(
     never finishes it (a crash), it simply comes due again then. Rows of the webhooks in
     ``excluded`` (webhook id to the ``updated_at`` the caller saw; at most ``MAX_EXCLUDED``
     count) are left where they are, unless the webhook changed since: the dispatcher names
-    the webhooks it cannot send to now. ``lease_seconds`` must be positive.
+    the webhooks it cannot send to now. With a ``quota``, due rows beyond a webhook's room
+    are left due too, so fewer than ``limit`` may come back while more are due.
+    ``lease_seconds`` must be positive.
     """
     if limit <= 0:
         return []
@@ -743,10 +784,9 @@ def claim_due(
     cursor = _cursor(session)
     try:
         if postgres:
-            cursor.execute(
-                _CLAIM_POSTGRES.format(skip=skip), (lease_until, owner, now, *skip_params, limit)
+            deliveries = _lease_due_postgres(
+                cursor, owner, now, lease_until, limit, skip, skip_params, quota
             )
-            deliveries = cursor.fetchall()
             if not deliveries:
                 return []
             event_ids = sorted({row[1] for row in deliveries})
@@ -754,7 +794,8 @@ def claim_due(
             bodies = {row[0]: bytes(row[1]) for row in cursor.fetchall()}
         else:
             cursor.execute(_DUE_SQLITE.format(skip=skip), (now, *skip_params, limit))
-            due = _json_list(cursor)
+            pairs = _json_list(cursor)
+            due = [p[0] for p in pairs] if quota is None else quota.pick(pairs)
             if not due:
                 return []
             chosen = json.dumps(due)
@@ -772,6 +813,32 @@ def claim_due(
     finally:
         cursor.close()
     return _claims(deliveries, bodies, hooks)
+
+
+def _lease_due_postgres(
+    cursor: Any,
+    owner: str,
+    now: float,
+    lease_until: float,
+    limit: int,
+    skip: str,
+    skip_params: list[Any],
+    quota: Quota | None,
+) -> list[Any]:
+    """Lease due rows on PostgreSQL; the rows ``(id, event_id, event_type, webhook_id,
+    attempt_count)``, oldest due first."""
+    if quota is None:
+        cursor.execute(
+            _CLAIM_POSTGRES.format(skip=skip), (lease_until, owner, now, *skip_params, limit)
+        )
+        return list(cursor.fetchall())
+    cursor.execute(_DUE_POSTGRES.format(skip=skip), (now, *skip_params, limit))
+    chosen = quota.pick(cursor.fetchall())
+    if not chosen:
+        return []
+    cursor.execute(_LEASE_POSTGRES, (lease_until, owner, chosen))
+    order = {delivery_id: index for index, delivery_id in enumerate(chosen)}
+    return sorted(cursor.fetchall(), key=lambda row: order[row[0]])
 
 
 def next_due_time(session: Session, excluded: Mapping[str, float] | None = None) -> float | None:
