@@ -580,14 +580,14 @@ async def test_a_slow_webhook_with_a_backlog_does_not_hold_up_the_others(
         Receiver(SECRET) as quick,
     ):
         add_webhook(resources, "wh_slow", slow.url)
-        add_webhook(resources, "wh_quick", quick.url, events='["conversation.finished"]')
+        add_webhook(resources, "wh_quick", quick.url, events='["conversation.summarized"]')
         store_publish(resources, *[f"e{i}" for i in range(200)])
         async with dispatching(resources) as dispatcher:
             await slow.wait_for(2)
             # Well under the backlog: the slow lane holds its share, not the whole room.
             assert dispatcher._held <= LANE_HOLD_FACTOR * 2
             finished = EventData(
-                "late", "conversation.finished", "p", OCCURRED, ConversationData("c-late")
+                "late", "conversation.summarized", "p", OCCURRED, ConversationData("c-late")
             )
             resources.database.call(
                 lambda s: outbox.publish_events(

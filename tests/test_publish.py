@@ -286,6 +286,33 @@ async def test_a_batch_may_repeat_an_id(stubs: Stubs, tokens: Tokens, world: Wor
         assert len(receiver.requests) == 1
 
 
+async def test_an_id_taken_by_another_projects_or_types_event_is_refused(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """Reusing an event id for another project or event type is ALREADY_EXISTS, in a later
+    call or within one batch, rather than a silent duplicate; the same event again, with
+    another payload, is still a duplicate."""
+    (first,) = await publish(stubs, tokens, conversation_event("evt-shared"))
+    assert not first.duplicate
+    changed = conversation_event("evt-shared")
+    changed.conversation.summary = "Another summary."
+    (again,) = await publish(stubs, tokens, changed)
+    assert again.duplicate
+    for clash in (
+        [conversation_event("evt-shared", project_id="p-free")],
+        [conversation_event("evt-shared", "conversation.summarized")],
+        [conversation_event("evt-new"), conversation_event("evt-new", project_id="p-free")],
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await publish(stubs, tokens, *clash)
+        error = rich_error(caught.value)
+        assert (error.code, error.reason) == (grpc.StatusCode.ALREADY_EXISTS, "ALREADY_EXISTS")
+        assert "already taken" in error.message
+    # Nothing of a refused batch was stored: its first event is new afterwards.
+    (fresh,) = await publish(stubs, tokens, conversation_event("evt-new"))
+    assert not fresh.duplicate
+
+
 async def test_an_empty_id_gets_one_assigned(stubs: Stubs, tokens: Tokens, world: World) -> None:
     """Without an id the service assigns an evt_ id, and the receiver sees that id."""
     async with Receiver(SECRET) as receiver:

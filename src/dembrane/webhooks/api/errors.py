@@ -26,6 +26,7 @@ _CODES: list[tuple[type[errors.WebhooksError], int]] = [
     (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
     (errors.InvalidArgument, code_pb2.INVALID_ARGUMENT),
     (errors.FailedPrecondition, code_pb2.FAILED_PRECONDITION),
+    (errors.AlreadyExists, code_pb2.ALREADY_EXISTS),
 ]
 
 

@@ -97,6 +97,12 @@ class InvalidArgument(WebhooksError):
         return cls(description, violations=[FieldViolation(name, description)])
 
 
+class AlreadyExists(WebhooksError):
+    """The request would create something whose identifier is taken by something else."""
+
+    reason = "ALREADY_EXISTS"
+
+
 class FailedPrecondition(WebhooksError):
     """The request is well formed but the system is not in a state that allows it."""
 

@@ -37,7 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, SQLModel, col
 
 from dembrane.webhooks.domain.access import WEBHOOK_TIER, Tier, tier_allows_webhooks
-from dembrane.webhooks.domain.errors import FailedPrecondition
+from dembrane.webhooks.domain.errors import AlreadyExists, FailedPrecondition
 from dembrane.webhooks.domain.ids import new_id
 from dembrane.webhooks.domain.paging import Cursor
 from dembrane.webhooks.domain.payload import EventData, ProjectInfo, render_body
@@ -192,7 +192,8 @@ def publish_events(
     """Store ``events`` and their deliveries; return one outcome per event, in order.
 
     An id that is already stored, or that appears earlier in ``events``, is a duplicate:
-    nothing is written for it and its outcome repeats the first publication's. Raises
+    nothing is written for it and its outcome repeats the first publication's; raises
+    ``AlreadyExists`` if that event is of another project or type. Raises
     ``FailedPrecondition`` when a new event's project is unknown, so that nothing of the
     batch is stored.
 
@@ -201,13 +202,14 @@ def publish_events(
     ready to send: the dispatcher of the publishing process starts on them at once, with no
     claim of its own.
     """
-    ids = list(dict.fromkeys(event.id for event in events))
-    known = _stored_outcomes(session, ids)
+    known = _stored_outcomes(session, events)
 
     fresh: dict[str, EventData] = {}
     for event in events:
-        if event.id not in known and event.id not in fresh:
-            fresh[event.id] = event
+        if event.id in known:
+            continue
+        earlier = fresh.setdefault(event.id, event)
+        _same_event(event, earlier.project_id, earlier.type)
 
     first: dict[str, PublishOutcome] = {}
     if fresh:
@@ -261,13 +263,36 @@ def _select_in(session: Session, sql: str, ids: Iterable[str]) -> list[Any]:
     return rows
 
 
-def _stored_outcomes(session: Session, ids: Sequence[str]) -> dict[str, PublishOutcome]:
+def _same_event(event: EventData, project_id: str, event_type: str) -> None:
+    """Refuse ``event`` when its id already names an event of another project or type."""
+    if (event.project_id, event.type) != (project_id, event_type):
+        raise AlreadyExists(
+            f"The event id {event.id} is already taken by an event of another "
+            f"{'project' if event.project_id != project_id else 'type'}; "
+            "an event id names one event, so give this one a new id.",
+            metadata={"event_id": event.id},
+        )
+
+
+def _stored_outcomes(session: Session, events: Sequence[EventData]) -> dict[str, PublishOutcome]:
+    """The outcomes of the events already stored, as duplicates.
+
+    Raises ``AlreadyExists`` when a stored event with one of the ids is of another project
+    or type: that is a different event, which dropping as a duplicate would lose (and
+    receivers, who deduplicate on the id, would drop too). A repeat with another payload is
+    a duplicate all the same: a retried call may carry, say, a later default time.
+    """
+    wanted = {event.id: event for event in events}
     rows = _select_in(
-        session, "SELECT id, delivery_count, skip_reason FROM events WHERE id {ids}", ids
+        session,
+        "SELECT id, delivery_count, skip_reason, project_id, type FROM events WHERE id {ids}",
+        wanted,
     )
+    for event_id, _count, _skip, project_id, event_type in rows:
+        _same_event(wanted[event_id], project_id, event_type)
     return {
         event_id: PublishOutcome(event_id, True, int(count), skip_reason)
-        for event_id, count, skip_reason in rows
+        for event_id, count, skip_reason, _project, _type in rows
     }
 
 
