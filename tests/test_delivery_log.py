@@ -376,6 +376,27 @@ async def test_recovering_resends_the_failed_deliveries_of_a_window(
         assert (await log.recover(start)).delivery_count == 1
 
 
+async def test_a_recovery_window_of_invalid_timestamps_is_refused(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """Timestamps outside what google.protobuf.Timestamp allows (negative nanos, year 10000)
+    are INVALID_ARGUMENT naming the field, not read as some other time."""
+    log = await create_webhook(stubs, tokens, "http://127.0.0.1:9/hook")
+    now = int(time.time())
+    for field, start, end in (
+        ("start_time", Timestamp(seconds=now - 60, nanos=-5), None),
+        ("end_time", Timestamp(seconds=now - 60), Timestamp(seconds=253_402_300_800)),
+    ):
+        request = pb.RecoverWebhookRequest(
+            project_id="p-paid", webhook_id=log.webhook_id, start_time=start, end_time=end
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stubs.webhooks.RecoverWebhook(request, metadata=log.md)
+        error = rich_error(caught.value)
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in error.violations
+
+
 @pytest.mark.parametrize(
     ("window", "field"),
     [

@@ -180,8 +180,14 @@ async def test_list_is_newest_first_and_paginated(
 
 
 async def test_bad_page_token_and_size(stubs: Stubs, tokens: Tokens, world: World) -> None:
-    """A page token the service did not issue, or a negative size, is INVALID_ARGUMENT."""
+    """A page token the service did not issue (garbage, or a cursor at a time that is not a
+    finite number), or a negative size, is INVALID_ARGUMENT."""
+    forged = [
+        base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        for raw in (b'[NaN,"x"]', b'[1e400,"x"]', b'[Infinity,"x"]')
+    ]
     for request in (
+        *(pb.ListWebhooksRequest(project_id="p-paid", page_token=token) for token in forged),
         pb.ListWebhooksRequest(project_id="p-paid", page_token="garbage!"),
         pb.ListWebhooksRequest(project_id="p-paid", page_size=-1),
     ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from dembrane.webhooks.domain.errors import InvalidArgument
 from dembrane.webhooks.domain.webhooks import WebhookStatus
 from dembrane.webhooks.store.tables import WebhookRow
 from dembrane.webhooks.store.webhooks import events_of
@@ -27,6 +28,18 @@ def timestamp(seconds: float) -> Timestamp:
 
 def seconds(ts: Timestamp) -> float:
     return ts.seconds + ts.nanos / 1e9
+
+
+# What google.protobuf.Timestamp allows: 0001-01-01 to 9999-12-31, nanos within a second.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+
+def valid_seconds(ts: Timestamp, field: str) -> float:
+    """``seconds(ts)``; ``InvalidArgument`` naming ``field`` when ``ts`` is not a valid time."""
+    if not (0 <= ts.nanos < 1_000_000_000 and _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS):
+        raise InvalidArgument.for_field(field, f"The {field} is not a valid time.")
+    return seconds(ts)
 
 
 def webhook_status_from_pb(value: int) -> str:

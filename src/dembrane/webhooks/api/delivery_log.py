@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from google.protobuf.duration_pb2 import Duration
 
-from dembrane.webhooks.api.convert import seconds, timestamp
+from dembrane.webhooks.api.convert import timestamp, valid_seconds
 from dembrane.webhooks.domain.access import DELIVERY_NOT_FOUND
 from dembrane.webhooks.domain.errors import ErrorCollector, NotFound
 from dembrane.webhooks.domain.ids import new_id
@@ -181,7 +181,7 @@ async def recover_webhook(
     if not request.HasField("start_time"):
         errors.add("start_time", "The start of the time window is required.")
     else:
-        start = seconds(request.start_time)
+        start = valid_seconds(request.start_time, "start_time")
         if start < now - retention:
             errors.add(
                 "start_time",
@@ -189,7 +189,7 @@ async def recover_webhook(
                 "ago; older deliveries are no longer kept.",
             )
     if request.HasField("end_time"):
-        end = seconds(request.end_time)
+        end = valid_seconds(request.end_time, "end_time")
     if request.HasField("start_time") and end <= start:
         errors.add("end_time", "The end of the time window must be after its start.")
     errors.raise_if_any()

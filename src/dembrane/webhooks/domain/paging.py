@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass
 
 from dembrane.webhooks.domain.errors import InvalidArgument
@@ -49,6 +50,7 @@ def decode_token(token: str) -> Cursor | None:
         created_at, row_id = json.loads(raw)
         if (
             not isinstance(created_at, int | float)
+            or not math.isfinite(created_at)
             or not isinstance(row_id, str)
             or has_control_characters(row_id)
         ):
