@@ -630,6 +630,25 @@ async def test_large_body_is_413(rest: Rest, tokens: Tokens, world: World) -> No
     assert answer.body == {"detail": "Request body is larger than 1 MiB."}
 
 
+# HEAD answers as GET would (status and headers), without a body, on every GET route.
+async def test_head_answers_like_get(
+    rest: Rest, tokens: Tokens, world: World, receiver: Receiver
+) -> None:
+    admin = tokens.user(world.owner)
+    await _create(rest, admin, world.paid_project, receiver.url)
+    url = f"{rest.url}/api/projects/{world.paid_project}/webhooks"
+    headers = {"Authorization": f"Bearer {admin}"}
+    async with rest.http.head(url, headers=headers) as reply:
+        assert reply.status == 200
+        assert reply.headers["Content-Type"].startswith("application/json")
+        assert await reply.read() == b""
+    async with rest.http.head(url) as reply:
+        assert reply.status == 401
+    for path in ("/healthz", "/api/openapi.json"):
+        async with rest.http.head(f"{rest.url}{path}") as reply:
+            assert reply.status == 200
+
+
 # Staff pass every project check; health and the document need no token.
 async def test_staff_health_and_document(rest: Rest, tokens: Tokens, world: World) -> None:
     listed = await rest.call("ListWebhooks", tokens.staff(), project_id=world.paid_project)

@@ -537,7 +537,7 @@ async def test_unknown_routes_and_methods(stack: Stack) -> None:
     async with stack.http.put(f"{stack.url}/api/projects/p1/webhooks/wh_1") as reply:
         assert reply.status == 405
         assert await reply.json() == {"detail": "Method not allowed"}
-        assert set(reply.headers["Allow"].split(", ")) == {"GET", "PATCH", "DELETE"}
+        assert set(reply.headers["Allow"].split(", ")) == {"GET", "HEAD", "PATCH", "DELETE"}
 
 
 # /webhooks/copyable and /webhooks/event-types are their own routes, not webhook ids.

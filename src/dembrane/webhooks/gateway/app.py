@@ -148,9 +148,13 @@ def create_app(
     for route in ROUTES:  # already ordered so that literal segments win over variables
         if route.path not in resources:
             resources[route.path] = app.router.add_resource(route.path)
-        resources[route.path].add_route(route.http_method, _route_handler(route))
-    app.router.add_get("/healthz", _healthz, allow_head=False)
-    app.router.add_get("/api/openapi.json", _openapi_document, allow_head=False)
+        handler = _route_handler(route)
+        resources[route.path].add_route(route.http_method, handler)
+        if route.http_method == "GET":
+            # HEAD answers as GET would, without the body (aiohttp leaves it out).
+            resources[route.path].add_route("HEAD", handler)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/api/openapi.json", _openapi_document)
     return app
 
 
