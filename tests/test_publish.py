@@ -302,6 +302,7 @@ async def test_an_id_taken_by_another_projects_or_types_event_is_refused(
         [conversation_event("evt-shared", project_id="p-free")],
         [conversation_event("evt-shared", "conversation.summarized")],
         [conversation_event("evt-new"), conversation_event("evt-new", project_id="p-free")],
+        [conversation_event("evt-shared", project_id="p-free"), conversation_event("evt-shared")],
     ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await publish(stubs, tokens, *clash)

@@ -282,14 +282,15 @@ def _stored_outcomes(session: Session, events: Sequence[EventData]) -> dict[str,
     receivers, who deduplicate on the id, would drop too). A repeat with another payload is
     a duplicate all the same: a retried call may carry, say, a later default time.
     """
-    wanted = {event.id: event for event in events}
     rows = _select_in(
         session,
         "SELECT id, delivery_count, skip_reason, project_id, type FROM events WHERE id {ids}",
-        wanted,
+        dict.fromkeys(event.id for event in events),
     )
-    for event_id, _count, _skip, project_id, event_type in rows:
-        _same_event(wanted[event_id], project_id, event_type)
+    stored = {row[0]: (row[3], row[4]) for row in rows}
+    for event in events:
+        if event.id in stored:
+            _same_event(event, *stored[event.id])
     return {
         event_id: PublishOutcome(event_id, True, int(count), skip_reason)
         for event_id, count, skip_reason, _project, _type in rows
