@@ -54,6 +54,10 @@ def test_variables_are_read() -> None:
         ("WEBHOOKS_RETRY_SCHEDULE", "-5"),
         ("WEBHOOKS_ALLOWED_TARGETS", "not-a-network"),
         ("WEBHOOKS_SQLITE_SYNCHRONOUS", "SOMETIMES"),
+        ("WEBHOOKS_LOG_LEVEL", "LOUD"),
+        ("WEBHOOKS_DATABASE_URL", "garbage"),
+        ("WEBHOOKS_DATABASE_URL", "mysql://u@h/db"),
+        ("WEBHOOKS_JWT_LEEWAY_SECONDS", "-1"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -76,3 +80,17 @@ def test_bad_sender_processes_name_the_variable(raw: str) -> None:
     """A bad process count stops start-up with a message naming the variable."""
     with pytest.raises(ConfigError, match="WEBHOOKS_SENDER_PROCESSES"):
         Settings.from_env({"WEBHOOKS_SENDER_PROCESSES": raw})
+
+
+def test_a_lower_bound_alone_is_worded_without_an_upper_one() -> None:
+    """A value below a minimum with no maximum says 'at least', never 'between 0.001 and None'."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"WEBHOOKS_CONNECT_TIMEOUT": "0"})
+    assert str(caught.value) == "WEBHOOKS_CONNECT_TIMEOUT must be at least 0.001, not '0'."
+
+
+def test_a_database_url_with_a_password_is_not_echoed() -> None:
+    """A refused database URL is not repeated in the message: it may hold a password."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"WEBHOOKS_DATABASE_URL": "mysql://user:hunter2@db/x"})
+    assert "hunter2" not in str(caught.value)

@@ -67,7 +67,7 @@ class Settings:
             grpc_port=reader.port("WEBHOOKS_GRPC_PORT", 50051),
             http_port=reader.port("WEBHOOKS_HTTP_PORT", 8080),
             bind=reader.text("WEBHOOKS_BIND", "127.0.0.1"),
-            database_url=reader.text("WEBHOOKS_DATABASE_URL", DEFAULT_DATABASE_URL),
+            database_url=reader.database_url("WEBHOOKS_DATABASE_URL", DEFAULT_DATABASE_URL),
             jwt_secret=reader.optional("WEBHOOKS_JWT_SECRET"),
             jwt_public_key=reader.optional("WEBHOOKS_JWT_PUBLIC_KEY"),
             jwt_issuer=reader.optional("WEBHOOKS_JWT_ISSUER"),
@@ -90,7 +90,9 @@ class Settings:
                 reader.number("WEBHOOKS_PER_WEBHOOK_CONCURRENCY", 8, low=1)
             ),
             lease_seconds=reader.number("WEBHOOKS_LEASE_SECONDS", 60.0, low=1.0),
-            log_level=reader.text("WEBHOOKS_LOG_LEVEL", "INFO").upper(),
+            log_level=reader.choice(
+                "WEBHOOKS_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+            ),
             sqlite_synchronous=reader.choice(
                 "WEBHOOKS_SQLITE_SYNCHRONOUS", "FULL", ("FULL", "NORMAL", "EXTRA")
             ),
@@ -128,7 +130,22 @@ class _Reader:
         except ValueError:
             raise ConfigError(f"{name} must be a number, not {raw!r}.") from None
         if (low is not None and value < low) or (high is not None and value > high):
-            raise ConfigError(f"{name} must be between {low} and {high}, not {raw!r}.")
+            if high is None:
+                raise ConfigError(f"{name} must be at least {low:g}, not {raw!r}.")
+            if low is None:
+                raise ConfigError(f"{name} must be at most {high:g}, not {raw!r}.")
+            raise ConfigError(f"{name} must be between {low:g} and {high:g}, not {raw!r}.")
+        return value
+
+    def database_url(self, name: str, default: str) -> str:
+        """A SQLite or PostgreSQL URL; any other kind, or no URL at all, is refused here
+        rather than by a driver's traceback at start."""
+        value = self.text(name, default)
+        scheme = value.partition(":")[0].partition("+")[0].lower()
+        if "://" not in value or scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ConfigError(
+                f"{name} must be a sqlite:///path or postgresql://user@host:port/db URL."
+            )
         return value
 
     def count_or_auto(self, name: str, *, high: int) -> int | None:
