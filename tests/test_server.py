@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -172,3 +173,88 @@ async def test_sigterm_lets_in_flight_calls_finish(tmp_path: Path) -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def _serve_env(tmp_path: Path, database: str = "serve.db", **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "WEBHOOKS_DATABASE_URL": f"sqlite:///{tmp_path / database}",
+        "WEBHOOKS_GRPC_PORT": str(unused_port()),
+        "WEBHOOKS_HTTP_PORT": str(unused_port()),
+        "WEBHOOKS_JWT_SECRET": JWT_SECRET,
+        **extra,
+    }
+
+
+async def _run_to_exit(env: dict[str, str], *args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dembrane.webhooks.cli",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, stderr.decode()
+
+
+@pytest.mark.sqlite_only
+async def test_a_second_process_delivering_from_one_sqlite_file_is_refused(
+    tmp_path: Path,
+) -> None:
+    """On SQLite a dispatcher takes over every lease at start, so a second process that
+    would deliver from the same file is refused in one line, while the first keeps going."""
+    env = _serve_env(tmp_path)
+    first = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dembrane.webhooks.cli",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await _wait_for_port(int(env["WEBHOOKS_GRPC_PORT"]))
+        code, stderr = await _run_to_exit(_serve_env(tmp_path), "worker")
+        assert code == 1
+        assert "Another process already delivers from" in stderr
+        assert "Traceback" not in stderr
+        assert first.returncode is None
+    finally:
+        first.terminate()
+        assert await asyncio.wait_for(first.wait(), timeout=20) == 0
+
+
+async def test_a_taken_port_stops_start_up_in_one_line(tmp_path: Path) -> None:
+    """A gRPC port in use ends start-up with exit status 1 and one sentence, with no
+    traceback and nothing left running (no 'Task was destroyed' from the sender processes)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, stderr = await _run_to_exit(
+            _serve_env(tmp_path, WEBHOOKS_GRPC_PORT=str(port)), "serve"
+        )
+    assert code == 1
+    assert f"dembrane-webhooks: Cannot listen for gRPC on 127.0.0.1:{port}" in stderr
+    assert "Traceback" not in stderr
+    assert "destroyed" not in stderr
+
+
+async def test_token_refuses_an_empty_user_or_a_lifetime_not_positive(tmp_path: Path) -> None:
+    """`token` with an empty --sub or a --ttl of zero or less mints nothing (exit status 2)."""
+    for args in (("--sub", " "), ("--sub", "u1", "--ttl", "-5")):
+        code, stderr = await _run_to_exit(_serve_env(tmp_path), "token", *args)
+        assert code == 2
+        assert stderr.strip() == (
+            "dembrane-webhooks: --sub must name a user and --ttl be positive."
+        )

@@ -15,10 +15,12 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
 from dembrane.webhooks import __version__
 from dembrane.webhooks.auth import mint_token
 from dembrane.webhooks.config import ConfigError, Settings
-from dembrane.webhooks.service import Parts, Service
+from dembrane.webhooks.service import Parts, Service, StartupError
 
 log = logging.getLogger("dembrane.webhooks")
 
@@ -120,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not settings.jwt_secret:
             print("dembrane-webhooks: set WEBHOOKS_JWT_SECRET to mint tokens.", file=sys.stderr)
             return 2
+        if not args.sub.strip() or args.ttl <= 0:
+            message = "--sub must name a user and --ttl be positive."
+            print(f"dembrane-webhooks: {message}", file=sys.stderr)
+            return 2
         print(
             mint_token(
                 settings.jwt_secret,
@@ -135,7 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "migrate":
         from dembrane.webhooks.store.database import Database
 
-        Database(settings.database_url).migrate()
+        try:
+            Database(settings.database_url).migrate()
+        except SQLAlchemyError as error:
+            return _failed(error)
         return 0
     if args.command == "gateway":
         _run(_run_gateway(settings, args.grpc_target))
@@ -151,10 +160,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parts = Parts(grpc=True, gateway=not args.no_gateway, dispatcher=not args.no_dispatcher)
     try:
         _run(_serve_until_signalled(Service(settings, parts)))
-    except OSError as error:
-        print(f"dembrane-webhooks: {error}", file=sys.stderr)
-        return 1
+    except (OSError, StartupError, SQLAlchemyError) as error:
+        return _failed(error)
     return 0
+
+
+def _failed(error: Exception) -> int:
+    """Report a start-up failure in one line (no traceback); the exit status."""
+    if isinstance(error, SQLAlchemyError):
+        # The driver's own sentence; SQLAlchemy adds the statement and a link below it.
+        cause = error.orig if isinstance(error, DBAPIError) and error.orig else error
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        message = f"cannot use the database: {detail}"
+    else:
+        message = str(error)
+    print(f"dembrane-webhooks: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

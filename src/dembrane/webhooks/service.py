@@ -7,10 +7,14 @@ is ready on first start.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
 from aiohttp import web
+from sqlalchemy.engine import make_url
 
 from dembrane.webhooks.api.server import GrpcServer, start_grpc_server
 from dembrane.webhooks.config import Settings
@@ -46,6 +50,9 @@ class Service:
         self.grpc: GrpcServer | None = None
         self.dispatcher: Dispatcher | None = None
         self._gateway: web.AppRunner | None = None
+        self._database: Database | None = None
+        self._sender: RequestSender | None = None
+        self._lock: IO[bytes] | None = None
         self.grpc_port = 0
         self.http_port = 0
 
@@ -58,11 +65,23 @@ class Service:
         return f"http://{self.settings.bind}:{self.http_port}"
 
     async def start(self) -> None:
+        """Start the parts; if one cannot start, stop those already started and raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         settings = self.settings
-        database = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        database = self._database = Database(
+            settings.database_url, sqlite_synchronous=settings.sqlite_synchronous
+        )
         await database.offload(database.migrate)
+        if self.parts.dispatcher and database.is_sqlite:
+            self._lock = _own_sqlite_delivery(database.url)
         policy = TargetPolicy(settings.allowed_targets)
-        sender = _sender(settings, policy, delivering=self.parts.dispatcher)
+        sender = self._sender = _sender(settings, policy, delivering=self.parts.dispatcher)
         await sender.start()
         self.resources = Resources(
             settings=settings, database=database, policy=policy, sender=sender
@@ -89,9 +108,39 @@ class Service:
             await self.grpc.stop(SHUTDOWN_GRACE_SECONDS)
         if self.dispatcher is not None:
             await self.dispatcher.stop()
-        if self.resources is not None:
-            await self.resources.sender.close()
-            self.resources.database.close()
+        if self._sender is not None:
+            await self._sender.close()
+        if self._database is not None:
+            self._database.close()
+        if self._lock is not None:
+            self._lock.close()
+        self._sender = self._database = self._lock = None
+
+
+class StartupError(Exception):
+    """A part of the service cannot start; the message says why, in one sentence."""
+
+
+def _own_sqlite_delivery(url: str) -> IO[bytes] | None:
+    """Hold the lock that makes this the one process delivering from a SQLite file.
+
+    A dispatcher on SQLite takes over every lease at start, since the process that held them
+    must be gone; a second one beside a running one would send those deliveries again. The
+    lock is a file next to the database, held until the process ends or the service stops.
+    """
+    path = make_url(url).database
+    if not path or path == ":memory:":
+        return None
+    lock = Path(f"{path}.delivery-lock").open("ab")  # noqa: SIM115 - held while running
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise StartupError(
+            f"Another process already delivers from {path}: on SQLite only one may. Stop it, "
+            "or start this one with --no-dispatcher (serve) to add gRPC and REST beside it."
+        ) from None
+    return lock
 
 
 def _sender(settings: Settings, policy: TargetPolicy, *, delivering: bool) -> RequestSender:

@@ -76,9 +76,16 @@ async def start_grpc_server(resources: Resources, host: str, port: int) -> GrpcS
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    bound = server.add_insecure_port(f"{_host(host)}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{_host(host)}:{port}")
+    except RuntimeError:  # what grpcio raises when it cannot bind
+        bound = 0
     if bound == 0:
-        raise OSError(f"Cannot listen for gRPC on {host}:{port}.")
+        await server.stop(None)
+        raise OSError(
+            f"Cannot listen for gRPC on {host}:{port}: the port is taken, or the address is "
+            "not one of this machine's."
+        )
     await server.start()
     return GrpcServer(server, bound, health_servicer)
 
