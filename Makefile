@@ -28,8 +28,11 @@ $(UV):
 	$(PYTHON) -m venv $(TOOLS_VENV)
 	$(TOOLS_VENV)/bin/pip install --quiet "uv==$(UV_VERSION)"
 
+# Bytecode is compiled at install: every process (the service, its sender processes, the
+# tests' subprocesses) then starts without compiling its libraries, even where the
+# environment forbids writing bytecode caches.
 $(VENV)/.installed: $(UV) pyproject.toml uv.lock
-	$(UV) sync --locked --quiet
+	$(UV) sync --locked --quiet --compile-bytecode
 	@touch $@
 
 $(BUF): tools/package.json tools/package-lock.json
@@ -88,7 +91,8 @@ test-postgres: install
 
 # A development secret unless one is set; never use it for a deployment.
 run: export WEBHOOKS_JWT_SECRET ?= dev-only-secret-never-use-in-production
-run: install
+# buf too: the README's calls use `buf curl`.
+run: install $(BUF)
 	$(VENV)/bin/dembrane-webhooks serve
 
 bench: install
