@@ -23,6 +23,7 @@ from sqlmodel import Session
 
 from dembrane.webhooks.auth import SCOPE_PUBLISH
 from dembrane.webhooks.delivery.dispatcher import (
+    CUT_OFF_ERROR,
     FLUSH_WINDOW_SECONDS,
     LANE_HOLD_FACTOR,
     BreakerSettings,
@@ -397,7 +398,8 @@ async def test_on_sqlite_a_restart_takes_over_leases_at_once(tmp_path: Path) -> 
 
 
 async def test_stopping_hands_back_work_in_flight(tmp_path: Path) -> None:
-    """Stop releases rows being sent and rows waiting, due at once, for the next start."""
+    """Stop releases rows being sent and rows waiting, due at once, for the next start; the
+    requests it cut off are in the log as attempts without an answer."""
     async with store_engine(tmp_path, per_webhook_concurrency=2) as resources:
         async with Receiver(SECRET, default=Reply(200, delay=30)) as receiver:
             add_webhook(resources, "wh", receiver.url)
@@ -409,7 +411,16 @@ async def test_stopping_hands_back_work_in_flight(tmp_path: Path) -> None:
         found = rows(resources)
         assert all(r.status == "pending" and r.lease_owner is None for r in found)
         assert all(r.next_attempt_at is not None and r.next_attempt_at <= after_stop for r in found)
-        assert all(r.attempt_count == 0 for r in found)
+        assert sorted(r.attempt_count for r in found) == [0, 0, 0, 0, 1, 1]
+        cut_off = [r for r in found if r.attempt_count == 1]
+        assert all(r.last_error == CUT_OFF_ERROR for r in cut_off)
+        logged = resources.database.call(
+            lambda s: [outbox.get_delivery(s, "wh", r.id) for r in cut_off]
+        )
+        for found_delivery in logged:
+            assert found_delivery is not None
+            (attempt,) = found_delivery[1]
+            assert (attempt.status_code, attempt.error) == (None, CUT_OFF_ERROR)
         assert owner
         async with Receiver(SECRET) as healthy:
             set_webhook(resources, "wh", url=healthy.url)

@@ -94,6 +94,7 @@ LANE_IDLE_SECONDS = 600.0
 LATENCY_SMOOTHING = 0.2
 
 GONE_REASON = "The receiver answered 410 Gone, so the service disabled the webhook."
+CUT_OFF_ERROR = "The service stopped before the receiver answered; the delivery is sent again."
 
 
 @dataclass(frozen=True)
@@ -730,8 +731,9 @@ class Dispatcher:
             )
         except asyncio.CancelledError:
             # Stopping: the receiver may or may not have the request; sending it again
-            # after the restart keeps the promise of at least once.
-            self._queue_release(claim.delivery_id, time.time())
+            # after the restart keeps the promise of at least once. The request cut off is
+            # an attempt of its own in the log, as every request made is.
+            self._queue_result(self._cut_off(lane, claim))
             raise
         except Exception:
             log.exception("sending delivery %s failed unexpectedly", claim.delivery_id)
@@ -809,6 +811,29 @@ class Dispatcher:
         if due is None:
             return result(DeliveryState.FAILED)
         return result(DeliveryState.PENDING, due=due)
+
+    def _cut_off(self, lane: _Lane, claim: DeliveryClaim) -> DeliveryResult:
+        """A request that stopping cut off: logged without an answer, due again at once."""
+        now, mono = time.time(), time.monotonic()
+        elapsed = mono - lane.started.get(claim.delivery_id, mono)
+        attempt = AttemptRecord(
+            number=claim.attempt_count + 1,
+            attempted_at=now - elapsed,
+            status_code=None,
+            latency_ms=elapsed * 1000.0,
+            response_body="",
+            error=CUT_OFF_ERROR,
+            success=False,
+        )
+        return DeliveryResult(
+            delivery_id=claim.delivery_id,
+            webhook_id=claim.webhook_id,
+            status=DeliveryState.PENDING,
+            attempt_count=claim.attempt_count + 1,
+            next_attempt_at=now,
+            attempts=(attempt,),
+            last_error=CUT_OFF_ERROR,
+        )
 
     # -- recording ---------------------------------------------------------------------------
 
