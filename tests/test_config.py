@@ -94,3 +94,28 @@ def test_a_database_url_with_a_password_is_not_echoed() -> None:
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({"WEBHOOKS_DATABASE_URL": "mysql://user:hunter2@db/x"})
     assert "hunter2" not in str(caught.value)
+
+
+def _ec_public_pem() -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    return key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def test_a_public_key_must_load() -> None:
+    """A JWT public key that is not a PEM key stops start-up (it would refuse every token in
+    silence); a PEM key passed with escaped newlines is read as the key."""
+    with pytest.raises(ConfigError, match="WEBHOOKS_JWT_PUBLIC_KEY"):
+        Settings.from_env({"WEBHOOKS_JWT_PUBLIC_KEY": "garbage"})
+    pem = _ec_public_pem()
+    escaped = pem.strip().replace("\n", "\\n")
+    assert Settings.from_env({"WEBHOOKS_JWT_PUBLIC_KEY": escaped}).jwt_public_key == pem.strip()
+
+
+@pytest.mark.parametrize("value", ["not a url", "ftp://files.example.com", "https://"])
+def test_the_dashboard_base_url_must_be_http(value: str) -> None:
+    """The dashboard link in every body must be an http(s) URL with a host."""
+    with pytest.raises(ConfigError, match="WEBHOOKS_DASHBOARD_BASE_URL"):
+        Settings.from_env({"WEBHOOKS_DASHBOARD_BASE_URL": value})

@@ -69,11 +69,11 @@ class Settings:
             bind=reader.text("WEBHOOKS_BIND", "127.0.0.1"),
             database_url=reader.database_url("WEBHOOKS_DATABASE_URL", DEFAULT_DATABASE_URL),
             jwt_secret=reader.optional("WEBHOOKS_JWT_SECRET"),
-            jwt_public_key=reader.optional("WEBHOOKS_JWT_PUBLIC_KEY"),
+            jwt_public_key=reader.public_key("WEBHOOKS_JWT_PUBLIC_KEY"),
             jwt_issuer=reader.optional("WEBHOOKS_JWT_ISSUER"),
             jwt_audience=reader.optional("WEBHOOKS_JWT_AUDIENCE"),
             jwt_leeway=reader.number("WEBHOOKS_JWT_LEEWAY_SECONDS", 30.0, low=0.0),
-            dashboard_base_url=reader.text(
+            dashboard_base_url=reader.http_url(
                 "WEBHOOKS_DASHBOARD_BASE_URL", "https://dashboard.dembrane.com"
             ).rstrip("/"),
             retry_schedule=reader.schedule("WEBHOOKS_RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE),
@@ -135,6 +135,34 @@ class _Reader:
             if low is None:
                 raise ConfigError(f"{name} must be at most {high:g}, not {raw!r}.")
             raise ConfigError(f"{name} must be between {low:g} and {high:g}, not {raw!r}.")
+        return value
+
+    def public_key(self, name: str) -> str | None:
+        """A PEM public key (RSA or EC); a key that does not load would refuse every token
+        without a word, so it stops start-up instead. Escaped newlines (``\\n``), as some
+        platforms pass multi-line values, are read as line breaks."""
+        value = self.optional(name)
+        if value is None:
+            return None
+        if "\n" not in value and "\\n" in value:
+            value = value.replace("\\n", "\n")
+        from cryptography.exceptions import UnsupportedAlgorithm
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        try:
+            load_pem_public_key(value.encode())
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise ConfigError(
+                f"{name} must be a PEM public key (RSA or EC), starting with "
+                "-----BEGIN PUBLIC KEY-----."
+            ) from None
+        return value
+
+    def http_url(self, name: str, default: str) -> str:
+        value = self.text(name, default)
+        scheme, _, rest = value.partition("://")
+        if scheme.lower() not in ("http", "https") or not rest.split("/", 1)[0]:
+            raise ConfigError(f"{name} must be an http:// or https:// URL, not {value!r}.")
         return value
 
     def database_url(self, name: str, default: str) -> str:
