@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import create_engine, inspect, text
 from sqlmodel import SQLModel
 
 from dembrane.webhooks.store import tables  # noqa: F401  (registers the tables)
@@ -70,3 +73,18 @@ def test_an_existing_database_upgrades_with_its_events(tmp_path: Path) -> None:
 
 def _index_names(database: Database, table: str) -> set[str]:
     return {str(index["name"]) for index in inspect(database.engine).get_indexes(table)}
+
+
+def test_the_alembic_command_uses_the_services_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`alembic upgrade head` with the repository's alembic.ini migrates the database that
+    WEBHOOKS_DATABASE_URL names, not the file alembic.ini names."""
+    root = Path(__file__).resolve().parents[1]
+    target = tmp_path / "other.db"
+    monkeypatch.setenv("WEBHOOKS_DATABASE_URL", f"sqlite:///{target}")
+    monkeypatch.chdir(root)
+    command.upgrade(Config(str(root / "alembic.ini")), "head")
+    engine = create_engine(f"sqlite:///{target}")
+    assert "deliveries" in inspect(engine).get_table_names()
+    engine.dispose()
