@@ -119,3 +119,20 @@ def test_the_dashboard_base_url_must_be_http(value: str) -> None:
     """The dashboard link in every body must be an http(s) URL with a host."""
     with pytest.raises(ConfigError, match="WEBHOOKS_DASHBOARD_BASE_URL"):
         Settings.from_env({"WEBHOOKS_DASHBOARD_BASE_URL": value})
+
+
+@pytest.mark.parametrize("value", ["not an origin", "https://app.example.com/path", "app.io"])
+def test_cors_origins_must_be_origins(value: str) -> None:
+    """An entry of WEBHOOKS_CORS_ORIGINS that no browser could send as Origin stops start-up."""
+    with pytest.raises(ConfigError, match="WEBHOOKS_CORS_ORIGINS"):
+        Settings.from_env({"WEBHOOKS_CORS_ORIGINS": value})
+
+
+def test_cors_origins_take_ports_and_the_wildcard() -> None:
+    """Origins with a port, and *, are accepted as given."""
+    env = {"WEBHOOKS_CORS_ORIGINS": "http://localhost:5173, http://[::1]:8080, *"}
+    assert Settings.from_env(env).cors_origins == (
+        "http://localhost:5173",
+        "http://[::1]:8080",
+        "*",
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
 DEFAULT_DATABASE_URL = "sqlite:///var/webhooks.db"
+# scheme://host[:port]; the host a name, an IPv4 address or a bracketed IPv6 address.
+_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?")
 
 
 class ConfigError(ValueError):
@@ -84,7 +87,7 @@ class Settings:
             request_timeout=reader.number("WEBHOOKS_REQUEST_TIMEOUT", 30.0, low=0.001),
             allowed_targets=reader.networks("WEBHOOKS_ALLOWED_TARGETS"),
             retention_days=reader.number("WEBHOOKS_RETENTION_DAYS", 30.0, low=0.0),
-            cors_origins=reader.items("WEBHOOKS_CORS_ORIGINS"),
+            cors_origins=reader.origins("WEBHOOKS_CORS_ORIGINS"),
             max_concurrency=int(reader.number("WEBHOOKS_MAX_CONCURRENCY", 128, low=1)),
             per_webhook_concurrency=int(
                 reader.number("WEBHOOKS_PER_WEBHOOK_CONCURRENCY", 8, low=1)
@@ -193,6 +196,17 @@ class _Reader:
     def items(self, name: str) -> tuple[str, ...]:
         raw = self.optional(name) or ""
         return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+    def origins(self, name: str) -> tuple[str, ...]:
+        """Browser origins (``scheme://host[:port]``, as a browser sends them) or ``*``."""
+        origins = self.items(name)
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ConfigError(
+                    f"{name} must list origins such as https://app.example.com (scheme, host "
+                    f"and optional port, no path) or *, not {origin!r}."
+                )
+        return origins
 
     def schedule(self, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
         raw = self.optional(name)
