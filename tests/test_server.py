@@ -109,26 +109,49 @@ async def _wait_for_port(port: int, within: float = 20.0) -> None:
             await asyncio.sleep(0.1)
 
 
-async def test_sigterm_lets_in_flight_calls_finish(tmp_path: Path) -> None:
-    """On SIGTERM the process stops taking calls but the call in flight completes, then exits 0."""
-    grpc_port, http_port = unused_port(), unused_port()
-    env = {
+def _serve_env(tmp_path: Path, database: str = "serve.db", **extra: str) -> dict[str, str]:
+    return {
         **os.environ,
-        "WEBHOOKS_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}",
-        "WEBHOOKS_GRPC_PORT": str(grpc_port),
-        "WEBHOOKS_HTTP_PORT": str(http_port),
+        "WEBHOOKS_DATABASE_URL": f"sqlite:///{tmp_path / database}",
+        "WEBHOOKS_GRPC_PORT": str(unused_port()),
+        "WEBHOOKS_HTTP_PORT": str(unused_port()),
         "WEBHOOKS_JWT_SECRET": JWT_SECRET,
-        "WEBHOOKS_ALLOWED_TARGETS": "127.0.0.0/8",
+        **extra,
     }
-    process = await asyncio.create_subprocess_exec(
+
+
+async def _start_cli(
+    env: dict[str, str], *args: str, stderr: int = asyncio.subprocess.PIPE
+) -> asyncio.subprocess.Process:
+    """``dembrane-webhooks ARGS`` as a child process of the test."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "dembrane.webhooks.cli",
-        "serve",
+        *args,
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=stderr,
     )
+
+
+async def _run_to_exit(env: dict[str, str], *args: str) -> tuple[int, str]:
+    process = await _start_cli(env, *args)
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, stderr.decode()
+
+
+async def test_sigterm_lets_in_flight_calls_finish(tmp_path: Path) -> None:
+    """On SIGTERM the process stops taking calls but the call in flight completes, then exits 0."""
+    env = _serve_env(tmp_path, WEBHOOKS_ALLOWED_TARGETS="127.0.0.0/8")
+    grpc_port = int(env["WEBHOOKS_GRPC_PORT"])
+    process = await _start_cli(env, "serve")
     try:
         await _wait_for_port(grpc_port)
         async with Receiver(default=Reply(200, delay=1.5)) as receiver:
@@ -175,37 +198,6 @@ async def test_sigterm_lets_in_flight_calls_finish(tmp_path: Path) -> None:
             await process.wait()
 
 
-def _serve_env(tmp_path: Path, database: str = "serve.db", **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "WEBHOOKS_DATABASE_URL": f"sqlite:///{tmp_path / database}",
-        "WEBHOOKS_GRPC_PORT": str(unused_port()),
-        "WEBHOOKS_HTTP_PORT": str(unused_port()),
-        "WEBHOOKS_JWT_SECRET": JWT_SECRET,
-        **extra,
-    }
-
-
-async def _run_to_exit(env: dict[str, str], *args: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dembrane.webhooks.cli",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, stderr.decode()
-
-
 @pytest.mark.sqlite_only
 async def test_a_second_process_delivering_from_one_sqlite_file_is_refused(
     tmp_path: Path,
@@ -213,15 +205,7 @@ async def test_a_second_process_delivering_from_one_sqlite_file_is_refused(
     """On SQLite a dispatcher takes over every lease at start, so a second process that
     would deliver from the same file is refused in one line, while the first keeps going."""
     env = _serve_env(tmp_path)
-    first = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dembrane.webhooks.cli",
-        "serve",
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    first = await _start_cli(env, "serve", stderr=asyncio.subprocess.DEVNULL)
     try:
         await _wait_for_port(int(env["WEBHOOKS_GRPC_PORT"]))
         code, stderr = await _run_to_exit(_serve_env(tmp_path), "worker")
