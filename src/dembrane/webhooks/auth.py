@@ -125,18 +125,14 @@ class TokenVerifier:
 def principal_from_claims(claims: dict[str, object]) -> Principal:
     """Read the user, staff flag and scopes out of verified claims."""
     subject = claims.get("sub") or claims.get("id")
-    if (
-        not isinstance(subject, str | int)
-        or isinstance(subject, bool)
-        or str(subject) == ""
-        or has_control_characters(str(subject))
-    ):
+    if not isinstance(subject, str | int) or isinstance(subject, bool):
+        raise Unauthenticated(INVALID_SESSION)
+    user_id = str(subject)
+    if not user_id or has_control_characters(user_id):
         raise Unauthenticated(INVALID_SESSION)
     scope = claims.get("scope")
     scopes = frozenset(scope.split()) if isinstance(scope, str) else frozenset()
-    return Principal(
-        user_id=str(subject), is_staff=claims.get("admin_access") is True, scopes=scopes
-    )
+    return Principal(user_id=user_id, is_staff=claims.get("admin_access") is True, scopes=scopes)
 
 
 def mint_token(

@@ -34,7 +34,14 @@ from dembrane.webhooks.gateway.json_mapping import (
     set_path_parameter,
 )
 from dembrane.webhooks.gateway.openapi import PAGE_TOKEN_HEADER, build_openapi
-from dembrane.webhooks.gateway.routes import ROUTES, SERVICE, Route
+from dembrane.webhooks.gateway.routes import (
+    NEXT_PAGE_TOKEN_FIELD,
+    PAGE_SIZE_FIELD,
+    PAGE_TOKEN_FIELD,
+    ROUTES,
+    SERVICE,
+    Route,
+)
 
 __all__ = ["MAX_BODY_BYTES", "bound_port", "create_app", "run_gateway"]
 
@@ -57,11 +64,6 @@ _CORS_MAX_AGE = "600"
 
 # The FieldMask an Update request carries; a PATCH body's keys become its paths.
 _MASK_FIELD = "update_mask"
-
-# The paging fields of list requests and responses (field names, not credentials).
-_PAGE_SIZE = "page_size"
-_PAGE_TOKEN = "page_token"  # noqa: S105
-_NEXT_PAGE_TOKEN = "next_page_token"  # noqa: S105
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -225,7 +227,7 @@ def _route_handler(route: Route) -> Handler:
 
 
 def _names_a_page(request: web.Request) -> bool:
-    return _PAGE_SIZE in request.query or _PAGE_TOKEN in request.query
+    return PAGE_SIZE_FIELD in request.query or PAGE_TOKEN_FIELD in request.query
 
 
 async def _remaining_pages(
@@ -237,13 +239,13 @@ async def _remaining_pages(
 ) -> Message:
     """``answer`` with the items of every following page added, and no next-page token."""
     items = getattr(answer, route.response_body)
-    token: str = getattr(answer, _NEXT_PAGE_TOKEN)
+    token: str = getattr(answer, NEXT_PAGE_TOKEN_FIELD)
     while token:
-        setattr(message, _PAGE_TOKEN, token)
+        setattr(message, PAGE_TOKEN_FIELD, token)
         page = await upstream.call(route, message, authorization)
         items.extend(getattr(page, route.response_body))
-        token = getattr(page, _NEXT_PAGE_TOKEN)
-    setattr(answer, _NEXT_PAGE_TOKEN, "")
+        token = getattr(page, NEXT_PAGE_TOKEN_FIELD)
+    setattr(answer, NEXT_PAGE_TOKEN_FIELD, "")
     return answer
 
 
@@ -278,7 +280,7 @@ def _render(route: Route, answer: Message) -> web.StreamResponse:
             data = message_to_json(value, omit=route.omit)
         else:
             data = message_to_json(answer)[field.name]
-        token = getattr(answer, "next_page_token", "") if route.pages else ""
+        token = getattr(answer, NEXT_PAGE_TOKEN_FIELD, "") if route.pages else ""
         if token:
             headers[PAGE_TOKEN_HEADER] = token
     elif route.flatten:

@@ -23,7 +23,15 @@ from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDesc
 from dembrane.webhooks.gateway.json_mapping import FieldKind, rest_fields
 from dembrane.webhooks.v1 import webhook_service_pb2
 
-__all__ = ["ROUTES", "SERVICE", "Route", "build_routes"]
+__all__ = [
+    "NEXT_PAGE_TOKEN_FIELD",
+    "PAGE_SIZE_FIELD",
+    "PAGE_TOKEN_FIELD",
+    "ROUTES",
+    "SERVICE",
+    "Route",
+    "build_routes",
+]
 
 #: The service the gateway translates.
 SERVICE: ServiceDescriptor = webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"]
@@ -58,8 +66,10 @@ _REQUIRED_BODY_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 _VARIABLE = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
-# A field name, not a credential.
-_PAGE_TOKEN_FIELD = "next_page_token"  # noqa: S105
+# The paging fields of list requests and responses (field names, not credentials).
+PAGE_SIZE_FIELD = "page_size"
+PAGE_TOKEN_FIELD = "page_token"  # noqa: S105
+NEXT_PAGE_TOKEN_FIELD = "next_page_token"  # noqa: S105
 
 
 @dataclass(frozen=True)
@@ -108,7 +118,7 @@ class Route:
     @property
     def pages(self) -> bool:
         """Whether the response is a list whose next-page token goes in a header."""
-        return bool(self.response_body) and _PAGE_TOKEN_FIELD in self.output_type.fields_by_name
+        return bool(self.response_body) and NEXT_PAGE_TOKEN_FIELD in self.output_type.fields_by_name
 
     def body_field_names(self) -> tuple[str, ...]:
         """The REST keys a JSON body may set (the request's fields not bound by the path)."""
@@ -188,7 +198,7 @@ def _route(method: MethodDescriptor, rule: http_pb2.HttpRule) -> Route:
     if flatten and (response_body or flatten not in outputs):
         raise RuntimeError(f"{name}: cannot flatten {flatten!r} into the response.")
     if name in _WHOLE_UNLESS_PAGED and not (
-        response_body and _PAGE_TOKEN_FIELD in outputs and "page_token" in fields
+        response_body and NEXT_PAGE_TOKEN_FIELD in outputs and PAGE_TOKEN_FIELD in fields
     ):
         raise RuntimeError(f"{name}: only a paged list can be answered whole.")
     return Route(
