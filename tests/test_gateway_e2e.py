@@ -627,7 +627,10 @@ async def test_large_body_is_413(rest: Rest, tokens: Tokens, world: World) -> No
         "CreateWebhook", tokens.user(world.admin), raw=raw, project_id=world.paid_project
     )
     assert answer.status == 413
-    assert answer.body == {"detail": "Request body is larger than 1 MiB."}
+    assert answer.body == {
+        "detail": "Request body is larger than 1 MiB.",
+        "reason": "PAYLOAD_TOO_LARGE",
+    }
 
 
 # HEAD answers as GET would (status and headers), without a body, on every GET route.

@@ -297,7 +297,8 @@ async def test_status_codes_become_http_errors(
         assert await reply.json() == body
 
 
-# Bodies of the wrong JSON types are refused with 422 before any RPC is made.
+# Bodies of the wrong JSON types are refused with 422 and reason INVALID_ARGUMENT before any
+# RPC is made.
 @pytest.mark.parametrize(
     ("raw", "detail"),
     [
@@ -322,7 +323,7 @@ async def test_malformed_bodies_are_422(stack: Stack, raw: bytes, detail: str) -
         headers={"Content-Type": "application/json"},
     ) as reply:
         assert reply.status == 422
-        assert await reply.json() == {"detail": detail}
+        assert await reply.json() == {"detail": detail, "reason": "INVALID_ARGUMENT"}
     assert stack.service.calls == []
 
 
@@ -333,7 +334,8 @@ async def test_unknown_status_is_400(stack: Stack) -> None:
     ) as reply:
         assert reply.status == 400
         assert await reply.json() == {
-            "detail": "The status field must be one of published, draft, archived, disabled."
+            "detail": "The status field must be one of published, draft, archived, disabled.",
+            "reason": "INVALID_ARGUMENT",
         }
     async with stack.http.get(
         f"{stack.url}/api/projects/p1/webhooks/wh_1/deliveries", params={"status": "late"}
@@ -343,7 +345,10 @@ async def test_unknown_status_is_400(stack: Stack) -> None:
         f"{stack.url}/api/projects/p1/webhooks", params={"page_size": "lots"}
     ) as reply:
         assert reply.status == 422
-        assert await reply.json() == {"detail": "The page_size parameter must be an integer."}
+        assert await reply.json() == {
+            "detail": "The page_size parameter must be an integer.",
+            "reason": "INVALID_ARGUMENT",
+        }
     assert stack.service.calls == []
 
 
@@ -517,7 +522,10 @@ async def test_large_bodies_are_413(stack: Stack) -> None:
     url = f"{stack.url}/api/projects/p1/webhooks"
     async with stack.http.post(url, data=big) as reply:
         assert reply.status == 413
-        assert await reply.json() == {"detail": "Request body is larger than 1 MiB."}
+        assert await reply.json() == {
+            "detail": "Request body is larger than 1 MiB.",
+            "reason": "PAYLOAD_TOO_LARGE",
+        }
 
     async def chunks() -> AsyncIterator[bytes]:
         for start in range(0, len(big), 64 * 1024):
@@ -525,7 +533,10 @@ async def test_large_bodies_are_413(stack: Stack) -> None:
 
     async with stack.http.post(url, data=chunks()) as reply:
         assert reply.status == 413
-        assert await reply.json() == {"detail": "Request body is larger than 1 MiB."}
+        assert await reply.json() == {
+            "detail": "Request body is larger than 1 MiB.",
+            "reason": "PAYLOAD_TOO_LARGE",
+        }
     assert stack.service.calls == []
 
 
@@ -533,10 +544,13 @@ async def test_large_bodies_are_413(stack: Stack) -> None:
 async def test_unknown_routes_and_methods(stack: Stack) -> None:
     async with stack.http.get(f"{stack.url}/api/nothing") as reply:
         assert reply.status == 404
-        assert await reply.json() == {"detail": "Not found"}
+        assert await reply.json() == {"detail": "Not found", "reason": "NOT_FOUND"}
     async with stack.http.put(f"{stack.url}/api/projects/p1/webhooks/wh_1") as reply:
         assert reply.status == 405
-        assert await reply.json() == {"detail": "Method not allowed"}
+        assert await reply.json() == {
+            "detail": "Method not allowed",
+            "reason": "METHOD_NOT_ALLOWED",
+        }
         assert set(reply.headers["Allow"].split(", ")) == {"GET", "HEAD", "PATCH", "DELETE"}
 
 

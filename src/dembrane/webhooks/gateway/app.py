@@ -23,7 +23,12 @@ from google.protobuf import message_factory
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dembrane.webhooks.gateway.errors import ErrorAnswer, RestError, answer_for_rpc_error
+from dembrane.webhooks.gateway.errors import (
+    ErrorAnswer,
+    RestError,
+    answer_for_rpc_error,
+    local_answer,
+)
 from dembrane.webhooks.gateway.json_mapping import (
     FieldKind,
     message_to_json,
@@ -319,22 +324,22 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Every failure becomes ``{"detail": ...}``; nothing a caller sends leads to a traceback."""
     length = request.content_length
     if length is not None and length > MAX_BODY_BYTES:
-        return _error_response(ErrorAnswer(413, _BODY_TOO_LARGE))
+        return _error_response(local_answer(413, _BODY_TOO_LARGE))
     try:
         return await handler(request)
     except RestError as error:
-        return _error_response(ErrorAnswer(error.status, error.detail))
+        return _error_response(local_answer(error.status, error.detail))
     except web.HTTPRequestEntityTooLarge:
-        return _error_response(ErrorAnswer(413, _BODY_TOO_LARGE))
+        return _error_response(local_answer(413, _BODY_TOO_LARGE))
     except web.HTTPMethodNotAllowed as error:
         allow = {"Allow": ", ".join(sorted(error.allowed_methods))}
-        return _error_response(ErrorAnswer(405, "Method not allowed"), headers=allow)
+        return _error_response(local_answer(405, "Method not allowed"), headers=allow)
     except web.HTTPNotFound:
-        return _error_response(ErrorAnswer(404, "Not found"))
+        return _error_response(local_answer(404, "Not found"))
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        return _error_response(ErrorAnswer(error.status, error.reason))
+        return _error_response(local_answer(error.status, error.reason))
     except asyncio.CancelledError:
         raise
     except Exception as error:
@@ -348,7 +353,7 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
             request.path,
             frames,
         )
-        return _error_response(ErrorAnswer(500, "Internal error"))
+        return _error_response(local_answer(500, "Internal error"))
 
 
 def _cors_middleware(origins: Sequence[str]) -> Middleware:

@@ -22,6 +22,7 @@ __all__ = [
     "ErrorAnswer",
     "RestError",
     "answer_for_rpc_error",
+    "local_answer",
 ]
 
 _log = logging.getLogger(__name__)
@@ -86,6 +87,23 @@ class ErrorAnswer:
                 for name, description in self.field_violations
             ]
         return body
+
+
+# The ErrorInfo-style reason of the answers the gateway gives on its own, so a client can key
+# on ``reason`` whichever side refused the request.
+_LOCAL_REASONS: dict[int, str] = {
+    400: "INVALID_ARGUMENT",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+    422: "INVALID_ARGUMENT",
+    500: "INTERNAL",
+}
+
+
+def local_answer(status: int, detail: str) -> ErrorAnswer:
+    """The answer to a request the gateway refuses itself, with the reason for its status."""
+    return ErrorAnswer(status, detail, _LOCAL_REASONS.get(status))
 
 
 def answer_for_rpc_error(error: grpc.aio.AioRpcError) -> ErrorAnswer:
