@@ -22,6 +22,7 @@ def test_defaults_are_the_contracts() -> None:
     assert (settings.connect_timeout, settings.request_timeout) == (10.0, 30.0)
     assert settings.disable_after_seconds == 5 * 86400
     assert settings.retention_days == 30
+    assert settings.max_event_bytes == 4 * 1024 * 1024
 
 
 def test_variables_are_read() -> None:
@@ -33,8 +34,10 @@ def test_variables_are_read() -> None:
             "WEBHOOKS_ALLOWED_TARGETS": "127.0.0.0/8, ::1/128",
             "WEBHOOKS_CORS_ORIGINS": "https://app.example.com",
             "WEBHOOKS_DASHBOARD_BASE_URL": "https://dash.example.com/",
+            "WEBHOOKS_MAX_EVENT_BYTES": "1048576",
         }
     )
+    assert settings.max_event_bytes == 1048576
     assert settings.http_port == 9000
     assert settings.retry_schedule == (1.0, 1.0, 1.0)
     assert settings.allowed_targets == (
@@ -58,6 +61,8 @@ def test_variables_are_read() -> None:
         ("WEBHOOKS_DATABASE_URL", "garbage"),
         ("WEBHOOKS_DATABASE_URL", "mysql://u@h/db"),
         ("WEBHOOKS_JWT_LEEWAY_SECONDS", "-1"),
+        ("WEBHOOKS_MAX_EVENT_BYTES", "100"),
+        ("WEBHOOKS_MAX_EVENT_BYTES", "1000000000"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:

@@ -16,6 +16,7 @@ import pytest
 from sqlmodel import Session
 
 from dembrane.webhooks.auth import SCOPE_DIRECTORY, SCOPE_PUBLISH
+from dembrane.webhooks.config import DEFAULT_MAX_EVENT_BYTES
 from dembrane.webhooks.domain.access import Tier
 from dembrane.webhooks.domain.errors import FailedPrecondition
 from dembrane.webhooks.domain.payload import ConversationData, EventData
@@ -411,6 +412,38 @@ async def test_batch_size_is_bounded(stubs: Stubs, tokens: Tokens, world: World)
         assert "1 to 500" in error.violations["events"]
     results = await publish(stubs, tokens, *[conversation_event(f"e{i}") for i in range(500)])
     assert len(results) == 500
+
+
+async def test_an_event_whose_body_exceeds_the_limit_is_refused(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """The limit counts the JSON body's bytes, escapes included, and names the event."""
+    limit = DEFAULT_MAX_EVENT_BYTES
+    near = conversation_event("evt-near", "conversation.transcribed")
+    near.conversation.transcript = "a" * (limit - 4096)
+    too_long = conversation_event("evt-long", "conversation.transcribed")
+    too_long.conversation.transcript = "a" * limit
+    # 2 bytes each in the request, 6 in the body ("\u00e9"): small on the wire, too big sent.
+    escaped = conversation_event("evt-escaped", "conversation.transcribed")
+    escaped.conversation.transcript = "\u00e9" * (limit // 5)
+    assert escaped.ByteSize() < limit
+    for index, bad in ((1, too_long), (0, escaped)):
+        batch = [near, bad] if index == 1 else [bad, near]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await publish(stubs, tokens, *batch)
+        error = rich_error(caught.value)
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert list(error.violations) == [f"events[{index}]"]
+        assert "WEBHOOKS_MAX_EVENT_BYTES" in error.violations[f"events[{index}]"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stubs.events.PublishEvent(
+            epb.PublishEventRequest(event=too_long),
+            metadata=tokens.bearer(tokens.service(SCOPE_PUBLISH)),
+        )
+    assert list(rich_error(caught.value).violations) == ["event"]
+    (result,) = await publish(stubs, tokens, near)
+    assert result.event_id == "evt-near"
+    assert not result.duplicate
 
 
 async def test_an_unknown_project_is_refused(stubs: Stubs, tokens: Tokens, world: World) -> None:

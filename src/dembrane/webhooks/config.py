@@ -16,6 +16,12 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
 DEFAULT_DATABASE_URL = "sqlite:///var/webhooks.db"
+#: The largest event body by default: gRPC's customary message limit, far above a transcript
+#: of a day of talk, and small enough that no receiver's body limit is a surprise.
+DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
+MIN_EVENT_BYTES = 4096
+#: Half the gRPC server's message limit, so a publish call can always carry one such event.
+MAX_EVENT_BYTES_LIMIT = 32 * 1024 * 1024
 # scheme://host[:port]; the host a name, an IPv4 address or a bracketed IPv6 address.
 _ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?")
 
@@ -60,6 +66,8 @@ class Settings:
     sqlite_synchronous: str = "FULL"
     # Worker processes that send the dispatcher's requests; None: chosen from the cores.
     sender_processes: int | None = None
+    # The largest body one event may have; a bigger event is refused at publish time.
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -100,6 +108,14 @@ class Settings:
                 "WEBHOOKS_SQLITE_SYNCHRONOUS", "FULL", ("FULL", "NORMAL", "EXTRA")
             ),
             sender_processes=reader.count_or_auto("WEBHOOKS_SENDER_PROCESSES", high=64),
+            max_event_bytes=int(
+                reader.number(
+                    "WEBHOOKS_MAX_EVENT_BYTES",
+                    DEFAULT_MAX_EVENT_BYTES,
+                    low=MIN_EVENT_BYTES,
+                    high=MAX_EVENT_BYTES_LIMIT,
+                )
+            ),
         )
 
 

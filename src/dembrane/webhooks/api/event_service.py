@@ -22,7 +22,9 @@ from dembrane.webhooks.domain.payload import (
     SUBSCRIBABLE_EVENT_TYPES,
     ConversationData,
     EventData,
+    ProjectInfo,
     ReportData,
+    render_body,
 )
 from dembrane.webhooks.domain.text import has_control_characters
 from dembrane.webhooks.resources import Resources
@@ -41,6 +43,10 @@ ID_MAX = 128
 URL_MAX = 2048
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_.:\-]+")
 _KNOWN_TYPES = ", ".join(sorted(SUBSCRIBABLE_EVENT_TYPES))
+#: JSON escaping turns one byte of a string into at most six (``\u00XX``); the keys, times
+#: and the dashboard link add less than this to a body.
+_JSON_GROWTH = 6
+_BODY_OVERHEAD = 16 * 1024
 
 
 def _time(ts: Timestamp, field: str, errors: ErrorCollector) -> datetime | None:
@@ -178,6 +184,33 @@ def event_from_pb(
     )
 
 
+def _body_size_errors(
+    messages: Sequence[event_pb2.Event],
+    events: Sequence[EventData],
+    fields: Sequence[str],
+    limit: int,
+    dashboard_base_url: str,
+    errors: ErrorCollector,
+) -> None:
+    """Report each event whose body would be larger than ``limit`` bytes.
+
+    The body is rendered only for an event whose encoded size could reach the limit; the
+    project's name and language are not counted (the directory bounds them to a few hundred
+    bytes).
+    """
+    for message, event, field in zip(messages, events, fields, strict=True):
+        if message.ByteSize() * _JSON_GROWTH + _BODY_OVERHEAD <= limit:
+            continue
+        project = ProjectInfo(id=event.project_id, name="", language="")
+        size = len(render_body(event, project, dashboard_base_url))
+        if size > limit:
+            errors.add(
+                field,
+                f"The event's body would be {size:,} bytes; the most an event may have is "
+                f"{limit:,} bytes (WEBHOOKS_MAX_EVENT_BYTES).",
+            )
+
+
 def _result_pb(outcome: outbox.PublishOutcome) -> pb.PublishResult:
     return pb.PublishResult(
         event_id=outcome.event_id,
@@ -191,6 +224,8 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
     """Publishing: validation, one transaction, then a wake-up for the dispatcher."""
 
     def __init__(self, resources: Resources) -> None:
+        self._max_event_bytes = resources.settings.max_event_bytes
+        self._dashboard_base_url = resources.settings.dashboard_base_url
         self._queue = PublishQueue(
             resources.database,
             resources.settings.dashboard_base_url,
@@ -201,6 +236,18 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
     async def _publish(self, events: Sequence[EventData]) -> list[outbox.PublishOutcome]:
         return await self._queue.publish(events)
 
+    def _check_sizes(
+        self,
+        messages: Sequence[event_pb2.Event],
+        events: Sequence[EventData],
+        fields: Sequence[str],
+        errors: ErrorCollector,
+    ) -> None:
+        _body_size_errors(
+            messages, events, fields, self._max_event_bytes, self._dashboard_base_url, errors
+        )
+        errors.raise_if_any()
+
     async def PublishEvent(
         self, request: pb.PublishEventRequest, context: Context
     ) -> pb.PublishEventResponse:
@@ -210,6 +257,7 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
             errors.raise_if_any()
         event = event_from_pb(request.event, "event", datetime.now(UTC), errors)
         errors.raise_if_any()
+        self._check_sizes([request.event], [event], ["event"], errors)
         (outcome,) = await self._publish([event])
         return pb.PublishEventResponse(result=_result_pb(outcome))
 
@@ -222,10 +270,12 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
             errors.add("events", f"A call publishes 1 to {MAX_BATCH} events; this one has {count}.")
             errors.raise_if_any()
         now = datetime.now(UTC)
+        fields = [f"events[{index}]" for index in range(count)]
         events = [
-            event_from_pb(message, f"events[{index}]", now, errors)
-            for index, message in enumerate(request.events)
+            event_from_pb(message, field, now, errors)
+            for message, field in zip(request.events, fields, strict=True)
         ]
         errors.raise_if_any()
+        self._check_sizes(request.events, events, fields, errors)
         outcomes = await self._publish(events)
         return pb.PublishEventsResponse(results=[_result_pb(o) for o in outcomes])
