@@ -41,6 +41,39 @@ async def _list_services(channel: grpc.aio.Channel) -> set[str]:
     return set()
 
 
+async def _reflect_v1(
+    channel: grpc.aio.Channel, requests: list[reflection_pb2.ServerReflectionRequest]
+) -> list[reflection_pb2.ServerReflectionResponse]:
+    """Ask grpc.reflection.v1, whose messages are v1alpha's on the wire."""
+    info = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    return [response async for response in info(iter(requests))]
+
+
+async def test_reflection_v1_lists_and_describes_every_service(stubs: Stubs) -> None:
+    """The released v1 protocol, which grpcurl and buf curl try first, answers too, and every
+    service it lists (v1 reflection itself included) can be described."""
+    (listing,) = await _reflect_v1(
+        stubs.channel, [reflection_pb2.ServerReflectionRequest(list_services="")]
+    )
+    names = {s.name for s in listing.list_services_response.service}
+    assert {
+        "dembrane.webhooks.v1.EventService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    } <= names
+    answers = await _reflect_v1(
+        stubs.channel,
+        [reflection_pb2.ServerReflectionRequest(file_containing_symbol=name) for name in names],
+    )
+    assert len(answers) == len(names)
+    for name, answer in zip(names, answers, strict=True):
+        assert answer.WhichOneof("message_response") == "file_descriptor_response", name
+
+
 async def test_reflection_lists_the_services_without_a_token(stubs: Stubs) -> None:
     """Reflection, open to all, lists the three services and health, so grpcurl needs no protos."""
     names = await _list_services(stubs.channel)

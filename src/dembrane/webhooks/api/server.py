@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 # The package's asyncio servicer; its type stubs do not declare the module.
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from dembrane.webhooks.api.directory_service import DirectoryServicer
 from dembrane.webhooks.api.event_service import EventServicer
@@ -29,6 +31,11 @@ SERVICE_NAMES = (
     event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     directory_service_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name,
 )
+
+#: The released reflection service. Its messages are those of v1alpha, field for field (v1 was
+#: v1alpha renamed), so the package's servicer answers both; clients such as grpcurl and
+#: buf curl ask for v1 first.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 # Large enough for a batch of 500 events with transcripts, small enough to refuse abuse.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -73,9 +80,7 @@ async def start_grpc_server(resources: Resources, host: str, port: int) -> GrpcS
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    _add_reflection(server)
     try:
         bound = server.add_insecure_port(f"{_host(host)}:{port}")
     except RuntimeError:  # what grpcio raises when it cannot bind
@@ -88,6 +93,51 @@ async def start_grpc_server(resources: Resources, host: str, port: int) -> GrpcS
         )
     await server.start()
     return GrpcServer(server, bound, health_servicer)
+
+
+def _register_reflection_v1() -> None:
+    """Put grpc.reflection.v1's descriptor in the default pool, so it can be described too.
+
+    Derived from the v1alpha descriptor the package ships: same messages, other package.
+    """
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(REFLECTION_V1)
+        return  # already there (a newer package, or a second server in this process)
+    except KeyError:
+        pass
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    file = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(file)
+    file.name = "grpc/reflection/v1/reflection.proto"
+    file.package = "grpc.reflection.v1"
+    file.ClearField("options")
+    for message in file.message_type:
+        for message_field in message.field:
+            if message_field.HasField("type_name"):
+                message_field.type_name = message_field.type_name.replace(old, new)
+    for service in file.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new)
+            method.output_type = method.output_type.replace(old, new)
+    pool.Add(file)
+
+
+def _add_reflection(server: grpc.aio.Server) -> None:
+    """Serve reflection as grpc.reflection.v1 and v1alpha, from one servicer."""
+    _register_reflection_v1()
+    servicer = ReflectionServicer(
+        (*SERVICE_NAMES, health.SERVICE_NAME, REFLECTION_V1, reflection.SERVICE_NAME)
+    )
+    for service in (REFLECTION_V1, reflection.SERVICE_NAME):
+        method = grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": method}),)
+        )
 
 
 def _host(host: str) -> str:
