@@ -6,8 +6,10 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from dembrane.webhooks.domain.errors import InvalidArgument
+from dembrane.webhooks.api import event_service
+from dembrane.webhooks.domain.errors import ErrorCollector, InvalidArgument
 from dembrane.webhooks.domain.payload import (
     EVENT_TYPES,
     SUBSCRIBABLE_EVENT_TYPES,
@@ -255,3 +257,22 @@ def test_catalog_examples_are_bodies_of_their_type(info: object) -> None:
             info.name in {"conversation.transcribed", "conversation.summarized"}
         )
         assert ("summary" in keys) == (info.name == "conversation.summarized")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [
+        (-62_135_596_800, 0),
+        (0, 0),
+        (1_764_331_200, 123_456_789),
+        (-1, 999_999_999),
+        (253_402_300_799, 999_999_999),
+    ],
+)
+def test_event_times_are_read_as_protobuf_reads_them(seconds: int, nanos: int) -> None:
+    """A publish call's timestamps become the same UTC datetimes ``Timestamp.ToDatetime``
+    gives, to the microsecond, across the whole range a Timestamp allows."""
+    stamp = Timestamp(seconds=seconds, nanos=nanos)
+    errors = ErrorCollector()
+    assert event_service._time(stamp, "occur_time", errors) == stamp.ToDatetime(tzinfo=UTC)
+    assert not errors.violations

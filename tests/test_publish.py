@@ -363,6 +363,21 @@ async def test_an_empty_id_gets_one_assigned(stubs: Stubs, tokens: Tokens, world
             "events[1].dashboard_url",
             "http",
         ),
+        (
+            lambda e: setattr(e.occur_time, "seconds", 253_402_300_800),
+            "events[1].occur_time",
+            "valid time",
+        ),
+        (
+            lambda e: setattr(e.conversation.created_at, "nanos", -1),
+            "events[1].conversation.created_at",
+            "valid time",
+        ),
+        (
+            lambda e: setattr(e.conversation.updated_at, "nanos", 1_000_000_000),
+            "events[1].conversation.updated_at",
+            "valid time",
+        ),
     ],
     ids=[
         "unknown-type",
@@ -377,6 +392,9 @@ async def test_an_empty_id_gets_one_assigned(stubs: Stubs, tokens: Tokens, world
         "no-subject",
         "no-conversation-id",
         "bad-link",
+        "after-year-9999",
+        "negative-nanos",
+        "a-whole-second-of-nanos",
     ],
 )
 async def test_invalid_events_fail_the_whole_batch(

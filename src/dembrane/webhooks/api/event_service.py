@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -49,12 +49,21 @@ _JSON_GROWTH = 6
 _BODY_OVERHEAD = 16 * 1024
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_SECONDS_MIN = -62_135_596_800
+_SECONDS_MAX = 253_402_300_799
+
+
 def _time(ts: Timestamp, field: str, errors: ErrorCollector) -> datetime | None:
-    try:
-        return ts.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
+    """The UTC time ``ts`` names, to the microsecond (what ``Timestamp.ToDatetime`` gives,
+    without its detour through a time-zone conversion: three of these come with each event).
+    """
+    seconds, nanos = ts.seconds, ts.nanos
+    if not (_SECONDS_MIN <= seconds <= _SECONDS_MAX and 0 <= nanos < 1_000_000_000):
         errors.add(field, f"The {field} is not a valid time.")
         return None
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
 
 
 def _conversation(

@@ -105,8 +105,10 @@ def _iso(moment: datetime) -> str:
     # Publishers sometimes hand over naive datetimes; the platform keeps time in UTC.
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
+    elif moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
     # A fixed precision keeps every timestamp the same shape, even at a whole second.
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+    return moment.isoformat(timespec="microseconds")
 
 
 def _iso_or_none(moment: datetime | None) -> str | None:
