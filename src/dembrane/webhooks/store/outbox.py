@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -419,14 +420,14 @@ def _insert_fresh(
         # no other publication can have stored them meanwhile: plain multi-row inserts.
         cursor = _cursor(session)
         _write_rows(
-            cursor, _INSERT_EVENTS_SQLITE, [_ordered(r, _EVENT_COLUMNS) for r in event_rows]
+            cursor, _INSERT_EVENTS_SQLITE, [_EVENT_VALUES(r) for r in event_rows]
         )
         delivery_rows = [row for rows in deliveries.values() for row in rows]
         if delivery_rows:
             _write_rows(
                 cursor,
                 _INSERT_DELIVERIES_SQLITE,
-                [_ordered(r, _DELIVERY_COLUMNS) for r in delivery_rows],
+                [_DELIVERY_VALUES(r) for r in delivery_rows],
             )
         _claim_leased(leased, bodies, facts, published)
         return outcomes
@@ -534,8 +535,9 @@ _INSERT_DELIVERIES_SQLITE = (
 )
 
 
-def _ordered(row: dict[str, Any], columns: Sequence[str]) -> tuple[Any, ...]:
-    return tuple(row[column] for column in columns)
+# A row's values in its table's column order (itemgetter does it in C: a few per event).
+_EVENT_VALUES = operator.itemgetter(*_EVENT_COLUMNS)
+_DELIVERY_VALUES = operator.itemgetter(*_DELIVERY_COLUMNS)
 
 
 def _insert_events_once(session: Session, rows: list[dict[str, Any]]) -> set[str]:
