@@ -419,9 +419,7 @@ def _insert_fresh(
         # One process owns a SQLite database and this transaction read the ids above, so
         # no other publication can have stored them meanwhile: plain multi-row inserts.
         cursor = _cursor(session)
-        _write_rows(
-            cursor, _INSERT_EVENTS_SQLITE, [_EVENT_VALUES(r) for r in event_rows]
-        )
+        _write_rows(cursor, _INSERT_EVENTS_SQLITE, [_EVENT_VALUES(r) for r in event_rows])
         delivery_rows = [row for rows in deliveries.values() for row in rows]
         if delivery_rows:
             _write_rows(
