@@ -46,7 +46,7 @@ from dembrane.webhooks.v1 import (
 from dembrane.webhooks.v1 import event_service_pb2 as epb
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
 
-from harness import Stubs, Tokens, World, make_settings, seed_world
+from harness import JWT_SECRET, Stubs, Tokens, World, make_settings, seed_world
 from receiver import Receiver, Reply
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -787,6 +787,78 @@ async def test_both_secrets_sign_during_a_rotation(tmp_path: Path) -> None:
     assert len(request.headers["webhook-signature"].split(" ")) == 2
     # The body signatures carry the current secret only.
     assert not request.body_signature_ok
+
+
+class _DroppingServer:
+    """A raw TCP receiver that reads each request and closes the connection unanswered."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            data += chunk
+        self.requests += 1
+        writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/hook"
+
+    async def __aexit__(self, *_exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def _first_failure(stubs: Stubs, webhook_id: str) -> webhook_pb2.Delivery:
+    """The webhook's single delivery once its first attempt is recorded."""
+    md = Tokens(JWT_SECRET).bearer(Tokens(JWT_SECRET).user("u-owner"))
+    for _ in range(500):
+        listed = await stubs.webhooks.ListDeliveries(
+            pb.ListDeliveriesRequest(project_id="p-paid", webhook_id=webhook_id), metadata=md
+        )
+        (delivery,) = listed.deliveries
+        if delivery.attempt_count >= 1 and delivery.HasField("next_attempt_time"):
+            return delivery
+        await asyncio.sleep(0.01)
+    raise AssertionError("no attempt was recorded")
+
+
+@pytest.mark.parametrize("answer", ["503", "503-retry-after-1", "dropped"])
+async def test_a_503_or_a_dropped_connection_takes_one_slot_of_the_schedule(
+    tmp_path: Path, answer: str
+) -> None:
+    """A receiver that answers 503 (even asking for a second's pause) or drops the
+    connection gets one request, and the next is due after the schedule's first delay: a
+    receiver down for a deploy gets the schedule's whole patience, not a burst."""
+    dropping = _DroppingServer()
+    replies = {
+        "503": Reply(503),
+        "503-retry-after-1": Reply(503, headers={"Retry-After": "1"}),
+    }
+    async with (
+        running_service(tmp_path, retry_schedule=(60.0, 60.0), retry_jitter=0.0) as stubs,
+        Receiver(SECRET, default=replies.get(answer, Reply(200))) as receiver,
+        dropping as dropping_url,
+    ):
+        tokens = Tokens(JWT_SECRET)
+        url = dropping_url if answer == "dropped" else receiver.url
+        hook = await create_webhook(stubs, tokens, url)
+        await publish(stubs, tokens, "evt-unavailable")
+        delivery = await _first_failure(stubs, hook)
+        await asyncio.sleep(0.3)
+        made = dropping.requests if answer == "dropped" else len(receiver.requests)
+    assert made == 1
+    assert delivery.attempt_count == 1
+    assert delivery.status == webhook_pb2.DELIVERY_STATUS_PENDING
+    wait = delivery.next_attempt_time.ToNanoseconds() - delivery.last_attempt_time.ToNanoseconds()
+    assert 59 <= wait / 1e9 <= 61
 
 
 async def test_retry_after_postpones_the_next_attempt(

@@ -41,7 +41,6 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from functools import partial
 
 from sqlmodel import Session
 
@@ -724,11 +723,7 @@ class Dispatcher:
                 delivery_id=claim.delivery_id,
                 secrets=claim.secrets(time.time()),
             )
-            outcomes = await self._policy.send(
-                partial(self._r.sender.send, request),
-                attempts_made=claim.attempt_count,
-                budget=self._settings.request_timeout,
-            )
+            outcomes = [await self._r.sender.send(request)]
         except asyncio.CancelledError:
             # Stopping: the receiver may or may not have the request; sending it again
             # after the restart keeps the promise of at least once. The request cut off is
