@@ -376,6 +376,56 @@ async def test_recovering_resends_the_failed_deliveries_of_a_window(
         assert (await log.recover(start)).delivery_count == 1
 
 
+async def test_events_a_disabled_or_paused_webhook_missed_are_in_its_log(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """An event published while a webhook is disabled is logged as failed, unsent, and
+    RecoverWebhook sends it once the webhook is published again; while a webhook is paused
+    (draft) its events are logged as skipped. Only archived webhooks get no rows."""
+    async with Receiver(SECRET, replies=[410]) as receiver:
+        disabled = await create_webhook(stubs, tokens, receiver.url)
+        paused = await create_webhook(stubs, tokens, receiver.url)
+        archived = await create_webhook(stubs, tokens, receiver.url)
+        for log, status in (
+            (paused, webhook_pb2.WEBHOOK_STATUS_DRAFT),
+            (archived, webhook_pb2.WEBHOOK_STATUS_ARCHIVED),
+        ):
+            await stubs.webhooks.UpdateWebhook(
+                pb.UpdateWebhookRequest(
+                    project_id="p-paid", webhook_id=log.webhook_id, status=status
+                ),
+                metadata=log.md,
+            )
+        start = time.time() - 1
+        await publish(stubs, tokens, event("e-gone"))
+        await disabled.settled(1)  # the 410 disables it
+        await publish(stubs, tokens, event("e-missed"))
+
+        missed = {d.event_id: d for d in await disabled.settled(2)}["e-missed"]
+        assert missed.status == FAILED
+        assert missed.attempt_count == 0
+        assert "disabled" in missed.last_error
+        assert "not sent" in missed.last_error
+        (skipped,) = [d for d in await paused.settled(2) if d.event_id == "e-missed"]
+        assert skipped.status == webhook_pb2.DELIVERY_STATUS_SKIPPED
+        assert "draft" in skipped.skip_reason
+        assert (await archived.list()).deliveries == []
+
+        await stubs.webhooks.UpdateWebhook(
+            pb.UpdateWebhookRequest(
+                project_id="p-paid",
+                webhook_id=disabled.webhook_id,
+                status=webhook_pb2.WEBHOOK_STATUS_PUBLISHED,
+            ),
+            metadata=disabled.md,
+        )
+        assert (await disabled.recover(start)).delivery_count == 2
+        requests = await receiver.wait_for(3)
+        assert [r.headers["webhook-id"] for r in requests[1:]].count("e-missed") == 1
+        found = {d.event_id: d for d in await disabled.settled(2)}
+        assert found["e-missed"].status == SUCCEEDED
+
+
 async def test_a_recovery_window_of_invalid_timestamps_is_refused(
     stubs: Stubs, tokens: Tokens, world: World
 ) -> None:

@@ -601,10 +601,9 @@ class Dispatcher:
             )
 
         if lane.gone is not None or claim.webhook_status == "disabled":
-            reason = (lane.gone or claim.disabled_reason or "disabled by the service").rstrip(".")
             return finish(
                 DeliveryState.FAILED,
-                error=f"The webhook is disabled ({reason}), so the delivery was not sent.",
+                error=outbox.disabled_error(lane.gone or claim.disabled_reason),
             )
         if claim.webhook_status != "published":
             return finish(

@@ -64,6 +64,7 @@ __all__ = [
     "delete_expired_attempts",
     "delete_expired_events",
     "deliveries_of_event",
+    "disabled_error",
     "event_row",
     "get_delivery",
     "list_deliveries",
@@ -307,14 +308,15 @@ class _ProjectFacts:
 
 
 def _project_facts(session: Session, project_ids: Iterable[str]) -> dict[str, _ProjectFacts]:
-    """Each known project with its tier and its published webhooks, in one statement."""
+    """Each known project with its tier and its webhooks (archived ones aside), in one
+    statement."""
     rows = _select_in(
         session,
         "SELECT p.id, p.name, p.language, ws.tier, w.id, w.events, w.url, w.status, "
         "w.updated_at, w.disabled_reason, w.secret, w.previous_secret, "
         "w.previous_secret_expires_at "
         "FROM projects p JOIN workspaces ws ON ws.id = p.workspace_id "
-        "LEFT JOIN webhooks w ON w.project_id = p.id AND w.status = 'published' "
+        "LEFT JOIN webhooks w ON w.project_id = p.id AND w.status <> 'archived' "
         "WHERE p.id {ids} ORDER BY p.id, w.created_at, w.id",
         project_ids,
     )
@@ -375,28 +377,28 @@ def _insert_fresh(
         project = facts[event.project_id]
         body = render_body(event, project.info, dashboard_base_url)
         skip_reason = "" if tier_allows_webhooks(project.tier) else tier_skip_reason(project.tier)
-        status = DeliveryState.SKIPPED if skip_reason else DeliveryState.PENDING
         rows = [
             {
                 "id": new_id("dlv"),
                 "event_id": event.id,
                 "webhook_id": webhook_id,
                 "event_type": event.type,
-                "status": status.value,
+                "status": state.value,
                 "attempt_count": 0,
-                "next_attempt_at": None if skip_reason else now,
+                "next_attempt_at": now if state is DeliveryState.PENDING else None,
                 "lease_owner": None,
                 "created_at": now,
                 "updated_at": now,
                 "last_attempt_at": None,
                 "last_status_code": None,
-                "last_error": "",
-                "skip_reason": skip_reason,
+                "last_error": error,
+                "skip_reason": skipped,
             }
-            for webhook_id, types, _hook in project.subscribers
+            for webhook_id, types, hook in project.subscribers
             if event.type in types
+            for state, error, skipped in (_new_row_state(hook, skip_reason),)
         ]
-        queued = 0 if skip_reason else len(rows)
+        queued = sum(1 for row in rows if row["status"] == DeliveryState.PENDING.value)
         deliveries[event.id] = rows
         bodies[event.id] = body
         outcomes[event.id] = PublishOutcome(event.id, False, queued, skip_reason)
@@ -442,6 +444,30 @@ def _insert_fresh(
     written = {row["id"] for row in delivery_rows}
     _claim_leased([row for row in leased if row["id"] in written], bodies, facts, published)
     return outcomes
+
+
+def disabled_error(reason: str | None) -> str:
+    """The error of a delivery not sent because its webhook is disabled for ``reason``."""
+    cause = (reason or "disabled by the service").rstrip(".")
+    return f"The webhook is disabled ({cause}), so the delivery was not sent."
+
+
+def _new_row_state(hook: _WebhookFacts, tier_skip: str) -> tuple[DeliveryState, str, str]:
+    """The state, error and skip reason of a new delivery to ``hook``.
+
+    A published webhook's row is pending. The others are recorded too, so the log shows
+    every event a webhook missed: a disabled webhook's as failed (``RecoverWebhook`` can
+    send them once it is published again), a paused one's as skipped, like those of a
+    workspace below the webhook tier.
+    """
+    if tier_skip:
+        return DeliveryState.SKIPPED, "", tier_skip
+    if hook.status == "published":
+        return DeliveryState.PENDING, "", ""
+    if hook.status == "disabled":
+        return DeliveryState.FAILED, disabled_error(hook.disabled_reason), ""
+    skip = f"The webhook was {hook.status} when the event was published, so it was not sent."
+    return DeliveryState.SKIPPED, "", skip
 
 
 def _lease_rows(
