@@ -13,6 +13,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlmodel import Session, select
 
+from dembrane.webhooks.api import delivery_log
 from dembrane.webhooks.auth import SCOPE_PUBLISH
 from dembrane.webhooks.delivery.retention import RetentionTask, purge_expired
 from dembrane.webhooks.domain.access import Tier
@@ -374,6 +375,24 @@ async def test_recovering_resends_the_failed_deliveries_of_a_window(
         assert found["e3"].status == FAILED
         assert (await log.recover(start, middle)).delivery_count == 0
         assert (await log.recover(start)).delivery_count == 1
+
+
+async def test_a_recovery_is_queued_in_the_store_when_it_is_answered(
+    stubs: Stubs, tokens: Tokens, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RecoverWebhook answers only once every delivery of its window is queued in the store
+    (here one per transaction), so a crash right after the answer loses none of them."""
+    monkeypatch.setattr(delivery_log, "RECOVERY_BATCH_SIZE", 1)
+    async with Receiver(SECRET, default=400) as receiver:
+        log = await create_webhook(stubs, tokens, receiver.url)
+        start = time.time() - 1
+        await publish(stubs, tokens, *(event(f"e{i}") for i in range(6)))
+        await log.settled(6)
+        receiver.default = Reply(200)
+        answer = await log.recover(start)
+        statuses = [d.status for d in (await log.list()).deliveries]
+    assert answer.delivery_count == 6
+    assert FAILED not in statuses
 
 
 async def test_events_a_disabled_or_paused_webhook_missed_are_in_its_log(

@@ -41,8 +41,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Deliveries re-queued per transaction by a recovery.
-RECOVERY_BATCH_SIZE = 500
+#: Deliveries re-queued per transaction by a recovery: large enough that a big window is
+#: queued in seconds, small enough that publishing waits for no batch for long.
+RECOVERY_BATCH_SIZE = 2000
 
 _STATE_TO_PB = {
     DeliveryState.PENDING: webhook_pb2.DELIVERY_STATUS_PENDING,
@@ -51,9 +52,6 @@ _STATE_TO_PB = {
     DeliveryState.SKIPPED: webhook_pb2.DELIVERY_STATUS_SKIPPED,
 }
 _PB_TO_STATE = {value: key for key, value in _STATE_TO_PB.items()}
-
-# Recoveries running in the background; held here so they are not garbage-collected.
-_recoveries: set[asyncio.Task[None]] = set()
 
 
 def attempt_to_pb(row: AttemptRow) -> webhook_pb2.DeliveryAttempt:
@@ -173,7 +171,11 @@ async def retry_delivery(
 async def recover_webhook(
     resources: Resources, request: pb.RecoverWebhookRequest
 ) -> pb.RecoverWebhookResponse:
-    """Queue every failed delivery created in the window to be sent again, in the background."""
+    """Queue every failed delivery created in the window to be sent again.
+
+    The answer comes once they are all queued in the store, so an acknowledged recovery
+    survives a crash; the dispatcher sends them afterwards.
+    """
     now = time.time()
     errors = ErrorCollector()
     retention = resources.settings.retention_days * 86400
@@ -194,49 +196,39 @@ async def recover_webhook(
         errors.add("end_time", "The end of the time window must be after its start.")
     errors.raise_if_any()
 
-    webhook_id = request.webhook_id
-    # Only what failed before the recovery began: a delivery that fails again while the
-    # recovery runs is not picked up a second time.
-    count = await resources.database.run(outbox.count_recoverable, webhook_id, start, end, now)
     recovery_id = new_id("rcv")
-    if count:
-        task = asyncio.create_task(
-            _requeue(resources, recovery_id, webhook_id, start, end, now),
-            name=f"webhooks-recovery-{recovery_id}",
+    total = await _requeue(resources, request.webhook_id, start, end, now)
+    if total:
+        log.info(
+            "recovery %s queued %d deliveries of webhook %s", recovery_id, total, request.webhook_id
         )
-        _recoveries.add(task)
-        task.add_done_callback(_recoveries.discard)
-    return pb.RecoverWebhookResponse(recovery_id=recovery_id, delivery_count=count)
+    return pb.RecoverWebhookResponse(recovery_id=recovery_id, delivery_count=total)
 
 
 async def _requeue(
-    resources: Resources,
-    recovery_id: str,
-    webhook_id: str,
-    start: float,
-    end: float,
-    failed_before: float,
-) -> None:
+    resources: Resources, webhook_id: str, start: float, end: float, failed_before: float
+) -> int:
+    """Queue the window's failed deliveries in batches; return how many were queued.
+
+    Each batch commits on its own, so a call cut short (a deadline, a failing store) has
+    queued part of the window and a second call queues the rest. Only what failed before
+    the recovery began qualifies: a delivery that fails again meanwhile is not taken twice.
+    """
     total = 0
-    try:
-        while True:
-            queued = await resources.database.run(
-                outbox.requeue_failed_batch,
-                webhook_id,
-                start,
-                end,
-                failed_before,
-                time.time(),
-                RECOVERY_BATCH_SIZE,
-            )
-            total += queued
-            if queued:
-                resources.wake_dispatcher()
-            if queued < RECOVERY_BATCH_SIZE:
-                break
-            # Let publishing and delivering have the store between batches.
-            await asyncio.sleep(0)
-    except Exception:
-        log.exception("recovery %s of webhook %s stopped after %d", recovery_id, webhook_id, total)
-        return
-    log.info("recovery %s queued %d deliveries of webhook %s", recovery_id, total, webhook_id)
+    while True:
+        queued = await resources.database.run(
+            outbox.requeue_failed_batch,
+            webhook_id,
+            start,
+            end,
+            failed_before,
+            time.time(),
+            RECOVERY_BATCH_SIZE,
+        )
+        total += queued
+        if queued:
+            resources.wake_dispatcher()
+        if queued < RECOVERY_BATCH_SIZE:
+            return total
+        # Let publishing and delivering have the store between batches.
+        await asyncio.sleep(0)

@@ -60,7 +60,6 @@ __all__ = [
     "RecordEffects",
     "Release",
     "claim_due",
-    "count_recoverable",
     "delete_expired_attempts",
     "delete_expired_events",
     "deliveries_of_event",
@@ -1398,22 +1397,6 @@ def retry_delivery(
     return row
 
 
-def count_recoverable(
-    session: Session, webhook_id: str, start: float, end: float, failed_before: float
-) -> int:
-    """How many of a webhook's deliveries created in [start, end) failed before
-    ``failed_before``. Raises ``FailedPrecondition`` when the webhook is not published."""
-    _require_published(session, webhook_id, "recovering its deliveries")
-    value = session.execute(
-        text(
-            "SELECT COUNT(*) FROM deliveries WHERE webhook_id = :wid AND status = 'failed' "
-            "AND created_at >= :start AND created_at < :end AND updated_at <= :before"
-        ),
-        {"wid": webhook_id, "start": start, "end": end, "before": failed_before},
-    ).scalar()
-    return int(value or 0)
-
-
 def requeue_failed_batch(
     session: Session,
     webhook_id: str,
@@ -1426,8 +1409,10 @@ def requeue_failed_batch(
     """Make up to ``limit`` failed deliveries of the window due now; return how many.
 
     Only deliveries that failed before ``failed_before`` (the recovery's start) qualify,
-    so one that fails again meanwhile is not picked up a second time.
+    so one that fails again meanwhile is not picked up a second time. Raises
+    ``FailedPrecondition`` when the webhook is not published.
     """
+    _require_published(session, webhook_id, "recovering its deliveries")
     result = session.execute(
         text(
             "UPDATE deliveries SET status = 'pending', next_attempt_at = :now, "

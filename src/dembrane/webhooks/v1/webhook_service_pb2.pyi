@@ -862,7 +862,7 @@ class RecoverWebhookResponse(_message.Message):
     recovery_id: _builtins.str
     """The identifier of the background recovery job."""
     delivery_count: _builtins.int
-    """How many failed deliveries of the window are queued to be sent again."""
+    """How many failed deliveries of the window were queued to be sent again."""
     def __init__(
         self,
         *,

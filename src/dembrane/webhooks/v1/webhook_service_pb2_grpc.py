@@ -218,7 +218,8 @@ class WebhookServiceServicer:
 
     def RecoverWebhook(self, request, context):
         """RecoverWebhook sends again every failed delivery of the webhook that was created within a
-        time window. The deliveries are queued in the background; the call returns at once.
+        time window. The call returns once they are all queued in the store (a crash then loses
+        none); a call cut short has queued part of the window, and calling again queues the rest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -74,7 +74,8 @@ class WebhookServiceStub:
     """RetryDelivery makes a delivery due at once, whatever its status, and returns it."""
     RecoverWebhook: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.RecoverWebhookRequest, _webhook_service_pb2.RecoverWebhookResponse]
     """RecoverWebhook sends again every failed delivery of the webhook that was created within a
-    time window. The deliveries are queued in the background; the call returns at once.
+    time window. The call returns once they are all queued in the store (a crash then loses
+    none); a call cut short has queued part of the window, and calling again queues the rest.
     """
     ListEventTypes: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.ListEventTypesRequest, _webhook_service_pb2.ListEventTypesResponse]
     """ListEventTypes returns the catalog of event types, each with a description and an
@@ -127,7 +128,8 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     """RetryDelivery makes a delivery due at once, whatever its status, and returns it."""
     RecoverWebhook: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.RecoverWebhookRequest, _webhook_service_pb2.RecoverWebhookResponse]  # type: ignore[assignment]
     """RecoverWebhook sends again every failed delivery of the webhook that was created within a
-    time window. The deliveries are queued in the background; the call returns at once.
+    time window. The call returns once they are all queued in the store (a crash then loses
+    none); a call cut short has queued part of the window, and calling again queues the rest.
     """
     ListEventTypes: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.ListEventTypesRequest, _webhook_service_pb2.ListEventTypesResponse]  # type: ignore[assignment]
     """ListEventTypes returns the catalog of event types, each with a description and an
@@ -261,7 +263,8 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_webhook_service_pb2.RecoverWebhookResponse, _abc.Awaitable[_webhook_service_pb2.RecoverWebhookResponse]]:
         """RecoverWebhook sends again every failed delivery of the webhook that was created within a
-        time window. The deliveries are queued in the background; the call returns at once.
+        time window. The call returns once they are all queued in the store (a crash then loses
+        none); a call cut short has queued part of the window, and calling again queues the rest.
         """
 
     @_abc_1.abstractmethod
