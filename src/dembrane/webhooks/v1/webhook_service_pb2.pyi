@@ -584,7 +584,8 @@ class RotateWebhookSecretRequest(_message.Message):
     @_builtins.property
     def grace_period(self) -> _duration_pb2.Duration:
         """How long deliveries stay signed with the previous secret too: 24 hours when absent, at
-        most 7 days; zero ends the previous secret at once.
+        most 7 days; zero ends the previous secret at once. The secret before that one, if still
+        in an earlier rotation's grace period, stops being used now.
         """
 
     def __init__(

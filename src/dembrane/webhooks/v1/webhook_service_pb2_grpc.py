@@ -189,7 +189,8 @@ class WebhookServiceServicer:
 
     def RotateWebhookSecret(self, request, context):
         """RotateWebhookSecret replaces the signing secret. During the grace period deliveries carry
-        a Standard Webhooks signature for the new and for the previous secret.
+        a Standard Webhooks signature for the new and for the previous secret. One previous
+        secret is kept: rotating again within a grace period ends the older secret at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

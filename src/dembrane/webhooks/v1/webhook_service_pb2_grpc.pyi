@@ -64,7 +64,8 @@ class WebhookServiceStub:
     """GetWebhookSecret returns the webhook's current signing secret."""
     RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.RotateWebhookSecretRequest, _webhook_service_pb2.RotateWebhookSecretResponse]
     """RotateWebhookSecret replaces the signing secret. During the grace period deliveries carry
-    a Standard Webhooks signature for the new and for the previous secret.
+    a Standard Webhooks signature for the new and for the previous secret. One previous
+    secret is kept: rotating again within a grace period ends the older secret at once.
     """
     ListDeliveries: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.ListDeliveriesRequest, _webhook_service_pb2.ListDeliveriesResponse]
     """ListDeliveries returns a webhook's deliveries, newest first."""
@@ -118,7 +119,8 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     """GetWebhookSecret returns the webhook's current signing secret."""
     RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.RotateWebhookSecretRequest, _webhook_service_pb2.RotateWebhookSecretResponse]  # type: ignore[assignment]
     """RotateWebhookSecret replaces the signing secret. During the grace period deliveries carry
-    a Standard Webhooks signature for the new and for the previous secret.
+    a Standard Webhooks signature for the new and for the previous secret. One previous
+    secret is kept: rotating again within a grace period ends the older secret at once.
     """
     ListDeliveries: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.ListDeliveriesRequest, _webhook_service_pb2.ListDeliveriesResponse]  # type: ignore[assignment]
     """ListDeliveries returns a webhook's deliveries, newest first."""
@@ -229,7 +231,8 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_webhook_service_pb2.RotateWebhookSecretResponse, _abc.Awaitable[_webhook_service_pb2.RotateWebhookSecretResponse]]:
         """RotateWebhookSecret replaces the signing secret. During the grace period deliveries carry
-        a Standard Webhooks signature for the new and for the previous secret.
+        a Standard Webhooks signature for the new and for the previous secret. One previous
+        secret is kept: rotating again within a grace period ends the older secret at once.
         """
 
     @_abc_1.abstractmethod
