@@ -261,6 +261,20 @@ def test_body_durations_and_timestamps() -> None:
     assert caught.value.status == 400
 
 
+# A field's gRPC name, where the REST API names it otherwise, is refused rather than ignored:
+# {"grace_period": 3600} would otherwise rotate with the default 24 h grace.
+def test_a_fields_grpc_name_is_refused_where_rest_names_it_otherwise() -> None:
+    for value in (3600, "abc"):
+        with pytest.raises(RestError) as caught:
+            set_from_json(
+                spb.RotateWebhookSecretRequest(), {"grace_period": value}, skip=frozenset()
+            )
+        assert caught.value.status == 422
+        assert caught.value.detail == (
+            "Unknown field grace_period; did you mean grace_period_seconds?"
+        )
+
+
 # Query parameters fill scalars: integers, enum filters and strings.
 def test_query_parameters() -> None:
     request = spb.ListDeliveriesRequest()

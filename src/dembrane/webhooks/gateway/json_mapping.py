@@ -274,6 +274,10 @@ def set_from_json(message: Message, body: Mapping[str, Any], *, skip: frozenset[
     for field in rest_fields(message.DESCRIPTOR):
         if field.name in skip or field.kind is FieldKind.FIELD_MASK:
             continue
+        if field.proto_name != field.name and body.get(field.proto_name) is not None:
+            # The gRPC name of a field the REST API names otherwise (grace_period for
+            # grace_period_seconds): ignoring it would quietly do something else.
+            raise RestError(422, f"Unknown field {field.proto_name}; did you mean {field.name}?")
         value = body.get(field.name)
         if value is None:
             continue
