@@ -303,7 +303,8 @@ async def test_only_managers_read_the_log(stubs: Stubs, tokens: Tokens, world: W
 async def test_retrying_sends_a_failed_delivery_again_now(
     stubs: Stubs, tokens: Tokens, world: World
 ) -> None:
-    """RetryDelivery makes a failed delivery due at once; the receiver gets it again."""
+    """RetryDelivery makes a failed delivery due at once and answers with its attempts so far;
+    the receiver gets it again."""
     async with Receiver(SECRET, default=500) as receiver:
         log = await create_webhook(stubs, tokens, receiver.url)
         await publish(stubs, tokens, event("e1"))
@@ -313,6 +314,8 @@ async def test_retrying_sends_a_failed_delivery_again_now(
         retried = await log.retry(failed.id)
         assert retried.status == PENDING
         assert retried.HasField("next_attempt_time")
+        # The answer shows the history so far, not an empty one.
+        assert [a.status_code for a in retried.attempts] == [500, 500, 500, 500]
         requests = await receiver.wait_for(5)
         (done,) = await log.settled(1)
     assert done.status == SUCCEEDED
@@ -472,8 +475,9 @@ async def test_a_recovery_window_of_invalid_timestamps_is_refused(
         (lambda now: (None, None), "start_time"),
         (lambda now: (now - 31 * 86400, None), "start_time"),
         (lambda now: (now - 60, now - 120), "end_time"),
+        (lambda now: (now + 3600, None), "start_time"),
     ],
-    ids=["no-start", "before-retention", "end-before-start"],
+    ids=["no-start", "before-retention", "end-before-start", "start-in-the-future"],
 )
 async def test_recovery_windows_are_checked(
     stubs: Stubs,
@@ -482,7 +486,8 @@ async def test_recovery_windows_are_checked(
     window: Callable[[float], tuple[float | None, float | None]],
     field: str,
 ) -> None:
-    """A window needs a start within the retention period and an end after its start."""
+    """A window needs a start within the retention period and not in the future, and an end
+    after its start; the error names the one field at fault."""
     async with Receiver(SECRET) as receiver:
         log = await create_webhook(stubs, tokens, receiver.url)
         start, end = window(time.time())
@@ -490,7 +495,7 @@ async def test_recovery_windows_are_checked(
             await log.recover(start, end)
         error = rich_error(caught.value)
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT
-        assert field in error.violations
+        assert list(error.violations) == [field]
 
 
 # -- retention -------------------------------------------------------------------------------

@@ -156,16 +156,17 @@ async def retry_delivery(
     resources: Resources, request: pb.RetryDeliveryRequest
 ) -> pb.RetryDeliveryResponse:
     """Make the delivery due at once and wake the dispatcher."""
-    row = await resources.database.run(
+    found = await resources.database.run(
         outbox.retry_delivery,
         request.webhook_id,
         require(request.delivery_id, "delivery_id", "delivery id"),
         time.time(),
     )
-    if row is None:
+    if found is None:
         raise _not_found()
     resources.wake_dispatcher()
-    return pb.RetryDeliveryResponse(delivery=delivery_to_pb(row))
+    row, attempts = found
+    return pb.RetryDeliveryResponse(delivery=delivery_to_pb(row, attempts))
 
 
 async def recover_webhook(
@@ -192,7 +193,9 @@ async def recover_webhook(
             )
     if request.HasField("end_time"):
         end = valid_seconds(request.end_time, "end_time")
-    if request.HasField("start_time") and end <= start:
+    if request.HasField("start_time") and start > now:
+        errors.add("start_time", "The start of the time window must not be in the future.")
+    elif request.HasField("start_time") and end <= start:
         errors.add("end_time", "The end of the time window must be after its start.")
     errors.raise_if_any()
 

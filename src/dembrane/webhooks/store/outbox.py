@@ -1370,8 +1370,9 @@ def _require_published(session: Session, webhook_id: str, action: str) -> None:
 
 def retry_delivery(
     session: Session, webhook_id: str, delivery_id: str, now: float
-) -> DeliveryRow | None:
-    """Make a delivery due now, whatever its status; None when it is not the webhook's.
+) -> tuple[DeliveryRow, list[AttemptRow]] | None:
+    """Make a delivery due now, whatever its status; return it with its attempts so far, or
+    None when it is not the webhook's.
 
     A delivery a dispatcher is sending right now is left to that attempt. Raises
     ``FailedPrecondition`` when the webhook is not published.
@@ -1393,8 +1394,9 @@ def retry_delivery(
         row.skip_reason = ""
         row.updated_at = now
         session.add(row)
+        session.flush()
         announce_due(session)
-    return row
+    return get_delivery(session, webhook_id, delivery_id)
 
 
 def requeue_failed_batch(
