@@ -87,6 +87,25 @@ def test_bad_sender_processes_name_the_variable(raw: str) -> None:
         Settings.from_env({"WEBHOOKS_SENDER_PROCESSES": raw})
 
 
+@pytest.mark.parametrize(
+    ("lease", "timeout", "ok"),
+    [("60", "30", True), ("35", "30", True), ("34", "30", False), ("5", None, False)],
+)
+def test_a_lease_must_outlast_a_request(lease: str, timeout: str | None, ok: bool) -> None:
+    """A lease shorter than a request and a margin is refused at start-up: another dispatcher
+    would take the delivery over while its request still runs, and send it twice."""
+    env = {"WEBHOOKS_LEASE_SECONDS": lease}
+    if timeout is not None:
+        env["WEBHOOKS_REQUEST_TIMEOUT"] = timeout
+    if ok:
+        assert Settings.from_env(env).lease_seconds == float(lease)
+    else:
+        with pytest.raises(
+            ConfigError, match=r"WEBHOOKS_LEASE_SECONDS .* WEBHOOKS_REQUEST_TIMEOUT"
+        ):
+            Settings.from_env(env)
+
+
 def test_a_lower_bound_alone_is_worded_without_an_upper_one() -> None:
     """A value below a minimum with no maximum says 'at least', never 'between 0.001 and None'."""
     with pytest.raises(ConfigError) as caught:

@@ -22,6 +22,9 @@ DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
 MIN_EVENT_BYTES = 4096
 #: Half the gRPC server's message limit, so a publish call can always carry one such event.
 MAX_EVENT_BYTES_LIMIT = 32 * 1024 * 1024
+#: How much longer than a request a lease must last: a delivery is started only while its
+#: lease still covers a whole request and this margin (recording the outcome, clock drift).
+LEASE_MARGIN_SECONDS = 5.0
 # scheme://host[:port]; the host a name, an IPv4 address or a bracketed IPv6 address.
 _ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?")
 
@@ -72,8 +75,18 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Build the settings from ``env`` (the process environment by default)."""
-        env = os.environ if env is None else env
-        reader = _Reader(env)
+        settings = cls._read(_Reader(os.environ if env is None else env))
+        if settings.lease_seconds < settings.request_timeout + LEASE_MARGIN_SECONDS:
+            raise ConfigError(
+                f"WEBHOOKS_LEASE_SECONDS ({settings.lease_seconds:g}) must be at least "
+                f"WEBHOOKS_REQUEST_TIMEOUT ({settings.request_timeout:g}) plus "
+                f"{LEASE_MARGIN_SECONDS:g}: a lease has to outlast the request it covers, or "
+                "another dispatcher sends the delivery again."
+            )
+        return settings
+
+    @classmethod
+    def _read(cls, reader: _Reader) -> Settings:
         return cls(
             grpc_port=reader.port("WEBHOOKS_GRPC_PORT", 50051),
             http_port=reader.port("WEBHOOKS_HTTP_PORT", 8080),

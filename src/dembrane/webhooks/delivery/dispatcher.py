@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from sqlmodel import Session
 
-from dembrane.webhooks.config import Settings
+from dembrane.webhooks.config import LEASE_MARGIN_SECONDS, Settings
 from dembrane.webhooks.delivery.retention import RetentionTask
 from dembrane.webhooks.delivery.retry import RetryPolicy, trips_breaker
 from dembrane.webhooks.delivery.sender import AttemptOutcome, OutboundRequest
@@ -307,6 +307,11 @@ class Dispatcher:
         self._max = settings.max_concurrency
         self._per_webhook = settings.per_webhook_concurrency
         self._lease = settings.lease_seconds
+        #: How long a held row may wait and still be started: its lease must cover the whole
+        #: request and a margin. Settings from the environment guarantee a positive window;
+        #: others fall back to half the lease.
+        start_window = self._lease - settings.request_timeout - LEASE_MARGIN_SECONDS
+        self._start_within = start_window if start_window > 0 else self._lease / 2
         self._batch = batch_size or max(16, min(500, 2 * self._max))
         # Rows held in memory (waiting or in flight): enough that senders never starve
         # while the next claim is on its way, no more.
@@ -628,7 +633,7 @@ class Dispatcher:
     def _check_lanes(self, now: float, mono: float) -> None:
         """Hand back rows that lanes cannot send in time; forget lanes long idle."""
         # Rows must leave well before their lease ends, or another dispatcher may claim them.
-        stale_after = self._lease / 2
+        stale_after = min(self._lease / 2, self._start_within)
         for webhook_id, lane in list(self._lanes.items()):
             if lane.idle:
                 if mono - lane.last_used > LANE_IDLE_SECONDS:
@@ -675,7 +680,12 @@ class Dispatcher:
                 # The lane is at its cap; it becomes ready again when a request ends.
                 continue
             held = lane.waiting.popleft()
-            self._start(lane, held.claim, now)
+            if time.monotonic() - held.claimed_at > self._start_within:
+                # Its lease could run out before the answer: another dispatcher might send
+                # it meanwhile. Due again at once, it comes back with a fresh lease.
+                self._release(held.claim, now)
+            else:
+                self._start(lane, held.claim, now)
             if lane.waiting:
                 self._mark_ready(webhook_id)
 
