@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from sqlalchemy import create_engine, inspect, text
 from sqlmodel import SQLModel
 
 from dembrane.webhooks.store import tables  # noqa: F401  (registers the tables)
-from dembrane.webhooks.store.database import Database
+from dembrane.webhooks.store.database import Database, SchemaError
 
 from harness import fresh_database_url
 
@@ -88,3 +89,32 @@ def test_the_alembic_command_uses_the_services_database(
     engine = create_engine(f"sqlite:///{target}")
     assert "deliveries" in inspect(engine).get_table_names()
     engine.dispose()
+
+
+def test_a_schema_newer_than_the_code_is_named_not_traced(tmp_path: Path) -> None:
+    """A database another version migrated further is refused with a sentence naming its
+    revision and this version's newest, and is left as it was."""
+    database = Database(fresh_database_url(tmp_path))
+    database.migrate()
+    with database.engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    with pytest.raises(SchemaError) as caught:
+        database.migrate()
+    assert "revision 0099" in str(caught.value)
+    assert "newest is 0002" in str(caught.value)
+    with database.engine.connect() as connection:
+        assert MigrationContext.configure(connection).get_current_revision() == "0099"
+    database.close()
+
+
+def test_replicas_starting_together_migrate_one_after_another(tmp_path: Path) -> None:
+    """Several processes migrating one empty database at once all succeed and leave one
+    schema (on PostgreSQL an advisory lock makes them take turns)."""
+    url = fresh_database_url(tmp_path)
+    databases = [Database(url) for _ in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda database: database.migrate(), databases))
+    with databases[0].engine.connect() as connection:
+        assert MigrationContext.configure(connection).get_current_revision() == "0002"
+    for database in databases:
+        database.close()

@@ -139,10 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     if args.command == "migrate":
-        from dembrane.webhooks.store.database import Database
+        from dembrane.webhooks.store.database import Database, SchemaError
 
         try:
             Database(settings.database_url).migrate()
+        except SchemaError as error:
+            return _failed(StartupError(f"cannot use the database: {error}"))
         except SQLAlchemyError as error:
             return _failed(error)
         return 0

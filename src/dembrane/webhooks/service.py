@@ -24,7 +24,7 @@ from dembrane.webhooks.delivery.sender import RequestSender, Sender
 from dembrane.webhooks.delivery.targets import TargetPolicy
 from dembrane.webhooks.gateway.app import create_app, run_gateway
 from dembrane.webhooks.resources import Resources
-from dembrane.webhooks.store.database import Database
+from dembrane.webhooks.store.database import Database, SchemaError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,10 @@ class Service:
         database = self._database = Database(
             settings.database_url, sqlite_synchronous=settings.sqlite_synchronous
         )
-        await database.offload(database.migrate)
+        try:
+            await database.offload(database.migrate)
+        except SchemaError as error:
+            raise StartupError(f"cannot use the database: {error}") from None
         if self.parts.dispatcher and database.is_sqlite:
             self._lock = _own_sqlite_delivery(database.url)
         policy = TargetPolicy(settings.allowed_targets)

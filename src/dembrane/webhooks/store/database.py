@@ -8,13 +8,15 @@ serializes writers anyway, and one connection avoids lock contention); PostgreSQ
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import QueuePool
 from sqlmodel import Session
@@ -22,6 +24,12 @@ from sqlmodel import Session
 T = TypeVar("T")
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
+#: The PostgreSQL advisory lock that serializes migrations ("webhook" in ASCII).
+_MIGRATION_LOCK_KEY = 0x776562686F6F6B
+
+
+class SchemaError(RuntimeError):
+    """The database's schema cannot be used by this version; the message says why."""
 
 
 def normalize_url(url: str) -> str:
@@ -74,16 +82,56 @@ class Database:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
 
     def migrate(self, revision: str = "head") -> None:
-        """Bring the schema to ``revision``, the newest by default (creates it on first start)."""
+        """Bring the schema to ``revision``, the newest by default (creates it on first start).
+
+        Processes starting together take turns (on PostgreSQL an advisory lock held for the
+        migration's transaction, on SQLite a lock file next to the database): the first
+        migrates, the others find the schema current.
+        Raises ``SchemaError`` for a schema this version does not know, such as one a newer
+        version migrated.
+        """
         from alembic import command
         from alembic.config import Config
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+        from alembic.util.exc import CommandError
 
         config = Config()
         config.set_main_option("script_location", str(_MIGRATIONS))
         config.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
-        with self.engine.begin() as connection:
+        with self._sqlite_migration_lock(), self.engine.begin() as connection:
+            if not self.is_sqlite:
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+                )
+            current = MigrationContext.configure(connection).get_current_revision()
+            script = ScriptDirectory.from_config(config)
+            try:
+                known = current is None or script.get_revision(current) is not None
+            except CommandError:
+                known = False
+            if not known:
+                raise SchemaError(
+                    f"the database's schema is at revision {current}, which this version does "
+                    f"not know (its newest is {script.get_current_head()}): run the version "
+                    "that migrated it, or a newer one."
+                )
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
+
+    @contextlib.contextmanager
+    def _sqlite_migration_lock(self) -> Iterator[None]:
+        """Hold ``<file>.migrate-lock`` while migrating a SQLite file (nothing elsewhere)."""
+        path = make_url(self.url).database if self.is_sqlite else None
+        if not path or path == ":memory:":
+            yield
+            return
+        with Path(f"{path}.migrate-lock").open("ab") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
