@@ -8,26 +8,32 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from sqlalchemy.exc import OperationalError
 
-from dembrane.webhooks.auth import SCOPE_DIRECTORY, mint_token
+from dembrane.webhooks.api import server as server_module
+from dembrane.webhooks.auth import SCOPE_DIRECTORY, SCOPE_PUBLISH, mint_token
+from dembrane.webhooks.service import Service
 from dembrane.webhooks.v1 import (
     directory_service_pb2 as dpb,
 )
 from dembrane.webhooks.v1 import (
     directory_service_pb2_grpc,
+    event_pb2,
     webhook_service_pb2_grpc,
 )
+from dembrane.webhooks.v1 import event_service_pb2 as epb
 from dembrane.webhooks.v1 import (
     webhook_service_pb2 as pb,
 )
 
 from grpc_helpers import rich_error
-from harness import JWT_SECRET, Stubs, Tokens, World
+from harness import JWT_SECRET, Stubs, Tokens, World, make_settings
 from receiver import Receiver, Reply, unused_port
 
 
@@ -275,3 +281,67 @@ async def test_token_refuses_an_empty_user_or_a_lifetime_not_positive(tmp_path: 
         assert stderr.strip() == (
             "dembrane-webhooks: --sub must name a user and --ttl be positive."
         )
+
+
+def _store_down(*_args: object, **_kwargs: object) -> NoReturn:
+    """What the store's calls raise while its server is down."""
+    raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+
+async def test_calls_while_the_store_is_down_are_unavailable(
+    service: Service,
+    stubs: Stubs,
+    tokens: Tokens,
+    world: World,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the store unreachable a publish gets UNAVAILABLE (which clients retry) with
+    reason STORE_UNAVAILABLE, not INTERNAL, and works again once the store is back."""
+    assert service.resources is not None
+    event = event_pb2.Event(
+        type="conversation.started",
+        project_id=world.paid_project,
+        conversation=event_pb2.Conversation(id="c1"),
+    )
+    request = epb.PublishEventRequest(event=event)
+    metadata = tokens.bearer(tokens.service(SCOPE_PUBLISH))
+    monkeypatch.setattr(service.resources.database, "run", _store_down)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stubs.events.PublishEvent(request, metadata=metadata)
+    error = rich_error(caught.value)
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.reason == "STORE_UNAVAILABLE"
+    monkeypatch.undo()
+    await stubs.events.PublishEvent(request, metadata=metadata)
+
+
+async def test_health_follows_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Health checks answer NOT_SERVING while the store cannot be reached and SERVING again
+    once it answers, so orchestrators and clients can tell."""
+    monkeypatch.setattr(server_module, "STORE_CHECK_SECONDS", 0.05)
+    running = Service(make_settings(tmp_path))
+    await running.start()
+    try:
+        assert running.resources is not None
+        database = running.resources.database
+        channel = grpc.aio.insecure_channel(running.grpc_target)
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def status() -> int:
+            answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            return int(answer.status)
+
+        async def becomes(wanted: int) -> None:
+            for _ in range(200):
+                if await status() == wanted:
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError(f"health never became {wanted}")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(database, "run_relaxed", _store_down)
+            await becomes(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await becomes(health_pb2.HealthCheckResponse.SERVING)
+        await channel.close()
+    finally:
+        await running.stop()

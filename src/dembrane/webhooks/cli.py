@@ -15,12 +15,13 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from dembrane.webhooks import __version__
 from dembrane.webhooks.auth import mint_token
 from dembrane.webhooks.config import ConfigError, Settings
 from dembrane.webhooks.service import Parts, Service, StartupError
+from dembrane.webhooks.store.database import describe_store_error
 
 log = logging.getLogger("dembrane.webhooks")
 
@@ -171,9 +172,7 @@ def _failed(error: Exception) -> int:
     """Report a start-up failure in one line (no traceback); the exit status."""
     if isinstance(error, SQLAlchemyError):
         # The driver's own sentence; SQLAlchemy adds the statement and a link below it.
-        cause = error.orig if isinstance(error, DBAPIError) and error.orig else error
-        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        message = f"cannot use the database: {detail}"
+        message = f"cannot use the database: {describe_store_error(error)}"
     else:
         message = str(error)
     print(f"dembrane-webhooks: {message}", file=sys.stderr)

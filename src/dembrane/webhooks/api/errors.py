@@ -27,6 +27,7 @@ _CODES: list[tuple[type[errors.WebhooksError], int]] = [
     (errors.InvalidArgument, code_pb2.INVALID_ARGUMENT),
     (errors.FailedPrecondition, code_pb2.FAILED_PRECONDITION),
     (errors.AlreadyExists, code_pb2.ALREADY_EXISTS),
+    (errors.Unavailable, code_pb2.UNAVAILABLE),
 ]
 
 

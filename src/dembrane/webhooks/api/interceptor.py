@@ -17,11 +17,14 @@ from google.protobuf.message import DecodeError
 
 from dembrane.webhooks.api.errors import internal_status, to_status
 from dembrane.webhooks.auth import SCOPE_DIRECTORY, SCOPE_PUBLISH, Principal, TokenVerifier
-from dembrane.webhooks.domain.errors import InvalidArgument, WebhooksError
+from dembrane.webhooks.domain.errors import InvalidArgument, Unavailable, WebhooksError
+from dembrane.webhooks.store.database import OutageLog, store_unavailable
 
 log = logging.getLogger(__name__)
 
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
+
+_STORE_UNAVAILABLE = Unavailable("The webhook store is unavailable; try again shortly.")
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 SERVICE_SCOPES = {
@@ -43,6 +46,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(self, verifier: TokenVerifier) -> None:
         self._verifier = verifier
+        # One outage of the store fails every call: logged once, not once per call.
+        self._outage = OutageLog(log, "handling calls")
 
     async def intercept_service(
         self,
@@ -73,6 +78,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method: str,
     ) -> Behavior:
         verifier = self._verifier
+        outage = self._outage
 
         async def wrapped(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
@@ -86,12 +92,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     principal.require_scope(scope)
                 _principal.set(principal)
                 request = raw if deserialize is None else _decode(deserialize, raw, method)
-                return await behavior(request, context)
+                response = await behavior(request, context)
+                outage.succeeded()
+                return response
             except WebhooksError as error:
                 await cast(Any, context).abort_with_status(to_status(error))
             except grpc.aio.AbortError:
                 raise
-            except Exception:
+            except Exception as error:
+                if store_unavailable(error):
+                    outage.failed(error)
+                    await cast(Any, context).abort_with_status(to_status(_STORE_UNAVAILABLE))
                 log.exception("unexpected failure in %s", method)
                 await cast(Any, context).abort_with_status(internal_status())
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -10,6 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
+from sqlalchemy import text
+from sqlmodel import Session
 
 from dembrane.webhooks.api.directory_service import DirectoryServicer
 from dembrane.webhooks.api.event_service import EventServicer
@@ -17,6 +23,7 @@ from dembrane.webhooks.api.interceptor import AuthInterceptor
 from dembrane.webhooks.api.webhook_service import WebhookServicer
 from dembrane.webhooks.auth import TokenVerifier
 from dembrane.webhooks.resources import Resources
+from dembrane.webhooks.store.database import Database, describe_store_error
 from dembrane.webhooks.v1 import (
     directory_service_pb2,
     directory_service_pb2_grpc,
@@ -41,18 +48,62 @@ REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+#: How often health checks look at the store.
+STORE_CHECK_SECONDS = 5.0
+
+log = logging.getLogger(__name__)
+
+
+def _ping(session: Session) -> None:
+    session.execute(text("SELECT 1"))
+
+
 class GrpcServer:
-    """A started gRPC server and its health servicer."""
+    """A started gRPC server and its health servicer, which follows the store's health."""
 
     def __init__(
-        self, server: grpc.aio.Server, port: int, health_servicer: health_aio.HealthServicer
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        health_servicer: health_aio.HealthServicer,
+        database: Database,
     ) -> None:
         self.server = server
         self.port = port
         self.health = health_servicer
+        self._watch = asyncio.create_task(self._watch_store(database), name="webhooks-health")
+
+    async def _watch_store(self, database: Database) -> None:
+        """Report NOT_SERVING while the store cannot be reached, SERVING again after.
+
+        Without its store the service can neither take events nor deliver them, so load
+        balancers and orchestrators should know, and clients should wait.
+        """
+        serving = True
+        while True:
+            await asyncio.sleep(STORE_CHECK_SECONDS)
+            try:
+                await asyncio.wait_for(database.run_relaxed(_ping), STORE_CHECK_SECONDS)
+                healthy, detail = True, ""
+            except Exception as error:
+                healthy, detail = False, describe_store_error(error)
+            if healthy == serving:
+                continue
+            serving = healthy
+            status = health_pb2.HealthCheckResponse.SERVING
+            if healthy:
+                log.info("health: SERVING again, the store answers")
+            else:
+                status = health_pb2.HealthCheckResponse.NOT_SERVING
+                log.warning("health: NOT_SERVING, the store is unavailable (%s)", detail)
+            for name in (*SERVICE_NAMES, ""):
+                await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING, then let in-flight calls finish for up to ``grace`` seconds."""
+        self._watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watch
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
@@ -92,7 +143,7 @@ async def start_grpc_server(resources: Resources, host: str, port: int) -> GrpcS
             "not one of this machine's."
         )
     await server.start()
-    return GrpcServer(server, bound, health_servicer)
+    return GrpcServer(server, bound, health_servicer, resources.database)
 
 
 def _register_reflection_v1() -> None:

@@ -52,6 +52,7 @@ from dembrane.webhooks.domain.access import tier_allows_webhooks
 from dembrane.webhooks.domain.ids import new_id
 from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.store import outbox
+from dembrane.webhooks.store.database import OutageLog, store_unavailable
 from dembrane.webhooks.store.listener import DueListener
 from dembrane.webhooks.store.outbox import (
     AttemptRecord,
@@ -307,6 +308,8 @@ class Dispatcher:
         self._max = settings.max_concurrency
         self._per_webhook = settings.per_webhook_concurrency
         self._lease = settings.lease_seconds
+        self._claim_outage = OutageLog(log, "claiming deliveries")
+        self._flush_outage = OutageLog(log, "recording delivery outcomes")
         #: How long a held row may wait and still be started: its lease must cover the whole
         #: request and a margin. Settings from the environment guarantee a positive window;
         #: others fall back to half the lease.
@@ -433,8 +436,9 @@ class Dispatcher:
                     claims, next_due = await self._db.run_relaxed(
                         self._claim, want, excluded, self._quota()
                     )
-                except Exception:
-                    log.exception("claiming deliveries failed; trying again shortly")
+                    self._claim_outage.succeeded()
+                except Exception as error:
+                    self._claim_outage.failed(error)
                     claims, next_due = [], time.time() + min(self._idle_timeout, 1.0)
                 self._take(claims)
                 if len(claims) == want and not self._stopping:
@@ -876,9 +880,15 @@ class Dispatcher:
             holds, self._holds = self._holds, {}
             try:
                 await self._record(results, releases, holds)
-            except Exception:
+                self._flush_outage.succeeded()
+            except Exception as error:
                 failures += 1
-                if failures >= SPLIT_AFTER_FAILURES and len(results) + len(releases) > 1:
+                unavailable = store_unavailable(error)
+                if (
+                    failures >= SPLIT_AFTER_FAILURES
+                    and not unavailable
+                    and len(results) + len(releases) > 1
+                ):
                     # The same outcomes keep failing: one that cannot be written must not
                     # hold back the others, so each is written on its own.
                     log.exception(
@@ -895,7 +905,7 @@ class Dispatcher:
                         len(results) + len(releases),
                     )
                     return
-                log.exception("recording delivery outcomes failed; trying again")
+                self._flush_outage.failed(error)
                 self._results[:0] = results
                 self._releases[:0] = releases
                 for webhook_id, until in holds.items():

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from dembrane.webhooks.store import outbox
-from dembrane.webhooks.store.database import Database
+from dembrane.webhooks.store.database import Database, OutageLog
 
 __all__ = ["PurgeCounts", "RetentionTask", "purge_expired"]
 
@@ -102,6 +102,7 @@ class RetentionTask:
                 await task
 
     async def _loop(self) -> None:
+        outage = OutageLog(log, "the retention run")
         await asyncio.sleep(self._first_delay)
         while True:
             try:
@@ -114,6 +115,8 @@ class RetentionTask:
                         counts.events,
                         counts.attempts,
                     )
-            except Exception:
-                log.exception("retention run failed; trying again at the next interval")
+            except Exception as error:
+                outage.failed(error)
+            else:
+                outage.succeeded()
             await asyncio.sleep(self._interval)

@@ -103,6 +103,13 @@ class AlreadyExists(WebhooksError):
     reason = "ALREADY_EXISTS"
 
 
+class Unavailable(WebhooksError):
+    """The service cannot do this right now (its store is unreachable); trying again later
+    may work."""
+
+    reason = "STORE_UNAVAILABLE"
+
+
 class FailedPrecondition(WebhooksError):
     """The request is well formed but the system is not in a state that allows it."""
 

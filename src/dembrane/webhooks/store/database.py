@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import logging
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +20,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import QueuePool
 from sqlmodel import Session
 
@@ -30,6 +34,66 @@ _MIGRATION_LOCK_KEY = 0x776562686F6F6B
 
 class SchemaError(RuntimeError):
     """The database's schema cannot be used by this version; the message says why."""
+
+
+def store_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` says the database cannot be reached or used right now (a server
+    that is down or restarting, a dropped connection, a locked or unreadable file), rather
+    than that a statement is wrong."""
+    if isinstance(error, OperationalError | InterfaceError | PoolTimeoutError):
+        return True
+    return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
+
+
+def describe_store_error(error: BaseException) -> str:
+    """The driver's first line about ``error`` (never the statement or its parameters)."""
+    cause = error.orig if isinstance(error, DBAPIError) and error.orig else error
+    text_ = str(cause).strip()
+    return text_.splitlines()[0] if text_ else type(cause).__name__
+
+
+class OutageLog:
+    """Logs a store outage without flooding: a line when it starts, one a minute while it
+    lasts, one when it ends. Other errors are logged with their traceback, each time."""
+
+    def __init__(self, logger: logging.Logger, what: str, every: float = 60.0) -> None:
+        self._log = logger
+        self._what = what
+        self._every = every
+        self._since: float | None = None
+        self._last = 0.0
+
+    def failed(self, error: BaseException) -> None:
+        """Log a failure of the work (call from an ``except`` block)."""
+        if not store_unavailable(error):
+            self._log.exception("%s failed; trying again shortly", self._what)
+            return
+        now = time.monotonic()
+        if self._since is None:
+            self._since, self._last = now, now
+            self._log.warning(
+                "%s failed: the store is unavailable (%s); trying again until it is back",
+                self._what,
+                describe_store_error(error),
+            )
+        elif now - self._last >= self._every:
+            self._last = now
+            self._log.warning(
+                "%s: the store has been unavailable for %.0f s (%s)",
+                self._what,
+                now - self._since,
+                describe_store_error(error),
+            )
+
+    def succeeded(self) -> None:
+        """Note that the work went through; ends an outage."""
+        if self._since is not None:
+            self._log.info(
+                "%s works again; the store was unavailable for %.0f s",
+                self._what,
+                time.monotonic() - self._since,
+            )
+            self._since = None
 
 
 def normalize_url(url: str) -> str:
