@@ -683,9 +683,11 @@ async def test_a_full_dispatcher_sleeps_while_a_cool_down_ends(tmp_path: Path) -
 
 
 async def test_an_open_breaker_holds_deliveries_back_without_using_attempts(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """After consecutive failures the webhook's other deliveries wait out the cool-down unsent."""
+    """After consecutive failures the webhook's other deliveries wait out the cool-down unsent,
+    and the log says so once, naming the webhook and its last failure."""
+    caplog.set_level("WARNING", logger="dembrane.webhooks.delivery.dispatcher")
     async with store_engine(tmp_path, per_webhook_concurrency=1) as resources:
         async with Receiver(SECRET, default=500) as receiver:
             add_webhook(resources, "wh", receiver.url)
@@ -706,6 +708,8 @@ async def test_an_open_breaker_holds_deliveries_back_without_using_attempts(
         assert all(r.status == "pending" for r in found)
         assert sum(r.attempt_count for r in found) == 2
         assert sum(1 for r in found if r.attempt_count == 0) == 3
+        (line,) = [r.getMessage() for r in caplog.records if "keeps failing" in r.getMessage()]
+        assert "webhook wh keeps failing (last: The receiver answered with status 500)" in line
 
 
 def test_the_breaker_opens_probes_and_closes() -> None:

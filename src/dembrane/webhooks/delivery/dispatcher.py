@@ -792,6 +792,12 @@ class Dispatcher:
         lane.breaker.record(alive=last.success or not trips_breaker(last), now=now)
         open_until = lane.breaker.open_until
         if open_until is not None and open_until != was_open_until:
+            log.warning(
+                "webhook %s keeps failing (last: %s); holding its deliveries back for %.0f s",
+                claim.webhook_id,
+                last.error.rstrip(".") or f"status {last.status_code}",
+                max(0.0, open_until - now),
+            )
             # The breaker opened: the webhook's rows in the store wait out the cool-down
             # there, rather than being claimed only to be handed back.
             self._holds[claim.webhook_id] = max(open_until, self._holds.get(claim.webhook_id, 0))
@@ -932,7 +938,8 @@ class Dispatcher:
         )
         if effects.stale:
             log.warning(
-                "%d outcomes were not recorded: their lease had passed to another dispatcher",
+                "%d outcomes were not recorded: their delivery was deleted meanwhile, or its "
+                "lease had passed to another dispatcher",
                 effects.stale,
             )
         for webhook_id, reason in effects.disabled.items():
