@@ -35,8 +35,10 @@ def test_variables_are_read() -> None:
             "WEBHOOKS_CORS_ORIGINS": "https://app.example.com",
             "WEBHOOKS_DASHBOARD_BASE_URL": "https://dash.example.com/",
             "WEBHOOKS_MAX_EVENT_BYTES": "1048576",
+            "WEBHOOKS_METRICS_PORT": "9102",
         }
     )
+    assert settings.metrics_port == 9102
     assert settings.max_event_bytes == 1048576
     assert settings.http_port == 9000
     assert settings.retry_schedule == (1.0, 1.0, 1.0)

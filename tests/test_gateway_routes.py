@@ -116,7 +116,11 @@ def test_openapi_describes_every_route() -> None:
     described = {
         (method.upper(), path) for path, item in document["paths"].items() for method in item
     }
-    assert described == set(EXPECTED_ROUTES) | {("GET", "/healthz"), ("GET", "/api/openapi.json")}
+    assert described == set(EXPECTED_ROUTES) | {
+        ("GET", "/healthz"),
+        ("GET", "/metrics"),
+        ("GET", "/api/openapi.json"),
+    }
     assert document["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     for (method, path), rpc in EXPECTED_ROUTES.items():
         operation = document["paths"][path][method.lower()]

@@ -10,15 +10,17 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+import aiohttp
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.exc import OperationalError
 
 from dembrane.webhooks.api import server as server_module
 from dembrane.webhooks.auth import SCOPE_DIRECTORY, SCOPE_PUBLISH, mint_token
-from dembrane.webhooks.service import Service
+from dembrane.webhooks.service import Parts, Service
 from dembrane.webhooks.v1 import (
     directory_service_pb2 as dpb,
 )
@@ -343,5 +345,83 @@ async def test_health_follows_the_store(tmp_path: Path, monkeypatch: pytest.Monk
             await becomes(health_pb2.HealthCheckResponse.NOT_SERVING)
         await becomes(health_pb2.HealthCheckResponse.SERVING)
         await channel.close()
+    finally:
+        await running.stop()
+
+
+async def _metric_values(url: str) -> dict[str, float]:
+    """Each sample of the Prometheus text at ``url``, keyed by name and labels."""
+    async with aiohttp.ClientSession() as http, http.get(url) as reply:
+        assert reply.status == 200
+        assert reply.content_type == "text/plain"
+        text = await reply.text()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}"] = sample.value
+    return values
+
+
+async def test_metrics_count_what_was_published_and_sent(
+    service: Service, stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """GET /metrics counts stored events, queued deliveries, attempts and their outcomes,
+    with no project, webhook or event id in any label."""
+    url = f"{service.http_url}/metrics"
+    before = await _metric_values(url)
+    async with Receiver("s3cret-s3cret", replies=[500]) as receiver:
+        await stubs.webhooks.CreateWebhook(
+            pb.CreateWebhookRequest(
+                project_id=world.paid_project,
+                name="Hook",
+                url=receiver.url,
+                events=["conversation.started"],
+                secret="s3cret-s3cret",
+            ),
+            metadata=tokens.bearer(tokens.user(world.admin)),
+        )
+        events = [
+            event_pb2.Event(
+                id=f"evt-metrics-{i}",
+                type="conversation.started",
+                project_id=world.paid_project,
+                conversation=event_pb2.Conversation(id="c1"),
+            )
+            for i in range(3)
+        ]
+        await stubs.events.PublishEvents(
+            epb.PublishEventsRequest(events=events),
+            metadata=tokens.bearer(tokens.service(SCOPE_PUBLISH)),
+        )
+        await receiver.wait_for(4)  # one failure, retried at once, then three successes
+        succeeded = "webhooks_deliveries_finished_total{status=succeeded}"
+        for _ in range(200):
+            after = await _metric_values(url)
+            if after.get(succeeded, 0) - before.get(succeeded, 0) >= 3:
+                break
+            await asyncio.sleep(0.02)
+
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("webhooks_events_published_total{}") == 3
+    assert delta("webhooks_deliveries_queued_total{}") == 3
+    assert delta("webhooks_delivery_attempts_total{result=success}") == 3
+    assert delta("webhooks_delivery_attempts_total{result=failure}") == 1
+    assert delta(succeeded) == 3
+    assert delta("webhooks_delivery_attempt_seconds_count{}") == 4
+    assert after["webhooks_deliveries_in_flight{}"] == 0
+    assert not any("evt-metrics" in key or world.paid_project in key for key in after)
+
+
+async def test_metrics_can_have_a_port_of_their_own(tmp_path: Path) -> None:
+    """WEBHOOKS_METRICS_PORT serves /metrics apart from the gateway (a worker has none)."""
+    port = unused_port()
+    running = Service(make_settings(tmp_path, metrics_port=port), Parts(grpc=False, gateway=False))
+    await running.start()
+    try:
+        values = await _metric_values(f"http://127.0.0.1:{port}/metrics")
+        assert "webhooks_deliveries_in_flight{}" in values
     finally:
         await running.stop()

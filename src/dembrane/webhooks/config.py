@@ -71,6 +71,8 @@ class Settings:
     sender_processes: int | None = None
     # The largest body one event may have; a bigger event is refused at publish time.
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    # A port serving /metrics on its own (for a ``worker``, which has no gateway); 0: none.
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -121,6 +123,7 @@ class Settings:
                 "WEBHOOKS_SQLITE_SYNCHRONOUS", "FULL", ("FULL", "NORMAL", "EXTRA")
             ),
             sender_processes=reader.count_or_auto("WEBHOOKS_SENDER_PROCESSES", high=64),
+            metrics_port=reader.port("WEBHOOKS_METRICS_PORT", 0),
             max_event_bytes=int(
                 reader.number(
                     "WEBHOOKS_MAX_EVENT_BYTES",

@@ -12,8 +12,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+from wsgiref.simple_server import WSGIServer
 
 from aiohttp import web
+from prometheus_client import start_http_server
 from sqlalchemy.engine import make_url
 
 from dembrane.webhooks.api.server import GrpcServer, start_grpc_server
@@ -53,6 +55,7 @@ class Service:
         self._database: Database | None = None
         self._sender: RequestSender | None = None
         self._lock: IO[bytes] | None = None
+        self._metrics: WSGIServer | None = None
         self.grpc_port = 0
         self.http_port = 0
 
@@ -97,6 +100,9 @@ class Service:
             self.dispatcher = Dispatcher(self.resources)
             await self.dispatcher.start()
             log.info("dispatcher started")
+        if settings.metrics_port:
+            self._metrics, _thread = start_http_server(settings.metrics_port, addr=settings.bind)
+            log.info("metrics on http://%s:%d/metrics", settings.bind, settings.metrics_port)
         if self.parts.gateway and self.parts.grpc:
             app = create_app(grpc_target=self.grpc_target, cors_origins=settings.cors_origins)
             self._gateway = await run_gateway(app, settings.bind, settings.http_port)
@@ -113,6 +119,10 @@ class Service:
             await self.dispatcher.stop()
         if self._sender is not None:
             await self._sender.close()
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
+            self._metrics = None
         if self._database is not None:
             self._database.close()
         if self._lock is not None:

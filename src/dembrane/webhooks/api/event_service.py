@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from dembrane.webhooks import metrics
 from dembrane.webhooks.domain.errors import ErrorCollector
 from dembrane.webhooks.domain.ids import new_id
 from dembrane.webhooks.domain.payload import (
@@ -243,7 +244,11 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         )
 
     async def _publish(self, events: Sequence[EventData]) -> list[outbox.PublishOutcome]:
-        return await self._queue.publish(events)
+        outcomes = await self._queue.publish(events)
+        fresh = [o for o in outcomes if not o.duplicate]
+        metrics.EVENTS_PUBLISHED.inc(len(fresh))
+        metrics.DELIVERIES_QUEUED.inc(sum(o.delivery_count for o in fresh))
+        return outcomes
 
     def _check_sizes(
         self,

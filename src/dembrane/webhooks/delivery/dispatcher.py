@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 from sqlmodel import Session
 
+from dembrane.webhooks import metrics
 from dembrane.webhooks.config import LEASE_MARGIN_SECONDS, Settings
 from dembrane.webhooks.delivery.retention import RetentionTask
 from dembrane.webhooks.delivery.retry import RetryPolicy, trips_breaker
@@ -719,6 +720,7 @@ class Dispatcher:
     def _start(self, lane: _Lane, claim: DeliveryClaim, now: float) -> None:
         lane.in_flight += 1
         self._in_flight += 1
+        metrics.IN_FLIGHT.inc()
         lane.breaker.started(now)
         lane.started[claim.delivery_id] = time.monotonic()
         task = asyncio.create_task(self._deliver(lane, claim))
@@ -753,6 +755,7 @@ class Dispatcher:
             lane.started.pop(claim.delivery_id, None)
             lane.last_used = time.monotonic()
             self._in_flight -= 1
+            metrics.IN_FLIGHT.dec()
             self._held -= 1
             self._held_ids.discard(claim.delivery_id)
             if lane.waiting:
@@ -785,6 +788,9 @@ class Dispatcher:
             )
             for index, outcome in enumerate(outcomes)
         )
+        for outcome in outcomes:
+            (metrics.ATTEMPT_SUCCESS if outcome.success else metrics.ATTEMPT_FAILURE).inc()
+            metrics.ATTEMPT_SECONDS.observe(outcome.latency)
         count = claim.attempt_count + len(outcomes)
         last = outcomes[-1]
         lane.observe(last.latency)
@@ -862,6 +868,8 @@ class Dispatcher:
         self._flush_wanted.set()
 
     def _queue_result(self, result: DeliveryResult) -> None:
+        if result.status is not DeliveryState.PENDING:
+            metrics.DELIVERIES_FINISHED.labels(status=result.status.value).inc()
         self._results.append(result)
         self._flush_wanted.set()
 

@@ -23,6 +23,7 @@ from google.protobuf import message_factory
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dembrane.webhooks import metrics
 from dembrane.webhooks.gateway.errors import (
     ErrorAnswer,
     RestError,
@@ -161,6 +162,7 @@ def create_app(
             # HEAD answers as GET would, without the body (aiohttp leaves it out).
             resources[route.path].add_route("HEAD", handler)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics)
     app.router.add_get("/api/openapi.json", _openapi_document)
     return app
 
@@ -306,6 +308,14 @@ async def _healthz(request: web.Request) -> web.StreamResponse:
     return web.json_response(
         {"status": "unavailable", "detail": "The webhook service is not serving."}, status=503
     )
+
+
+async def _metrics(request: web.Request) -> web.StreamResponse:
+    """This process's metrics in the Prometheus text format (with ``serve``, the
+    dispatcher's and the publish calls' too)."""
+    response = web.Response(body=metrics.exposition())
+    response.headers["Content-Type"] = metrics.CONTENT_TYPE
+    return response
 
 
 async def _openapi_document(request: web.Request) -> web.StreamResponse:

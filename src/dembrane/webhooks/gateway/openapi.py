@@ -47,6 +47,7 @@ def build_openapi(routes: Sequence[Route], *, title: str = "Dembrane webhooks") 
     for route in routes:
         paths.setdefault(route.path, {})[route.http_method.lower()] = builder.operation(route)
     paths["/healthz"] = {"get": _health_operation()}
+    paths["/metrics"] = {"get": _metrics_operation()}
     paths["/api/openapi.json"] = {"get": _document_operation()}
     return {
         "openapi": "3.1.0",
@@ -55,8 +56,9 @@ def build_openapi(routes: Sequence[Route], *, title: str = "Dembrane webhooks") 
             "version": __version__,
             "description": (
                 "Manage a project's webhooks and inspect their deliveries. Every call but "
-                "`/healthz` and this document needs `Authorization: Bearer <JWT>`; only owners "
-                "and admins of a workspace on the changemaker tier or above may manage webhooks. "
+                "`/healthz`, `/metrics` and this document needs `Authorization: Bearer <JWT>`; "
+                "only owners and admins of a workspace on the changemaker tier or above may "
+                "manage webhooks. "
                 "Lists are bare JSON arrays; when more items exist, the `X-Next-Page-Token` "
                 "header holds the `page_token` of the next page. The list of a project's "
                 "webhooks is answered whole unless `page_size` or `page_token` asks for a page."
@@ -359,6 +361,21 @@ def _health_operation() -> dict[str, Any]:
         "responses": {
             "200": {"description": "The webhook service is serving.", "content": health},
             "503": {"description": "The webhook service is not serving.", "content": health},
+        },
+    }
+
+
+def _metrics_operation() -> dict[str, Any]:
+    return {
+        "operationId": "Metrics",
+        "summary": "Prometheus metrics of the serving process",
+        "security": [],
+        "responses": {
+            "200": {
+                "description": "Published events, delivery attempts and outcomes, requests in "
+                "flight, and the process's own figures, in the Prometheus text format.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
         },
     }
 
