@@ -86,6 +86,12 @@ class Log:
         )
         return response
 
+    async def set_status(self, status: webhook_pb2.WebhookStatus.ValueType) -> None:
+        await self.stubs.webhooks.UpdateWebhook(
+            pb.UpdateWebhookRequest(project_id="p-paid", webhook_id=self.webhook_id, status=status),
+            metadata=self.md,
+        )
+
     async def settled(self, count: int) -> list[webhook_pb2.Delivery]:
         """Wait until the webhook has ``count`` deliveries and none is pending."""
         for _ in range(800):
@@ -337,14 +343,7 @@ async def test_retrying_needs_a_published_webhook(
         assert error.code == grpc.StatusCode.FAILED_PRECONDITION
         assert error.reason == "WEBHOOK_NOT_PUBLISHED"
         assert "disabled" in error.message
-        await stubs.webhooks.UpdateWebhook(
-            pb.UpdateWebhookRequest(
-                project_id="p-paid",
-                webhook_id=log.webhook_id,
-                status=webhook_pb2.WEBHOOK_STATUS_PUBLISHED,
-            ),
-            metadata=log.md,
-        )
+        await log.set_status(webhook_pb2.WEBHOOK_STATUS_PUBLISHED)
         await log.retry(failed.id)
         await receiver.wait_for(2)
         (done,) = await log.settled(1)
@@ -408,16 +407,8 @@ async def test_events_a_disabled_or_paused_webhook_missed_are_in_its_log(
         disabled = await create_webhook(stubs, tokens, receiver.url)
         paused = await create_webhook(stubs, tokens, receiver.url)
         archived = await create_webhook(stubs, tokens, receiver.url)
-        for log, status in (
-            (paused, webhook_pb2.WEBHOOK_STATUS_DRAFT),
-            (archived, webhook_pb2.WEBHOOK_STATUS_ARCHIVED),
-        ):
-            await stubs.webhooks.UpdateWebhook(
-                pb.UpdateWebhookRequest(
-                    project_id="p-paid", webhook_id=log.webhook_id, status=status
-                ),
-                metadata=log.md,
-            )
+        await paused.set_status(webhook_pb2.WEBHOOK_STATUS_DRAFT)
+        await archived.set_status(webhook_pb2.WEBHOOK_STATUS_ARCHIVED)
         start = time.time() - 1
         await publish(stubs, tokens, event("e-gone"))
         await disabled.settled(1)  # the 410 disables it
@@ -433,14 +424,7 @@ async def test_events_a_disabled_or_paused_webhook_missed_are_in_its_log(
         assert "draft" in skipped.skip_reason
         assert (await archived.list()).deliveries == []
 
-        await stubs.webhooks.UpdateWebhook(
-            pb.UpdateWebhookRequest(
-                project_id="p-paid",
-                webhook_id=disabled.webhook_id,
-                status=webhook_pb2.WEBHOOK_STATUS_PUBLISHED,
-            ),
-            metadata=disabled.md,
-        )
+        await disabled.set_status(webhook_pb2.WEBHOOK_STATUS_PUBLISHED)
         assert (await disabled.recover(start)).delivery_count == 2
         requests = await receiver.wait_for(3)
         assert [r.headers["webhook-id"] for r in requests[1:]].count("e-missed") == 1
