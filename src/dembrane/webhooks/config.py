@@ -22,9 +22,11 @@ DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
 MIN_EVENT_BYTES = 4096
 #: Half the gRPC server's message limit, so a publish call can always carry one such event.
 MAX_EVENT_BYTES_LIMIT = 32 * 1024 * 1024
-#: How much longer than a request a lease must last: a delivery is started only while its
-#: lease still covers a whole request and this margin (recording the outcome, clock drift).
-LEASE_MARGIN_SECONDS = 5.0
+#: A delivery is started only while its lease still covers a whole request and this margin
+#: (recording the outcome, clock drift between replicas); a lease must last a request and
+#: twice the margin, so a row can always wait at least one margin in its lane.
+LEASE_MARGIN_SECONDS = 2.0
+MIN_LEASE_OVER_REQUEST = 2 * LEASE_MARGIN_SECONDS
 # scheme://host[:port]; the host a name, an IPv4 address or a bracketed IPv6 address.
 _ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?")
 
@@ -78,11 +80,11 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Build the settings from ``env`` (the process environment by default)."""
         settings = cls._read(_Reader(os.environ if env is None else env))
-        if settings.lease_seconds < settings.request_timeout + LEASE_MARGIN_SECONDS:
+        if settings.lease_seconds < settings.request_timeout + MIN_LEASE_OVER_REQUEST:
             raise ConfigError(
                 f"WEBHOOKS_LEASE_SECONDS ({settings.lease_seconds:g}) must be at least "
                 f"WEBHOOKS_REQUEST_TIMEOUT ({settings.request_timeout:g}) plus "
-                f"{LEASE_MARGIN_SECONDS:g}: a lease has to outlast the request it covers, or "
+                f"{MIN_LEASE_OVER_REQUEST:g}: a lease has to outlast the request it covers, or "
                 "another dispatcher sends the delivery again."
             )
         return settings

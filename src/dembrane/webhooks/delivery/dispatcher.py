@@ -312,10 +312,11 @@ class Dispatcher:
         self._claim_outage = OutageLog(log, "claiming deliveries")
         self._flush_outage = OutageLog(log, "recording delivery outcomes")
         #: How long a held row may wait and still be started: its lease must cover the whole
-        #: request and a margin. Settings from the environment guarantee a positive window;
-        #: others fall back to half the lease.
-        start_window = self._lease - settings.request_timeout - LEASE_MARGIN_SECONDS
-        self._start_within = start_window if start_window > 0 else self._lease / 2
+        #: request and a margin. Settings from the environment leave at least one margin;
+        #: settings built otherwise (tests) never less than that either.
+        self._start_within = max(
+            self._lease - settings.request_timeout - LEASE_MARGIN_SECONDS, LEASE_MARGIN_SECONDS
+        )
         self._batch = batch_size or max(16, min(500, 2 * self._max))
         # Rows held in memory (waiting or in flight): enough that senders never starve
         # while the next claim is on its way, no more.
