@@ -257,28 +257,34 @@ def _info(reason: str) -> error_details_pb2.ErrorInfo:
             "connect to 10.0.0.7:50051 failed",
             [],
             503,
-            {"detail": "The webhook service is unavailable; try again shortly."},
+            {
+                "detail": "The webhook service is unavailable; try again shortly.",
+                "reason": "UNAVAILABLE",
+            },
         ),
         (
             grpc.StatusCode.DEADLINE_EXCEEDED,
             "deadline",
             [],
             504,
-            {"detail": "The webhook service did not answer in time."},
+            {
+                "detail": "The webhook service did not answer in time.",
+                "reason": "DEADLINE_EXCEEDED",
+            },
         ),
         (
             grpc.StatusCode.INTERNAL,
             'Traceback (most recent call last): File "x.py"',
             [],
             502,
-            {"detail": "The webhook service failed to handle the request."},
+            {"detail": "The webhook service failed to handle the request.", "reason": "INTERNAL"},
         ),
         (
             grpc.StatusCode.UNKNOWN,
             "boom",
             [],
             502,
-            {"detail": "The webhook service failed to handle the request."},
+            {"detail": "The webhook service failed to handle the request.", "reason": "INTERNAL"},
         ),
     ],
 )
@@ -630,7 +636,8 @@ async def test_unreachable_server() -> None:
             async with http.get(f"{url}/api/projects/p1/webhooks") as reply:
                 assert reply.status == 503
                 assert await reply.json() == {
-                    "detail": "The webhook service is unavailable; try again shortly."
+                    "detail": "The webhook service is unavailable; try again shortly.",
+                    "reason": "UNAVAILABLE",
                 }
             async with http.get(f"{url}/healthz") as reply:
                 assert reply.status == 503
@@ -645,3 +652,16 @@ async def test_openapi_is_served(stack: Stack) -> None:
         document = await reply.json()
     assert document["openapi"] == "3.1.0"
     assert "/api/projects/{project_id}/webhooks/{webhook_id}/deliveries" in document["paths"]
+
+
+# While the server is down, the gateway logs its failed calls once a minute, not once each.
+async def test_calls_failing_while_the_server_is_down_are_logged_once(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="dembrane.webhooks.gateway.errors")
+    stack.service.errors["GetWebhook"] = (grpc.StatusCode.UNAVAILABLE, "down", [])
+    for _ in range(20):
+        async with stack.http.get(f"{stack.url}/api/projects/p1/webhooks/wh_1") as reply:
+            assert reply.status == 503
+    lines = [r.getMessage() for r in caplog.records if "failed with UNAVAILABLE" in r.getMessage()]
+    assert len(lines) <= 1

@@ -27,6 +27,7 @@ from dembrane.webhooks.v1 import (
 from dembrane.webhooks.v1 import (
     directory_service_pb2_grpc,
     event_pb2,
+    webhook_pb2,
     webhook_service_pb2_grpc,
 )
 from dembrane.webhooks.v1 import event_service_pb2 as epb
@@ -366,8 +367,9 @@ async def _metric_values(url: str) -> dict[str, float]:
 async def test_metrics_count_what_was_published_and_sent(
     service: Service, stubs: Stubs, tokens: Tokens, world: World
 ) -> None:
-    """GET /metrics counts stored events, queued deliveries, attempts and their outcomes,
-    with no project, webhook or event id in any label."""
+    """GET /metrics counts stored events, queued deliveries, attempts and their outcomes
+    (a paused webhook's skipped rows included), with no project, webhook or event id in any
+    label."""
     url = f"{service.http_url}/metrics"
     before = await _metric_values(url)
     async with Receiver("s3cret-s3cret", replies=[500]) as receiver:
@@ -378,6 +380,24 @@ async def test_metrics_count_what_was_published_and_sent(
                 url=receiver.url,
                 events=["conversation.started"],
                 secret="s3cret-s3cret",
+            ),
+            metadata=tokens.bearer(tokens.user(world.admin)),
+        )
+        paused = await stubs.webhooks.CreateWebhook(
+            pb.CreateWebhookRequest(
+                project_id=world.paid_project,
+                name="Paused",
+                url=receiver.url,
+                events=["conversation.started"],
+                secret="s3cret-s3cret",
+            ),
+            metadata=tokens.bearer(tokens.user(world.admin)),
+        )
+        await stubs.webhooks.UpdateWebhook(
+            pb.UpdateWebhookRequest(
+                project_id=world.paid_project,
+                webhook_id=paused.webhook.id,
+                status=webhook_pb2.WEBHOOK_STATUS_DRAFT,
             ),
             metadata=tokens.bearer(tokens.user(world.admin)),
         )
@@ -410,6 +430,7 @@ async def test_metrics_count_what_was_published_and_sent(
     assert delta("webhooks_delivery_attempts_total{result=success}") == 3
     assert delta("webhooks_delivery_attempts_total{result=failure}") == 1
     assert delta(succeeded) == 3
+    assert delta("webhooks_deliveries_finished_total{status=skipped}") == 3
     assert delta("webhooks_delivery_attempt_seconds_count{}") == 4
     assert after["webhooks_deliveries_in_flight{}"] == 0
     assert not any("evt-metrics" in key or world.paid_project in key for key in after)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from dembrane.webhooks.domain.access import Tier
 from dembrane.webhooks.store import directory
-from dembrane.webhooks.store.database import Database
+from dembrane.webhooks.store.database import Database, OutageLog
 from dembrane.webhooks.store.tables import WebhookRow
 
 from harness import fresh_database_url
@@ -42,3 +43,32 @@ def test_database_errors_never_show_secrets(tmp_path: Path) -> None:
         database.call(lambda s: s.add(WebhookRow(id="wh_1", **row)))
     assert "super-secret-value" not in str(caught.value)
     database.close()
+
+
+def test_an_outage_is_logged_when_it_starts_and_ends_not_at_every_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A loop failing on an unreachable store logs one line when the outage starts and one
+    when it ends; an error that is not an outage is logged, with its traceback, each time."""
+    logger = logging.getLogger("test.outage")
+    outage = OutageLog(logger, "claiming deliveries")
+    down = OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+    caplog.set_level("INFO", logger="test.outage")
+    for _ in range(50):
+        try:
+            raise down
+        except OperationalError as error:
+            outage.failed(error)
+    outage.succeeded()
+    outage.succeeded()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "the store is unavailable (connection refused)" in messages[0]
+    assert "works again" in messages[1]
+    caplog.clear()
+    for _ in range(2):
+        try:
+            raise ValueError("a bug")
+        except ValueError as error:
+            outage.failed(error)
+    assert [r.exc_info is not None for r in caplog.records] == [True, True]

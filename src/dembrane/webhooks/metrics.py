@@ -29,7 +29,8 @@ EVENTS_PUBLISHED = Counter(
 )
 DELIVERIES_QUEUED = Counter(
     "webhooks_deliveries_queued",
-    "Deliveries created pending by publish calls (one per event and subscribed webhook).",
+    "Deliveries made due to be sent: new ones of published events, and failed ones sent "
+    "again by a recovery or a manual retry.",
 )
 ATTEMPTS = Counter(
     "webhooks_delivery_attempts",
@@ -54,6 +55,8 @@ IN_FLIGHT = Gauge(
 # Children looked up once: the hot path only increments.
 ATTEMPT_SUCCESS = ATTEMPTS.labels(result="success")
 ATTEMPT_FAILURE = ATTEMPTS.labels(result="failure")
+SKIPPED = DELIVERIES_FINISHED.labels(status="skipped")
+FAILED = DELIVERIES_FINISHED.labels(status="failed")
 
 
 def exposition() -> bytes:

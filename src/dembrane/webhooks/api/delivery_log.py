@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from google.protobuf.duration_pb2 import Duration
 
+from dembrane.webhooks import metrics
 from dembrane.webhooks.api.convert import timestamp, valid_seconds
 from dembrane.webhooks.domain.access import DELIVERY_NOT_FOUND
 from dembrane.webhooks.domain.errors import ErrorCollector, NotFound
@@ -165,6 +166,7 @@ async def retry_delivery(
     if found is None:
         raise _not_found()
     resources.wake_dispatcher()
+    metrics.DELIVERIES_QUEUED.inc()
     row, attempts = found
     return pb.RetryDeliveryResponse(delivery=delivery_to_pb(row, attempts))
 
@@ -230,6 +232,7 @@ async def _requeue(
         )
         total += queued
         if queued:
+            metrics.DELIVERIES_QUEUED.inc(queued)
             resources.wake_dispatcher()
         if queued < RECOVERY_BATCH_SIZE:
             return total

@@ -248,6 +248,8 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         fresh = [o for o in outcomes if not o.duplicate]
         metrics.EVENTS_PUBLISHED.inc(len(fresh))
         metrics.DELIVERIES_QUEUED.inc(sum(o.delivery_count for o in fresh))
+        metrics.SKIPPED.inc(sum(o.skipped_count for o in fresh))
+        metrics.FAILED.inc(sum(o.failed_count for o in fresh))
         return outcomes
 
     def _check_sizes(

@@ -10,6 +10,7 @@ codes) with a generic sentence.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ _PLUMBING: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "The webhook service did not answer in time."),
 }
 _UPSTREAM_FAILURE = (502, "The webhook service failed to handle the request.")
+_PLUMBING_REASONS = {502: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
 
 class RestError(Exception):
@@ -120,8 +122,36 @@ def answer_for_rpc_error(error: grpc.aio.AioRpcError) -> ErrorAnswer:
         return ErrorAnswer(status, detail, reason, violations)
     status, detail = _PLUMBING.get(code, _UPSTREAM_FAILURE)
     # Logged without the request: the code is what an operator needs to start looking.
-    _log.warning("webhook service call failed with %s; answering %d", code.name, status)
-    return ErrorAnswer(status, detail, reason)
+    _upstream_failures.note(code.name, status)
+    return ErrorAnswer(status, detail, reason or _PLUMBING_REASONS.get(status))
+
+
+class _FailureLog:
+    """Logs failed calls to the server without flooding while it is down: the first of each
+    code at once, then at most one line a minute with how many came meanwhile."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        self._every = every
+        self._last: dict[str, float] = {}
+        self._since: dict[str, int] = {}
+
+    def note(self, code: str, status: int) -> None:
+        now = time.monotonic()
+        last = self._last.get(code)
+        if last is not None and now - last < self._every:
+            self._since[code] = self._since.get(code, 0) + 1
+            return
+        more = self._since.pop(code, 0)
+        self._last[code] = now
+        _log.warning(
+            "webhook service call failed with %s; answering %d%s",
+            code,
+            status,
+            f" ({more} more such calls since the last line)" if more else "",
+        )
+
+
+_upstream_failures = _FailureLog()
 
 
 def _status_details(

@@ -63,9 +63,11 @@ class OutageLog:
         self._since: float | None = None
         self._last = 0.0
 
-    def failed(self, error: BaseException) -> None:
-        """Log a failure of the work (call from an ``except`` block)."""
-        if not store_unavailable(error):
+    def failed(self, error: BaseException, *, unavailable: bool | None = None) -> None:
+        """Log a failure of the work (call from an ``except`` block); ``unavailable`` says
+        whether it means the store is out of reach, when ``store_unavailable`` cannot tell
+        (errors of the driver itself)."""
+        if not (store_unavailable(error) if unavailable is None else unavailable):
             self._log.exception("%s failed; trying again shortly", self._what)
             return
         now = time.monotonic()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import psycopg
 from sqlalchemy.engine import make_url
 
+from dembrane.webhooks.store.database import OutageLog
 from dembrane.webhooks.store.outbox import DUE_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class DueListener:
                 await task
 
     async def _run(self) -> None:
+        outage = OutageLog(log, "listening for due deliveries")
         pause = 0.5
         while True:
             try:
@@ -59,6 +61,7 @@ class DueListener:
                 ) as connection:
                     await connection.execute(f"LISTEN {DUE_CHANNEL}")
                     self.listening.set()
+                    outage.succeeded()
                     pause = 0.5
                     # Work announced while the connection was down is found by this wake-up.
                     self._on_due()
@@ -67,9 +70,7 @@ class DueListener:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                log.warning(
-                    "listening for due deliveries failed (%s); retrying", type(error).__name__
-                )
+                outage.failed(error, unavailable=True)
             self.listening.clear()
             await asyncio.sleep(pause)
             pause = min(pause * 2, MAX_RECONNECT_SECONDS)

@@ -136,6 +136,10 @@ class PublishOutcome:
     #: How many deliveries were queued for the event (skipped ones are not counted).
     delivery_count: int
     skip_reason: str
+    #: Deliveries written already finished, unsent: skipped (a paused webhook, a tier below
+    #: webhooks) and failed (a disabled webhook). Zero for a duplicate.
+    skipped_count: int = 0
+    failed_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,7 +404,10 @@ def _insert_fresh(
         queued = sum(1 for row in rows if row["status"] == DeliveryState.PENDING.value)
         deliveries[event.id] = rows
         bodies[event.id] = body
-        outcomes[event.id] = PublishOutcome(event.id, False, queued, skip_reason)
+        failed = sum(1 for row in rows if row["status"] == DeliveryState.FAILED.value)
+        outcomes[event.id] = PublishOutcome(
+            event.id, False, queued, skip_reason, len(rows) - queued - failed, failed
+        )
         event_rows.append(
             {
                 "id": event.id,
