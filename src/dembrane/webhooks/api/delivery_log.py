@@ -166,7 +166,7 @@ async def retry_delivery(
     if found is None:
         raise _not_found()
     resources.wake_dispatcher()
-    metrics.DELIVERIES_QUEUED.inc()
+    metrics.STATS.deliveries_queued += 1
     row, attempts = found
     return pb.RetryDeliveryResponse(delivery=delivery_to_pb(row, attempts))
 
@@ -232,7 +232,7 @@ async def _requeue(
         )
         total += queued
         if queued:
-            metrics.DELIVERIES_QUEUED.inc(queued)
+            metrics.STATS.deliveries_queued += queued
             resources.wake_dispatcher()
         if queued < RECOVERY_BATCH_SIZE:
             return total

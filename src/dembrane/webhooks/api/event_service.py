@@ -246,10 +246,11 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
     async def _publish(self, events: Sequence[EventData]) -> list[outbox.PublishOutcome]:
         outcomes = await self._queue.publish(events)
         fresh = [o for o in outcomes if not o.duplicate]
-        metrics.EVENTS_PUBLISHED.inc(len(fresh))
-        metrics.DELIVERIES_QUEUED.inc(sum(o.delivery_count for o in fresh))
-        metrics.SKIPPED.inc(sum(o.skipped_count for o in fresh))
-        metrics.FAILED.inc(sum(o.failed_count for o in fresh))
+        stats = metrics.STATS
+        stats.events_published += len(fresh)
+        stats.deliveries_queued += sum(o.delivery_count for o in fresh)
+        stats.finished["skipped"] += sum(o.skipped_count for o in fresh)
+        stats.finished["failed"] += sum(o.failed_count for o in fresh)
         return outcomes
 
     def _check_sizes(

@@ -721,7 +721,7 @@ class Dispatcher:
     def _start(self, lane: _Lane, claim: DeliveryClaim, now: float) -> None:
         lane.in_flight += 1
         self._in_flight += 1
-        metrics.IN_FLIGHT.inc()
+        metrics.STATS.in_flight += 1
         lane.breaker.started(now)
         lane.started[claim.delivery_id] = time.monotonic()
         task = asyncio.create_task(self._deliver(lane, claim))
@@ -756,7 +756,7 @@ class Dispatcher:
             lane.started.pop(claim.delivery_id, None)
             lane.last_used = time.monotonic()
             self._in_flight -= 1
-            metrics.IN_FLIGHT.dec()
+            metrics.STATS.in_flight -= 1
             self._held -= 1
             self._held_ids.discard(claim.delivery_id)
             if lane.waiting:
@@ -790,8 +790,7 @@ class Dispatcher:
             for index, outcome in enumerate(outcomes)
         )
         for outcome in outcomes:
-            (metrics.ATTEMPT_SUCCESS if outcome.success else metrics.ATTEMPT_FAILURE).inc()
-            metrics.ATTEMPT_SECONDS.observe(outcome.latency)
+            metrics.STATS.attempt(outcome.success, outcome.latency)
         count = claim.attempt_count + len(outcomes)
         last = outcomes[-1]
         lane.observe(last.latency)
@@ -870,7 +869,7 @@ class Dispatcher:
 
     def _queue_result(self, result: DeliveryResult) -> None:
         if result.status is not DeliveryState.PENDING:
-            metrics.DELIVERIES_FINISHED.labels(status=result.status.value).inc()
+            metrics.STATS.finished[result.status.value] += 1
         self._results.append(result)
         self._flush_wanted.set()
 
