@@ -373,33 +373,27 @@ async def test_metrics_count_what_was_published_and_sent(
     url = f"{service.http_url}/metrics"
     before = await _metric_values(url)
     async with Receiver("s3cret-s3cret", replies=[500]) as receiver:
-        await stubs.webhooks.CreateWebhook(
-            pb.CreateWebhookRequest(
-                project_id=world.paid_project,
-                name="Hook",
-                url=receiver.url,
-                events=["conversation.started"],
-                secret="s3cret-s3cret",
-            ),
-            metadata=tokens.bearer(tokens.user(world.admin)),
-        )
-        paused = await stubs.webhooks.CreateWebhook(
-            pb.CreateWebhookRequest(
-                project_id=world.paid_project,
-                name="Paused",
-                url=receiver.url,
-                events=["conversation.started"],
-                secret="s3cret-s3cret",
-            ),
-            metadata=tokens.bearer(tokens.user(world.admin)),
-        )
+        admin = tokens.bearer(tokens.user(world.admin))
+        created = [
+            await stubs.webhooks.CreateWebhook(
+                pb.CreateWebhookRequest(
+                    project_id=world.paid_project,
+                    name=name,
+                    url=receiver.url,
+                    events=["conversation.started"],
+                    secret="s3cret-s3cret",
+                ),
+                metadata=admin,
+            )
+            for name in ("Hook", "Paused")
+        ]
         await stubs.webhooks.UpdateWebhook(
             pb.UpdateWebhookRequest(
                 project_id=world.paid_project,
-                webhook_id=paused.webhook.id,
+                webhook_id=created[1].webhook.id,
                 status=webhook_pb2.WEBHOOK_STATUS_DRAFT,
             ),
-            metadata=tokens.bearer(tokens.user(world.admin)),
+            metadata=admin,
         )
         events = [
             event_pb2.Event(

@@ -729,7 +729,7 @@ class Dispatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _deliver(self, lane: _Lane, claim: DeliveryClaim) -> None:
-        outcomes: list[AttemptOutcome] = []
+        outcome: AttemptOutcome | None = None
         try:
             request = OutboundRequest(
                 url=claim.url,
@@ -739,7 +739,7 @@ class Dispatcher:
                 delivery_id=claim.delivery_id,
                 secrets=claim.secrets(time.time()),
             )
-            outcomes = [await self._r.sender.send(request)]
+            outcome = await self._r.sender.send(request)
         except asyncio.CancelledError:
             # Stopping: the receiver may or may not have the request; sending it again
             # after the restart keeps the promise of at least once. The request cut off is
@@ -750,7 +750,7 @@ class Dispatcher:
             log.exception("sending delivery %s failed unexpectedly", claim.delivery_id)
             self._queue_release(claim.delivery_id, time.time() + MIN_DEFER_SECONDS)
         finally:
-            if not outcomes:
+            if outcome is None:
                 lane.breaker.abandoned()
             lane.in_flight -= 1
             lane.started.pop(claim.delivery_id, None)
@@ -765,34 +765,27 @@ class Dispatcher:
                 # Claims left its rows in the store; now it has room for a good share again.
                 lane.full = False
                 self._r.wake_dispatcher()
-        if outcomes:
-            self._queue_result(self._judge(lane, claim, outcomes))
+        if outcome is not None:
+            self._queue_result(self._judge(lane, claim, outcome))
         self._pump()
         if self._waiting_for_room and self._buffer_limit - self._held >= self._min_claim:
             self._waiting_for_room = False
             self._r.wake_dispatcher()
 
-    def _judge(
-        self, lane: _Lane, claim: DeliveryClaim, outcomes: list[AttemptOutcome]
-    ) -> DeliveryResult:
-        """Turn an attempt's outcomes into the delivery's new state."""
+    def _judge(self, lane: _Lane, claim: DeliveryClaim, last: AttemptOutcome) -> DeliveryResult:
+        """Turn an attempt's outcome into the delivery's new state."""
         now = time.time()
-        attempts = tuple(
-            AttemptRecord(
-                number=claim.attempt_count + index + 1,
-                attempted_at=outcome.attempted_at.timestamp(),
-                status_code=outcome.status_code,
-                latency_ms=outcome.latency * 1000.0,
-                response_body=outcome.response_body,
-                error=outcome.error,
-                success=outcome.success,
-            )
-            for index, outcome in enumerate(outcomes)
+        count = claim.attempt_count + 1
+        attempt = AttemptRecord(
+            number=count,
+            attempted_at=last.attempted_at.timestamp(),
+            status_code=last.status_code,
+            latency_ms=last.latency * 1000.0,
+            response_body=last.response_body,
+            error=last.error,
+            success=last.success,
         )
-        for outcome in outcomes:
-            metrics.STATS.attempt(outcome.success, outcome.latency)
-        count = claim.attempt_count + len(outcomes)
-        last = outcomes[-1]
+        metrics.STATS.attempt(last.success, last.latency)
         lane.observe(last.latency)
         was_open_until = lane.breaker.open_until
         lane.breaker.record(alive=last.success or not trips_breaker(last), now=now)
@@ -817,7 +810,7 @@ class Dispatcher:
                 status=state,
                 attempt_count=count,
                 next_attempt_at=due,
-                attempts=attempts,
+                attempts=(attempt,),
                 last_error=last.error,
                 disable_reason=disable,
             )
