@@ -17,6 +17,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dembrane.webhooks import metrics
+from dembrane.webhooks.config import Settings
 from dembrane.webhooks.domain.errors import ErrorCollector
 from dembrane.webhooks.domain.ids import new_id
 from dembrane.webhooks.domain.payload import (
@@ -48,7 +49,6 @@ _KNOWN_TYPES = ", ".join(sorted(SUBSCRIBABLE_EVENT_TYPES))
 #: and the dashboard link add less than this to a body.
 _JSON_GROWTH = 6
 _BODY_OVERHEAD = 16 * 1024
-
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
@@ -194,31 +194,32 @@ def event_from_pb(
     )
 
 
-def _body_size_errors(
+def _check_sizes(
     messages: Sequence[event_pb2.Event],
     events: Sequence[EventData],
     fields: Sequence[str],
-    limit: int,
-    dashboard_base_url: str,
+    settings: Settings,
     errors: ErrorCollector,
 ) -> None:
-    """Report each event whose body would be larger than ``limit`` bytes.
+    """Refuse the call when an event's body would be larger than ``max_event_bytes``.
 
     The body is rendered only for an event whose encoded size could reach the limit; the
     project's name and language are not counted (the directory bounds them to a few hundred
     bytes).
     """
+    limit = settings.max_event_bytes
     for message, event, field in zip(messages, events, fields, strict=True):
         if message.ByteSize() * _JSON_GROWTH + _BODY_OVERHEAD <= limit:
             continue
         project = ProjectInfo(id=event.project_id, name="", language="")
-        size = len(render_body(event, project, dashboard_base_url))
+        size = len(render_body(event, project, settings.dashboard_base_url))
         if size > limit:
             errors.add(
                 field,
                 f"The event's body would be {size:,} bytes; the most an event may have is "
                 f"{limit:,} bytes (WEBHOOKS_MAX_EVENT_BYTES).",
             )
+    errors.raise_if_any()
 
 
 def _result_pb(outcome: outbox.PublishOutcome) -> pb.PublishResult:
@@ -234,8 +235,7 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
     """Publishing: validation, one transaction, then a wake-up for the dispatcher."""
 
     def __init__(self, resources: Resources) -> None:
-        self._max_event_bytes = resources.settings.max_event_bytes
-        self._dashboard_base_url = resources.settings.dashboard_base_url
+        self._settings = resources.settings
         self._queue = PublishQueue(
             resources.database,
             resources.settings.dashboard_base_url,
@@ -253,18 +253,6 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         stats.finished["failed"] += sum(o.failed_count for o in fresh)
         return outcomes
 
-    def _check_sizes(
-        self,
-        messages: Sequence[event_pb2.Event],
-        events: Sequence[EventData],
-        fields: Sequence[str],
-        errors: ErrorCollector,
-    ) -> None:
-        _body_size_errors(
-            messages, events, fields, self._max_event_bytes, self._dashboard_base_url, errors
-        )
-        errors.raise_if_any()
-
     async def PublishEvent(
         self, request: pb.PublishEventRequest, context: Context
     ) -> pb.PublishEventResponse:
@@ -274,7 +262,7 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
             errors.raise_if_any()
         event = event_from_pb(request.event, "event", datetime.now(UTC), errors)
         errors.raise_if_any()
-        self._check_sizes([request.event], [event], ["event"], errors)
+        _check_sizes([request.event], [event], ["event"], self._settings, errors)
         (outcome,) = await self._publish([event])
         return pb.PublishEventResponse(result=_result_pb(outcome))
 
@@ -293,6 +281,6 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
             for message, field in zip(request.events, fields, strict=True)
         ]
         errors.raise_if_any()
-        self._check_sizes(request.events, events, fields, errors)
+        _check_sizes(request.events, events, fields, self._settings, errors)
         outcomes = await self._publish(events)
         return pb.PublishEventsResponse(results=[_result_pb(o) for o in outcomes])

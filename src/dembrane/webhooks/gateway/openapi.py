@@ -366,29 +366,35 @@ def _health_operation() -> dict[str, Any]:
 
 
 def _metrics_operation() -> dict[str, Any]:
-    return {
-        "operationId": "Metrics",
-        "summary": "Prometheus metrics of the serving process",
-        "security": [],
-        "responses": {
-            "200": {
-                "description": "Published events, delivery attempts and outcomes, requests in "
-                "flight, and the process's own figures, in the Prometheus text format.",
-                "content": {"text/plain": {"schema": {"type": "string"}}},
-            }
-        },
-    }
+    return _open_operation(
+        "Metrics",
+        "Prometheus metrics of the serving process",
+        "Published events, delivery attempts and outcomes, requests in flight, and the "
+        "process's own figures, in the Prometheus text format.",
+        "text/plain",
+        {"type": "string"},
+    )
 
 
 def _document_operation() -> dict[str, Any]:
+    return _open_operation(
+        "OpenApiDocument",
+        "This OpenAPI document",
+        "The OpenAPI 3.1 document of the REST gateway.",
+        "application/json",
+        {"type": "object"},
+    )
+
+
+def _open_operation(
+    operation_id: str, summary: str, description: str, media_type: str, schema: dict[str, Any]
+) -> dict[str, Any]:
+    """An operation without authentication and with a single 200 answer."""
     return {
-        "operationId": "OpenApiDocument",
-        "summary": "This OpenAPI document",
+        "operationId": operation_id,
+        "summary": summary,
         "security": [],
         "responses": {
-            "200": {
-                "description": "The OpenAPI 3.1 document of the REST gateway.",
-                "content": {"application/json": {"schema": {"type": "object"}}},
-            }
+            "200": {"description": description, "content": {media_type: {"schema": schema}}}
         },
     }
