@@ -170,7 +170,7 @@ _METHOD = """\
 Each run of the service is a separate `dembrane-webhooks serve --no-gateway` process
 (settings from `WEBHOOKS_*`, loopback targets allowed) on an empty database, with the
 sender processes it starts itself (`WEBHOOKS_SENDER_PROCESSES`, by default one fewer than
-the cores: one here). Events are
+the cores and at least two: two here, the second used only when the first falls behind). Events are
 published over gRPC from the benchmark's own process. Deliveries go to a lean aiohttp
 receiver in a third process that answers 200 at once and records each delivery id and the
 first arrival of each event. A run counts as finished when the receiver has every delivery
@@ -244,7 +244,7 @@ make bench                                   # the full run; rewrites this page
 .venv/bin/python -m bench --database-url postgresql://user@localhost:5432/webhooks_bench
 WEBHOOKS_SQLITE_SYNCHRONOUS=NORMAL make bench  # any WEBHOOKS_* setting passes through
 .venv/bin/python -m bench --only throughput --profile   # where the service spends its time
-.venv/bin/python -m bench.compare --b WEBHOOKS_SENDER_PROCESSES=2   # two set-ups, in turns
+.venv/bin/python -m bench.compare --b WEBHOOKS_SENDER_PROCESSES=1   # two set-ups, in turns
 ```
 
 One run measures each figure once, and this machine's speed drifts by up to a third within

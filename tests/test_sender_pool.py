@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from dembrane.webhooks.auth import SCOPE_PUBLISH
-from dembrane.webhooks.delivery.pool import SenderPool, default_processes
+from dembrane.webhooks.delivery.pool import SPILL_AT, SenderPool, default_processes
 from dembrane.webhooks.delivery.sender import OutboundRequest, Sender
 from dembrane.webhooks.delivery.targets import TargetPolicy
 from dembrane.webhooks.domain.payload import ProjectInfo, render_body, test_event
@@ -179,6 +179,17 @@ async def test_a_worker_keeps_every_request_in_flight_at_once_wave_after_wave() 
             assert {r.headers["X-Dembrane-Delivery"] for r in arrived[wave * 20 :]} == {
                 r.delivery_id for r in requests
             }
+
+
+async def test_the_first_worker_fills_before_the_next_gets_work() -> None:
+    """Up to SPILL_AT requests at once all go to the first worker; only the excess spills."""
+    async with _pool(2) as pool, Receiver(SECRET, default=Reply(delay=1.0)) as receiver:
+        requests = [_request(receiver.url, delivery_id=f"dlv_{i}") for i in range(SPILL_AT + 3)]
+        sends = asyncio.gather(*(pool.send(r) for r in requests))
+        await receiver.wait_for(len(requests), within=0.9)
+        assert pool.in_flight == [SPILL_AT, 3]
+        assert all(o.success for o in await sends)
+        assert pool.in_flight == [0, 0]
 
 
 async def test_the_timestamp_is_signed_as_given(pool: SenderPool) -> None:
@@ -479,12 +490,12 @@ async def test_a_service_with_worker_processes_delivers_end_to_end(tmp_path: Pat
 
 @pytest.mark.parametrize(
     ("cores", "expected"),
-    [(0, 0), (1, 0), (2, 1), (3, 2), (5, 4), (6, 4), (64, 4)],
+    [(0, 0), (1, 0), (2, 2), (3, 2), (4, 3), (5, 4), (6, 4), (64, 4)],
 )
 def test_default_processes_leaves_a_core_and_caps_at_four(
     monkeypatch: pytest.MonkeyPatch, cores: int, expected: int
 ) -> None:
-    """Auto means no workers on one core, else one fewer than the usable cores, at most four."""
+    """Auto means no workers on one core, two on two, else one fewer than the cores, at most 4."""
 
     def affinity(_pid: int) -> set[int]:
         return set(range(cores))
