@@ -262,7 +262,8 @@ async def test_a_second_process_delivering_from_one_sqlite_file_is_refused(
 
 async def test_a_taken_port_stops_start_up_in_one_line(tmp_path: Path) -> None:
     """A gRPC port in use ends start-up with exit status 1 and one sentence, with no
-    traceback and nothing left running (no 'Task was destroyed' from the sender processes)."""
+    traceback, no log line of gRPC's own, and nothing left running (no 'Task was destroyed'
+    from the sender processes)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -273,6 +274,7 @@ async def test_a_taken_port_stops_start_up_in_one_line(tmp_path: Path) -> None:
     assert code == 1
     assert f"dembrane-webhooks: Cannot listen for gRPC on 127.0.0.1:{port}" in stderr
     assert "Traceback" not in stderr
+    assert "add_port" not in stderr
     assert "destroyed" not in stderr
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -133,7 +135,8 @@ async def start_grpc_server(resources: Resources, host: str, port: int) -> GrpcS
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     _add_reflection(server)
     try:
-        bound = server.add_insecure_port(f"{_host(host)}:{port}")
+        # gRPC logs its own error line before it fails on a taken port; ours is the one to read.
+        bound = 0 if _port_taken(host, port) else server.add_insecure_port(f"{_host(host)}:{port}")
     except RuntimeError:  # what grpcio raises when it cannot bind
         bound = 0
     if bound == 0:
@@ -189,6 +192,28 @@ def _add_reflection(server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": method}),)
         )
+
+
+def _port_taken(host: str, port: int) -> bool:
+    """Whether another socket listens on ``host:port``; any other doubt is left to gRPC."""
+    if port == 0:
+        return False
+    try:
+        addresses = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError:
+        return False
+    for family, kind, proto, _name, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC binds: a port whose last connections linger in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    return True
+    return False
 
 
 def _host(host: str) -> str:
