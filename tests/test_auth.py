@@ -69,6 +69,20 @@ def test_a_token_just_expired_passes_within_the_leeway_only() -> None:
         TokenVerifier(Settings(jwt_secret=SECRET, jwt_leeway=0)).verify(token)
 
 
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize(
+    "value", ["{now}", True, None, [1]], ids=["string", "bool", "null", "list"]
+)
+def test_a_time_claim_that_is_not_a_number_is_refused(claim: str, value: object) -> None:
+    """exp, nbf and iat must be JSON numbers; a numeric string (which would never expire once
+    remembered), a boolean or a null is refused."""
+    now = int(time.time())
+    claims: dict[str, object] = {"sub": "u1", "exp": now + 600}
+    claims[claim] = str(now + 3) if value == "{now}" else value
+    with pytest.raises(Unauthenticated):
+        TokenVerifier(Settings(jwt_secret=SECRET)).verify(_token(claims))
+
+
 @pytest.mark.parametrize(
     ("claims", "user"),
     [

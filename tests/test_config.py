@@ -162,3 +162,56 @@ def test_cors_origins_take_ports_and_the_wildcard() -> None:
         "http://[::1]:8080",
         "*",
     )
+
+
+@pytest.mark.parametrize("raw", ["not-an-addr", "256.1.1.1", "exa mple"])
+def test_a_bind_address_that_is_no_address_names_the_variable(raw: str) -> None:
+    """WEBHOOKS_BIND must be an IP literal or a resolvable name: otherwise a setting error
+    (exit status 2) rather than a failure to listen that blames the port."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"WEBHOOKS_BIND": raw})
+    assert str(caught.value).startswith("WEBHOOKS_BIND must be an IP address to listen on")
+    assert repr(raw) in str(caught.value)
+
+
+@pytest.mark.parametrize("raw", ["0.0.0.0", "::", "[::1]", "localhost"])
+def test_a_bind_address_may_be_a_literal_or_a_name(raw: str) -> None:
+    """IPv4 and IPv6 literals (bracketed or not) and names that resolve are taken as given."""
+    assert Settings.from_env({"WEBHOOKS_BIND": raw}).bind == raw
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "NaN"])
+def test_a_number_setting_refuses_nan_and_infinity(raw: str) -> None:
+    """nan compares false with every bound, so it would pass a range check; it is refused."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"WEBHOOKS_REQUEST_TIMEOUT": raw})
+    assert str(caught.value) == f"WEBHOOKS_REQUEST_TIMEOUT must be a number, not {raw!r}."
+
+
+def test_a_range_names_its_bounds_as_written() -> None:
+    """Whole-number bounds read as whole numbers, not in scientific notation."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"WEBHOOKS_MAX_EVENT_BYTES": "999999999999"})
+    assert "between 4096 and 33554432" in str(caught.value)
+
+
+def test_a_short_jwt_secret_is_warned_about() -> None:
+    """An HS256 secret under 32 bytes starts the service with a warning naming its length;
+    32 bytes or a public key alone raise none, and no key at all is warned about."""
+    assert Settings(jwt_secret="x" * 31).warnings() == [
+        "WEBHOOKS_JWT_SECRET is 31 bytes long: an HS256 key shorter than 32 bytes can be "
+        "found from any token by guessing; use a long random value"
+    ]
+    assert Settings(jwt_secret="é" * 16).warnings() == []
+    assert Settings(jwt_public_key="PEM").warnings() == []
+    assert "every call except health and reflection will be refused" in Settings().warnings()[0]
+
+
+def test_the_webhook_limit_per_project_is_read() -> None:
+    """WEBHOOKS_MAX_WEBHOOKS_PER_PROJECT sets the limit (100 by default) and must be positive."""
+    assert Settings.from_env({}).max_webhooks_per_project == 100
+    assert (
+        Settings.from_env({"WEBHOOKS_MAX_WEBHOOKS_PER_PROJECT": "5"}).max_webhooks_per_project == 5
+    )
+    with pytest.raises(ConfigError):
+        Settings.from_env({"WEBHOOKS_MAX_WEBHOOKS_PER_PROJECT": "0"})

@@ -278,6 +278,23 @@ async def test_a_taken_port_stops_start_up_in_one_line(tmp_path: Path) -> None:
     assert "destroyed" not in stderr
 
 
+async def test_an_address_not_of_this_machine_stops_start_up_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """A bind address no interface has (TEST-NET-1) ends start-up with one sentence that says
+    so, and no log line of gRPC's own."""
+    code, stderr = await _run_to_exit(
+        _serve_env(tmp_path, WEBHOOKS_BIND="192.0.2.1", WEBHOOKS_GRPC_PORT="0"), "serve"
+    )
+    assert code == 1
+    assert (
+        "dembrane-webhooks: Cannot listen for gRPC on 192.0.2.1:0: "
+        "the address is not one of this machine's." in stderr
+    )
+    assert "add_port" not in stderr
+    assert "Traceback" not in stderr
+
+
 async def test_token_refuses_an_empty_user_or_a_lifetime_not_positive(tmp_path: Path) -> None:
     """`token` with an empty --sub or a --ttl of zero or less mints nothing (exit status 2)."""
     for args in (("--sub", " "), ("--sub", "u1", "--ttl", "-5")):

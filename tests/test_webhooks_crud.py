@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2, json_format
 
+from dembrane.webhooks.config import Settings
 from dembrane.webhooks.v1 import webhook_pb2
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
 
 from grpc_helpers import rich_error
-from harness import Stubs, Tokens, World
+from harness import Stubs, Tokens, World, make_settings
 
 URL = "http://127.0.0.1:9/hook"
 
@@ -425,25 +427,84 @@ async def test_event_catalog_describes_every_type(
     assert "report" in json_format.MessageToDict(by_name["report.generated"].example)
 
 
-async def test_page_size_defaults_to_50_and_stops_at_200(
-    stubs: Stubs, tokens: Tokens, world: World
-) -> None:
-    """Without a size a page holds 50 webhooks; asking for more than 200 gives 200."""
-    await asyncio.gather(*(create(stubs, tokens, name=f"Hook {i}") for i in range(205)))
-    default = await stubs.webhooks.ListWebhooks(
-        pb.ListWebhooksRequest(project_id="p-paid"), metadata=admin(tokens)
-    )
-    assert len(default.webhooks) == 50
-    assert default.next_page_token
-    largest = await stubs.webhooks.ListWebhooks(
-        pb.ListWebhooksRequest(project_id="p-paid", page_size=1000), metadata=admin(tokens)
-    )
-    assert len(largest.webhooks) == 200
-    rest = await stubs.webhooks.ListWebhooks(
-        pb.ListWebhooksRequest(
-            project_id="p-paid", page_size=1000, page_token=largest.next_page_token
-        ),
-        metadata=admin(tokens),
-    )
-    assert len(rest.webhooks) == 5
-    assert rest.next_page_token == ""
+class TestPaging:
+    """Pages of a project allowed more webhooks than the largest page."""
+
+    @pytest.fixture
+    def settings(self, tmp_path: Path) -> Settings:
+        return make_settings(tmp_path, max_webhooks_per_project=1000)
+
+    async def test_page_size_defaults_to_50_and_stops_at_200(
+        self, stubs: Stubs, tokens: Tokens, world: World
+    ) -> None:
+        """Without a size a page holds 50 webhooks; asking for more than 200 gives 200."""
+        await asyncio.gather(*(create(stubs, tokens, name=f"Hook {i}") for i in range(205)))
+        default = await stubs.webhooks.ListWebhooks(
+            pb.ListWebhooksRequest(project_id="p-paid"), metadata=admin(tokens)
+        )
+        assert len(default.webhooks) == 50
+        assert default.next_page_token
+        largest = await stubs.webhooks.ListWebhooks(
+            pb.ListWebhooksRequest(project_id="p-paid", page_size=1000), metadata=admin(tokens)
+        )
+        assert len(largest.webhooks) == 200
+        rest = await stubs.webhooks.ListWebhooks(
+            pb.ListWebhooksRequest(
+                project_id="p-paid", page_size=1000, page_token=largest.next_page_token
+            ),
+            metadata=admin(tokens),
+        )
+        assert len(rest.webhooks) == 5
+        assert rest.next_page_token == ""
+
+
+class TestWebhookLimit:
+    """A project holds at most WEBHOOKS_MAX_WEBHOOKS_PER_PROJECT webhooks, archived aside."""
+
+    @pytest.fixture
+    def settings(self, tmp_path: Path) -> Settings:
+        return make_settings(tmp_path, max_webhooks_per_project=2)
+
+    @staticmethod
+    async def _set_status(stubs: Stubs, tokens: Tokens, webhook_id: str, status: int) -> None:
+        await stubs.webhooks.UpdateWebhook(
+            pb.UpdateWebhookRequest(
+                project_id="p-paid",
+                webhook_id=webhook_id,
+                status=status,
+                update_mask=field_mask_pb2.FieldMask(paths=["status"]),
+            ),
+            metadata=admin(tokens),
+        )
+
+    async def test_the_limit_refuses_one_more_until_one_is_archived_or_deleted(
+        self, stubs: Stubs, tokens: Tokens, world: World
+    ) -> None:
+        """The third webhook of a project limited to two is refused with FAILED_PRECONDITION
+        and reason WEBHOOK_LIMIT_REACHED; archiving one makes room, bringing it back from the
+        archive is refused while the project is full, and a delete makes room again."""
+        first = await create(stubs, tokens)
+        await create(stubs, tokens)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await create(stubs, tokens)
+        error = rich_error(caught.value)
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert error.reason == "WEBHOOK_LIMIT_REACHED"
+        assert error.metadata == {"limit": "2"}
+        assert "already has 2 webhooks" in error.message
+        await create(stubs, tokens, project="p-paid-2")  # other projects keep their room
+
+        await self._set_status(stubs, tokens, first.webhook.id, webhook_pb2.WEBHOOK_STATUS_ARCHIVED)
+        third = await create(stubs, tokens)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await self._set_status(
+                stubs, tokens, first.webhook.id, webhook_pb2.WEBHOOK_STATUS_PUBLISHED
+            )
+        assert rich_error(caught.value).reason == "WEBHOOK_LIMIT_REACHED"
+        await stubs.webhooks.DeleteWebhook(
+            pb.DeleteWebhookRequest(project_id="p-paid", webhook_id=third.webhook.id),
+            metadata=admin(tokens),
+        )
+        await self._set_status(
+            stubs, tokens, first.webhook.id, webhook_pb2.WEBHOOK_STATUS_PUBLISHED
+        )

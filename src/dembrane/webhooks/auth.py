@@ -9,14 +9,19 @@ service rights.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import jwt
+from jwt.warnings import InsecureKeyLengthWarning
 
 from dembrane.webhooks.config import Settings
 from dembrane.webhooks.domain.errors import ScopeRequired, Unauthenticated
 from dembrane.webhooks.domain.text import has_control_characters
+
+# A short key is reported once at start (Settings.warnings), not at the first call.
+warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
 
 SCOPE_PUBLISH = "webhooks:publish"
 SCOPE_DIRECTORY = "webhooks:directory"
@@ -119,7 +124,15 @@ class TokenVerifier:
                 continue
         if claims is None:
             raise Unauthenticated(INVALID_SESSION)
+        # JWT times are numbers (RFC 7519 NumericDate); the decoder also takes "1764331200".
+        for name in ("exp", "nbf", "iat"):
+            if name in claims and not _numeric_date(claims[name]):
+                raise Unauthenticated(INVALID_SESSION)
         return claims
+
+
+def _numeric_date(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def principal_from_claims(claims: dict[str, object]) -> Principal:

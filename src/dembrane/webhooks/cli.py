@@ -152,11 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "gateway":
         _run(_run_gateway(settings, args.grpc_target))
         return 0
-    if not settings.jwt_secret and not settings.jwt_public_key:
-        log.warning(
-            "neither WEBHOOKS_JWT_SECRET nor WEBHOOKS_JWT_PUBLIC_KEY is set: every call "
-            "except health and reflection will be refused"
-        )
+    for warning in settings.warnings():
+        log.warning("%s", warning)
     if args.command == "worker":
         parts = Parts(grpc=False, gateway=False, dispatcher=True)
     else:

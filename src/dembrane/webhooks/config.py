@@ -7,8 +7,10 @@ service at start-up with a message that names the variable, never later.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,6 +29,12 @@ MAX_EVENT_BYTES_LIMIT = 32 * 1024 * 1024
 #: twice the margin, so a row can always wait at least one margin in its lane.
 LEASE_MARGIN_SECONDS = 2.0
 MIN_LEASE_OVER_REQUEST = 2 * LEASE_MARGIN_SECONDS
+#: An HS256 key shorter than this can be found from any one token by guessing offline.
+MIN_JWT_SECRET_BYTES = 32
+#: Webhooks one project may have (archived ones aside) unless WEBHOOKS_MAX_WEBHOOKS_PER_PROJECT
+#: says otherwise: each is a copy of every event, so the bound keeps one event from turning
+#: into thousands of requests.
+DEFAULT_MAX_WEBHOOKS_PER_PROJECT = 100
 # scheme://host[:port]; the host a name, an IPv4 address or a bracketed IPv6 address.
 _ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?")
 
@@ -75,6 +83,8 @@ class Settings:
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     # A port serving /metrics on its own (for a ``worker``, which has no gateway); 0: none.
     metrics_port: int = 0
+    # How many webhooks (archived ones aside) a project may have.
+    max_webhooks_per_project: int = DEFAULT_MAX_WEBHOOKS_PER_PROJECT
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -89,12 +99,28 @@ class Settings:
             )
         return settings
 
+    def warnings(self) -> list[str]:
+        """What is risky about these settings though the service can run with them."""
+        found = []
+        if not self.jwt_secret and not self.jwt_public_key:
+            found.append(
+                "neither WEBHOOKS_JWT_SECRET nor WEBHOOKS_JWT_PUBLIC_KEY is set: every call "
+                "except health and reflection will be refused"
+            )
+        if self.jwt_secret and len(self.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
+            found.append(
+                f"WEBHOOKS_JWT_SECRET is {len(self.jwt_secret.encode())} bytes long: an HS256 "
+                f"key shorter than {MIN_JWT_SECRET_BYTES} bytes can be found from any token "
+                "by guessing; use a long random value"
+            )
+        return found
+
     @classmethod
     def _read(cls, reader: _Reader) -> Settings:
         return cls(
             grpc_port=reader.port("WEBHOOKS_GRPC_PORT", 50051),
             http_port=reader.port("WEBHOOKS_HTTP_PORT", 8080),
-            bind=reader.text("WEBHOOKS_BIND", "127.0.0.1"),
+            bind=reader.bind_address("WEBHOOKS_BIND", "127.0.0.1"),
             database_url=reader.database_url("WEBHOOKS_DATABASE_URL", DEFAULT_DATABASE_URL),
             jwt_secret=reader.optional("WEBHOOKS_JWT_SECRET"),
             jwt_public_key=reader.public_key("WEBHOOKS_JWT_PUBLIC_KEY"),
@@ -126,6 +152,14 @@ class Settings:
             ),
             sender_processes=reader.count_or_auto("WEBHOOKS_SENDER_PROCESSES", high=64),
             metrics_port=reader.port("WEBHOOKS_METRICS_PORT", 0),
+            max_webhooks_per_project=int(
+                reader.number(
+                    "WEBHOOKS_MAX_WEBHOOKS_PER_PROJECT",
+                    DEFAULT_MAX_WEBHOOKS_PER_PROJECT,
+                    low=1,
+                    high=100_000,
+                )
+            ),
             max_event_bytes=int(
                 reader.number(
                     "WEBHOOKS_MAX_EVENT_BYTES",
@@ -135,6 +169,12 @@ class Settings:
                 )
             ),
         )
+
+
+def _shown(number: float | None) -> str:
+    """A bound as people write it: 33554432, not 3.35544e+07."""
+    assert number is not None
+    return str(int(number)) if number == int(number) else f"{number:g}"
 
 
 class _Reader:
@@ -165,13 +205,34 @@ class _Reader:
         try:
             value = float(raw)
         except ValueError:
-            raise ConfigError(f"{name} must be a number, not {raw!r}.") from None
+            value = math.nan
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a number, not {raw!r}.")
         if (low is not None and value < low) or (high is not None and value > high):
             if high is None:
-                raise ConfigError(f"{name} must be at least {low:g}, not {raw!r}.")
+                raise ConfigError(f"{name} must be at least {_shown(low)}, not {raw!r}.")
             if low is None:
-                raise ConfigError(f"{name} must be at most {high:g}, not {raw!r}.")
-            raise ConfigError(f"{name} must be between {low:g} and {high:g}, not {raw!r}.")
+                raise ConfigError(f"{name} must be at most {_shown(high)}, not {raw!r}.")
+            raise ConfigError(
+                f"{name} must be between {_shown(low)} and {_shown(high)}, not {raw!r}."
+            )
+        return value
+
+    def bind_address(self, name: str, default: str) -> str:
+        """An address to listen on: an IP literal, or a name that resolves to addresses."""
+        value = self.text(name, default)
+        try:
+            ipaddress.ip_address(value.strip("[]"))
+            return value
+        except ValueError:
+            pass
+        try:
+            socket.getaddrinfo(value, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except (OSError, UnicodeError):
+            raise ConfigError(
+                f"{name} must be an IP address to listen on (such as 127.0.0.1, 0.0.0.0 or ::) "
+                f"or a host name that resolves, not {value!r}."
+            ) from None
         return value
 
     def public_key(self, name: str) -> str | None:

@@ -134,17 +134,18 @@ async def start_grpc_server(resources: Resources, host: str, port: int) -> GrpcS
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     _add_reflection(server)
-    try:
-        # gRPC logs its own error line before it fails on a taken port; ours is the one to read.
-        bound = 0 if _port_taken(host, port) else server.add_insecure_port(f"{_host(host)}:{port}")
-    except RuntimeError:  # what grpcio raises when it cannot bind
-        bound = 0
+    # gRPC logs an error line of its own before it fails to bind; ours is the one to read.
+    problem = _bind_problem(host, port)
+    bound = 0
+    if problem is None:
+        try:
+            bound = server.add_insecure_port(f"{_host(host)}:{port}")
+        except RuntimeError:  # what grpcio raises when it cannot bind
+            bound = 0
     if bound == 0:
         await server.stop(None)
-        raise OSError(
-            f"Cannot listen for gRPC on {host}:{port}: the port is taken, or the address is "
-            "not one of this machine's."
-        )
+        problem = problem or "the port is taken, or the address is not one of this machine's"
+        raise OSError(f"Cannot listen for gRPC on {host}:{port}: {problem}.")
     await server.start()
     return GrpcServer(server, bound, health_servicer, resources.database)
 
@@ -194,16 +195,21 @@ def _add_reflection(server: grpc.aio.Server) -> None:
         )
 
 
-def _port_taken(host: str, port: int) -> bool:
-    """Whether another socket listens on ``host:port``; any other doubt is left to gRPC."""
-    if port == 0:
-        return False
+_BIND_PROBLEMS = {
+    errno.EADDRINUSE: "the port is taken",
+    errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+}
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on, when a trial bind says so; else None (any
+    other doubt is left to gRPC)."""
     try:
         addresses = socket.getaddrinfo(
             host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-    except OSError:
-        return False
+    except (OSError, UnicodeError):
+        return None
     for family, kind, proto, _name, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             # As gRPC binds: a port whose last connections linger in TIME_WAIT is free.
@@ -211,9 +217,10 @@ def _port_taken(host: str, port: int) -> bool:
             try:
                 probe.bind(address)
             except OSError as error:
-                if error.errno == errno.EADDRINUSE:
-                    return True
-    return False
+                problem = _BIND_PROBLEMS.get(error.errno or 0)
+                if problem is not None and (port != 0 or error.errno != errno.EADDRINUSE):
+                    return problem
+    return None
 
 
 def _host(host: str) -> str:

@@ -160,7 +160,7 @@ class WebhookServicer(webhook_service_pb2_grpc.WebhookServiceServicer):
             created_at=now,
             updated_at=now,
         )
-        await self._db.run(webhooks.add_webhook, row)
+        await self._db.run(webhooks.add_webhook, row, self._r.settings.max_webhooks_per_project)
         return pb.CreateWebhookResponse(
             webhook=webhook_to_pb(row), secret=secret if generated else ""
         )
@@ -195,6 +195,10 @@ class WebhookServicer(webhook_service_pb2_grpc.WebhookServiceServicer):
         errors.raise_if_any()
 
         def work(session: Session, row: WebhookRow) -> WebhookRow:
+            if row.status == "archived" and changes.get("status", "archived") != "archived":
+                webhooks.check_room(
+                    session, row.project_id, self._r.settings.max_webhooks_per_project
+                )
             for key, value in changes.items():
                 setattr(row, key, value)
             row.updated_at = time.time()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from sqlalchemy import delete, tuple_
+from sqlalchemy import delete, func, tuple_
 from sqlmodel import Session, col, select
 
+from dembrane.webhooks.domain.errors import FailedPrecondition
 from dembrane.webhooks.domain.paging import Cursor
-from dembrane.webhooks.store.tables import DeliveryRow, WebhookRow
+from dembrane.webhooks.store.tables import DeliveryRow, ProjectRow, WebhookRow
 
 
 def events_of(row: WebhookRow) -> list[str]:
@@ -22,10 +23,31 @@ def encode_events(events: Sequence[str]) -> str:
     return json.dumps(list(events), separators=(",", ":"))
 
 
-def add_webhook(session: Session, row: WebhookRow) -> WebhookRow:
+def add_webhook(session: Session, row: WebhookRow, limit: int | None = None) -> WebhookRow:
+    """Store a new webhook; refused when its project already has ``limit`` of them."""
+    if limit is not None and row.status != "archived":
+        check_room(session, row.project_id, limit)
     session.add(row)
     session.flush()
     return row
+
+
+def check_room(session: Session, project_id: str, limit: int) -> None:
+    """Refuse one more webhook (archived ones aside) in a project that has ``limit``."""
+    # Locks the project's row on PostgreSQL, so two creations cannot both see room for one.
+    session.execute(select(ProjectRow.id).where(col(ProjectRow.id) == project_id).with_for_update())
+    count = session.scalar(
+        select(func.count())
+        .select_from(WebhookRow)
+        .where(col(WebhookRow.project_id) == project_id, col(WebhookRow.status) != "archived")
+    )
+    if (count or 0) >= limit:
+        raise FailedPrecondition(
+            f"This project already has {limit} webhooks, the most it may have; "
+            "delete or archive one first.",
+            reason="WEBHOOK_LIMIT_REACHED",
+            metadata={"limit": str(limit)},
+        )
 
 
 def get_webhook(session: Session, project_id: str, webhook_id: str) -> WebhookRow | None:
