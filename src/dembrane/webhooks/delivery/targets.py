@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Sequence
 
@@ -40,7 +41,23 @@ MAX_URL_LENGTH = 2048
 
 _SHARED_ADDRESS_SPACE = ipaddress.IPv4Network("100.64.0.0/10")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+#: Ranges the IANA special-purpose registries mark not globally reachable (or deprecated)
+#: that this Python's ``ipaddress`` still calls global.
+_NOT_GLOBAL: tuple[tuple[IPNetwork, str], ...] = (
+    (ipaddress.IPv4Network("192.0.0.0/24"), "a special-purpose address"),
+    (ipaddress.IPv4Network("192.88.99.0/24"), "a special-purpose address"),
+    (ipaddress.IPv6Network("fec0::/10"), "a site-local address"),
+    (ipaddress.IPv6Network("3fff::/20"), "a documentation address"),
+    (ipaddress.IPv6Network("5f00::/16"), "a special-purpose address"),
+)
 _BAD_PORT = "The URL's port must be a number from 1 to 65535."
+#: A host whose last label is a number is an IPv4 address to URL parsers, in whatever form.
+_NUMERIC_LABEL = re.compile(r"0x[0-9a-f]*|[0-9]+", re.IGNORECASE)
+#: What the connector refuses on sight, so such URLs would only ever fail.
+_ODD_IPV4 = (
+    "The URL's host must be a name or an IPv4 address in its usual form (four numbers from "
+    "0 to 255 with dots, such as 93.184.215.14)."
+)
 
 
 class TargetRefused(InvalidArgument):
@@ -116,6 +133,9 @@ def _non_public_kind(ip: IPAddress) -> str | None:
         return "a reserved address"
     if ip.is_private:
         return "a private address"
+    for network, kind in _NOT_GLOBAL:
+        if ip.version == network.version and ip in network:
+            return kind
     if not ip.is_global:
         return "a non-public address"
     return None
@@ -162,9 +182,12 @@ def validate_url_syntax(url: str) -> str | None:
         return f"The URL is not a valid URL: {reason}." if reason else "The URL is not valid."
     if parsed.scheme not in ("http", "https"):
         return "The URL must start with http:// or https://."
-    if not parsed.raw_host:
+    host = parsed.raw_host
+    if not host:
         return "The URL must name a host."
-    if parsed.explicit_port == 0:
+    if _parse_ip(host) is None and _NUMERIC_LABEL.fullmatch(host.rstrip(".").rpartition(".")[2]):
+        return _ODD_IPV4
+    if parsed.explicit_port == 0 or not _port_written_plainly(url):
         return _BAD_PORT
     if parsed.raw_user is not None or parsed.raw_password is not None:
         # Credentials in the URL would show up in logs and in every copy of the webhook.
@@ -173,6 +196,16 @@ def validate_url_syntax(url: str) -> str | None:
             "the signing secret authenticates the requests."
         )
     return None
+
+
+def _port_written_plainly(url: str) -> bool:
+    """Whether the URL's port, if any, is written as digits only (yarl also reads ``:+80``)."""
+    authority = url.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    host_and_port = authority.rpartition("@")[2]
+    if host_and_port.endswith("]") or ":" not in host_and_port:
+        return True
+    port = host_and_port.rpartition(":")[2]
+    return port == "" or (port.isascii() and port.isdigit())
 
 
 def literal_refusal(host: str, policy: TargetPolicy) -> str | None:
@@ -204,24 +237,20 @@ async def check_target(url: str, policy: TargetPolicy) -> None:
         raise TargetRefused.because(refusal)
     if _parse_ip(host) is not None:
         return
+    # One sentence whether the name is unknown or resolves to a private address: naming the
+    # address would let anyone who may save a webhook map the service's internal names.
+    refused = TargetRefused.because(
+        f"The URL's host {host} does not resolve to a public address; "
+        "webhooks must target public addresses."
+    )
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
-        raise TargetRefused.because(
-            f"The URL's host {host} does not resolve to any address."
-        ) from None
-    addresses: list[IPAddress] = []
-    for info in infos:
-        ip = _parse_ip(str(info[4][0]))
-        if ip is not None:
-            addresses.append(ip)
-    if not addresses:
-        raise TargetRefused.because(f"The URL's host {host} does not resolve to any address.")
+        raise refused from None
+    addresses = [ip for info in infos if (ip := _parse_ip(str(info[4][0]))) is not None]
     # Every address must pass: a connection may go to any of them.
-    for ip in addresses:
-        kind = policy.refusal_reason(ip)
-        if kind is not None:
-            raise TargetRefused.because(_refusal_sentence("The URL's host resolves to", ip, kind))
+    if not addresses or any(policy.refusal_reason(ip) is not None for ip in addresses):
+        raise refused
 
 
 class PolicyResolver(AbstractResolver):
@@ -240,23 +269,16 @@ class PolicyResolver(AbstractResolver):
     ) -> list[ResolveResult]:
         """The addresses of ``host`` the policy allows; ``TargetBlockedError`` if none."""
         results = await self._inner.resolve(host, port, family)
-        allowed: list[ResolveResult] = []
-        first_refusal: str | None = None
-        for result in results:
-            ip = _parse_ip(result["host"])
-            if ip is None:
-                kind: str | None = "an address that cannot be read"
-            else:
-                kind = self._policy.refusal_reason(ip)
-            if kind is None:
-                allowed.append(result)
-            elif first_refusal is None:
-                first_refusal = _refusal_sentence(
-                    "The target resolves to", ip if ip is not None else result["host"], kind
-                )
+        allowed = [
+            result
+            for result in results
+            if (ip := _parse_ip(result["host"])) is not None and self._policy.is_allowed_address(ip)
+        ]
         if not allowed:
+            # As on save, the private address a name has is not told (see check_target).
             raise TargetBlockedError(
-                first_refusal or f"The target host {host} does not resolve to any address."
+                f"The target host {host} does not resolve to a public address; "
+                "webhooks must target public addresses."
             )
         return allowed
 
