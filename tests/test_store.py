@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from dembrane.webhooks.domain.access import Tier
@@ -72,3 +75,24 @@ def test_an_outage_is_logged_when_it_starts_and_ends_not_at_every_failure(
         except ValueError as error:
             outage.failed(error)
     assert [r.exc_info is not None for r in caplog.records] == [True, True]
+
+
+@pytest.mark.sqlite_only
+def test_a_new_sqlite_file_and_its_journal_are_private(
+    tmp_path: Path,
+) -> None:
+    """The database holds every signing secret: under a permissive umask it is still created
+    readable by its owner only, and so are the journal files SQLite makes beside it."""
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "data" / "webhooks.db"
+        database = Database(f"sqlite:///{path}")
+        database.migrate()
+        database.call(lambda s: s.execute(text("SELECT 1")))
+        files = [path, *tmp_path.joinpath("data").glob("webhooks.db-*")]
+        assert any(f.name.endswith("-wal") for f in files)
+        for file in files:
+            assert stat.S_IMODE(file.stat().st_mode) == 0o600, file.name
+        database.close()
+    finally:
+        os.umask(old)

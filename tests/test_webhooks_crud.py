@@ -115,6 +115,13 @@ async def test_duplicate_events_are_collapsed(stubs: Stubs, tokens: Tokens, worl
         ("secret", {"secret": "secret\x00value"}),
         # Standard Webhooks libraries decode what follows whsec_, so it must be base64.
         ("secret", {"secret": "whsec_!!!notbase64"}),
+        # Its key is what signs: three bytes, though the secret has ten characters.
+        ("secret", {"secret": "whsec_QUJD"}),
+        # Names are shown to other projects' admins: nothing that disguises or hides them.
+        ("name", {"name": "\u202eevil"}),
+        ("name", {"name": "Hook \u2066one\u2069"}),
+        ("name", {"name": "\u200b"}),
+        ("name", {"name": "\ufeff \u2060"}),
     ],
 )
 async def test_create_validation(

@@ -9,16 +9,30 @@ PostgreSQL. Requests that carry them are refused with a sentence naming the fiel
 from __future__ import annotations
 
 import re
+import unicodedata
 
-__all__ = ["has_control_characters", "printable"]
+__all__ = ["has_control_characters", "has_direction_controls", "is_invisible", "printable"]
 
 # C0 and C1 control characters and DEL (Unicode category Cc).
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+# Marks, embeddings, overrides and isolates that reorder how the text around them shows:
+# "\u202eexe.txt" displays as "txt.exe".
+_DIRECTION = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def has_control_characters(text: str) -> bool:
     """Whether ``text`` holds a control character (NUL, a line break, a tab, ESC, ...)."""
     return _CONTROL.search(text) is not None
+
+
+def has_direction_controls(text: str) -> bool:
+    """Whether ``text`` holds a bidirectional formatting character (U+202E and the like)."""
+    return _DIRECTION.search(text) is not None
+
+
+def is_invisible(text: str) -> bool:
+    """Whether ``text`` shows nothing: only spaces and format characters (U+200B, ...)."""
+    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
 
 
 def printable(text: str) -> str:

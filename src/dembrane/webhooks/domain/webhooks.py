@@ -12,7 +12,11 @@ from collections.abc import Iterable, Sequence
 from enum import StrEnum
 
 from dembrane.webhooks.domain.errors import ErrorCollector, InvalidArgument
-from dembrane.webhooks.domain.text import has_control_characters
+from dembrane.webhooks.domain.text import (
+    has_control_characters,
+    has_direction_controls,
+    is_invisible,
+)
 
 NAME_MAX = 200
 URL_MAX = 2048
@@ -37,12 +41,19 @@ SETTABLE_STATUSES = (WebhookStatus.PUBLISHED, WebhookStatus.DRAFT, WebhookStatus
 
 def check_name(name: str, errors: ErrorCollector) -> str:
     cleaned = name.strip()
-    if not cleaned:
+    if is_invisible(cleaned):
         errors.add("name", "The name must not be empty.")
     elif len(cleaned) > NAME_MAX:
         errors.add("name", f"The name must be at most {NAME_MAX} characters long.")
     elif has_control_characters(cleaned):
         errors.add("name", "The name must not contain control characters or line breaks.")
+    elif has_direction_controls(cleaned):
+        # Names are shown to other projects' admins (copyable webhooks): no disguises.
+        errors.add(
+            "name",
+            "The name must not contain characters that change the direction of text "
+            "(such as U+202E).",
+        )
     return cleaned
 
 
@@ -80,14 +91,23 @@ def check_secret(secret: str, errors: ErrorCollector) -> str:
             "The secret must not contain whitespace at its ends, line breaks or control "
             "characters.",
         )
-    elif secret.startswith(STANDARD_PREFIX) and decoded_standard_key(secret) is None:
-        # Standard Webhooks libraries decode what follows the prefix; they could never
-        # verify a signature made with such a secret.
-        errors.add(
-            "secret",
-            f"A secret that starts with {STANDARD_PREFIX} must continue with the base64 of "
-            "its key, as Standard Webhooks libraries expect.",
-        )
+    elif secret.startswith(STANDARD_PREFIX):
+        key = decoded_standard_key(secret)
+        if key is None:
+            # Standard Webhooks libraries decode what follows the prefix; they could never
+            # verify a signature made with such a secret.
+            errors.add(
+                "secret",
+                f"A secret that starts with {STANDARD_PREFIX} must continue with the base64 "
+                "of its key, as Standard Webhooks libraries expect.",
+            )
+        elif len(key) < SECRET_MIN:
+            # The key is what signs: whsec_QUJD passes the length check but is 3 bytes.
+            errors.add(
+                "secret",
+                f"The key of a {STANDARD_PREFIX} secret must be at least {SECRET_MIN} bytes "
+                f"long once decoded; this one is {len(key)}.",
+            )
     return secret
 
 

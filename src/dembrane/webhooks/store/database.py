@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -124,6 +125,7 @@ class Database:
             database = parsed.database or ""
             if database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
+                _create_private(database)
             self.engine: Engine = create_engine(
                 self.url,
                 poolclass=QueuePool,
@@ -246,6 +248,14 @@ class Database:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self.engine.dispose()
+
+
+def _create_private(path: str) -> None:
+    """Create the SQLite file readable by its owner only (it holds every signing secret);
+    SQLite gives its journal files the database's mode. An existing file keeps its mode, and
+    a path that cannot be created is left for SQLite to report."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
 def _sqlite_pragmas(synchronous: str, dbapi_connection: Any, _record: Any) -> None:
