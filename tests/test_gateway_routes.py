@@ -136,6 +136,16 @@ def test_openapi_describes_every_route() -> None:
         assert "#/components/" not in text
 
 
+def test_openapi_documents_body_errors_where_a_body_is_read() -> None:
+    """Routes that read a body document 413 (too large) and 415 (unsupported encoding); the
+    others document neither."""
+    document = build_openapi(ROUTES)
+    for route in ROUTES:
+        responses = document["paths"][route.path][route.http_method.lower()]["responses"]
+        reads_body = route.body == "*"
+        assert ("413" in responses, "415" in responses) == (reads_body, reads_body), route.rpc_name
+
+
 # The document is valid JSON Schema wherever it holds a schema, and the Webhook schema
 # accepts what the mapping renders.
 def test_openapi_schemas_accept_rendered_messages() -> None:

@@ -8,6 +8,9 @@ depending on the real service's rules. ``test_gateway_e2e.py`` runs against the 
 
 from __future__ import annotations
 
+import gzip
+import logging
+import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -544,6 +547,111 @@ async def test_large_bodies_are_413(stack: Stack) -> None:
             "reason": "PAYLOAD_TOO_LARGE",
         }
     assert stack.service.calls == []
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+def _errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_compressed_bodies_are_decoded(stack: Stack) -> None:
+    """Bodies in gzip (one member or several), deflate (zlib or raw) or identity reach the RPC
+    decoded."""
+    body = b'{"name": "Hook", "url": "https://example.com/hook", "events": ["a"]}'
+    half = len(body) // 2
+    encoded = [
+        ("gzip", gzip.compress(body)),
+        ("GZIP", gzip.compress(body[:half]) + gzip.compress(body[half:])),
+        ("deflate", zlib.compress(body)),
+        ("deflate", _raw_deflate(body)),
+        ("identity", body),
+    ]
+    for coding, data in encoded:
+        async with stack.http.post(
+            f"{stack.url}/api/projects/p1/webhooks",
+            data=data,
+            headers={"Content-Encoding": coding, "Content-Type": "application/json"},
+        ) as reply:
+            assert reply.status == 201, (coding, await reply.text())
+    requests = [call.request for call in stack.service.calls]
+    assert [(r.name, r.url, list(r.events)) for r in requests] == [
+        ("Hook", "https://example.com/hook", ["a"])
+    ] * len(encoded)
+
+
+@pytest.mark.parametrize(
+    ("coding", "data"),
+    [
+        ("gzip", b"notgzip"),
+        ("gzip", gzip.compress(b'{"name": "Hook"}', mtime=0)[:-6]),
+        ("deflate", b"notdeflate"),
+    ],
+    ids=["not-gzip", "truncated-gzip", "not-deflate"],
+)
+async def test_undecodable_bodies_are_400(
+    stack: Stack, caplog: pytest.LogCaptureFixture, coding: str, data: bytes
+) -> None:
+    """A body that is not what its Content-Encoding says is a 400 naming the encoding, and
+    nothing is logged as an error."""
+    caplog.set_level("WARNING")
+    async with stack.http.post(
+        f"{stack.url}/api/projects/p1/webhooks",
+        data=data,
+        headers={"Content-Encoding": coding, "Content-Type": "application/json"},
+    ) as reply:
+        assert reply.status == 400
+        assert await reply.json() == {
+            "detail": f"The request body could not be decoded as its Content-Encoding ({coding}) "
+            "says.",
+            "reason": "INVALID_ARGUMENT",
+        }
+    assert stack.service.calls == []
+    assert _errors_logged(caplog) == []
+
+
+async def test_compressed_bodies_are_limited_when_decoded(stack: Stack) -> None:
+    """A compressed body is refused with 413 once it decodes to more than 1 MiB, and taken up
+    to exactly 1 MiB."""
+    url = f"{stack.url}/api/projects/p1/webhooks"
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    exact = b'{"name": "' + b"x" * (1024 * 1024 - 12) + b'"}'
+    assert len(exact) == 1024 * 1024
+    async with stack.http.post(url, data=gzip.compress(exact), headers=headers) as reply:
+        assert reply.status == 201, await reply.text()
+    for decoded in (exact[:-2] + b'x"}', b" " * (64 * 1024 * 1024)):
+        async with stack.http.post(url, data=gzip.compress(decoded), headers=headers) as reply:
+            assert reply.status == 413
+            assert await reply.json() == {
+                "detail": "Request body is larger than 1 MiB.",
+                "reason": "PAYLOAD_TOO_LARGE",
+            }
+    assert len(stack.service.calls) == 1
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "compress", "gzip, br"])
+async def test_unsupported_encodings_are_415(
+    stack: Stack, caplog: pytest.LogCaptureFixture, coding: str
+) -> None:
+    """A body in an encoding the gateway does not take is a JSON 415 naming the ones it takes,
+    and nothing is logged as an error."""
+    caplog.set_level("WARNING")
+    async with stack.http.post(
+        f"{stack.url}/api/projects/p1/webhooks",
+        data=b'{"name": "Hook"}',
+        headers={"Content-Encoding": coding, "Content-Type": "application/json"},
+    ) as reply:
+        assert reply.status == 415
+        assert reply.headers["Accept-Encoding"] == "gzip, deflate, identity"
+        assert await reply.json() == {
+            "detail": "The request body's Content-Encoding must be gzip, deflate or identity.",
+            "reason": "UNSUPPORTED_MEDIA_TYPE",
+        }
+    assert stack.service.calls == []
+    assert _errors_logged(caplog) == []
 
 
 # Unknown paths and wrong methods answer JSON too, never an HTML page.

@@ -12,12 +12,13 @@ import asyncio
 import json
 import logging
 import traceback
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 from google.protobuf import message_factory
 from google.protobuf.message import Message
@@ -56,6 +57,15 @@ _log = logging.getLogger(__name__)
 #: The largest request body the gateway reads; anything bigger is answered with 413.
 MAX_BODY_BYTES = 1024 * 1024
 _BODY_TOO_LARGE = "Request body is larger than 1 MiB."
+
+# The content codings a request body may have beside identity, with their zlib window bits.
+_BODY_CODINGS: dict[str, int] = {
+    "gzip": 16 + zlib.MAX_WBITS,
+    "x-gzip": 16 + zlib.MAX_WBITS,
+    "deflate": zlib.MAX_WBITS,
+}
+_UNSUPPORTED_CODING = "The request body's Content-Encoding must be gzip, deflate or identity."
+_ACCEPT_ENCODING = {"Accept-Encoding": "gzip, deflate, identity"}
 
 # The Test action waits for the receiver (30 s by default) before it answers.
 DEFAULT_RPC_TIMEOUT = 60.0
@@ -147,7 +157,13 @@ def create_app(
     middlewares: list[Middleware] = [_error_middleware]
     if cors_origins:
         middlewares.insert(0, _cors_middleware(cors_origins))
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=middlewares,
+        # Bodies are decoded by _read_body, which answers a bad or unknown encoding itself;
+        # aiohttp's decoder would fail before the handler with a plain-text 400 or a 500.
+        handler_args={"auto_decompress": False},
+    )
     app[_UPSTREAM] = _Upstream(target=grpc_target, timeout=rpc_timeout, channel=channel)
     app[_DOCUMENT] = json.dumps(build_openapi(ROUTES), indent=2).encode()
     app.cleanup_ctx.append(_upstream_context)
@@ -213,7 +229,7 @@ def _route_handler(route: Route) -> Handler:
         for name in route.path_parameters:
             set_path_parameter(message, name, request.match_info[name])
         if route.body == "*":
-            body = parse_body(await request.read())
+            body = parse_body(await _read_body(request))
             given = set_from_json(message, body, skip=skip)
             if has_mask:
                 # The keys present in a PATCH body are the fields to change.
@@ -231,6 +247,43 @@ def _route_handler(route: Route) -> Handler:
 
     handle.__name__ = route.rpc_name
     return handle
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The request body, decoded as its Content-Encoding says.
+
+    Both the body as sent and the decoded body are limited to ``MAX_BODY_BYTES``.
+    """
+    header = ",".join(request.headers.getall(hdrs.CONTENT_ENCODING, ()))
+    codings = [coding.strip().lower() for coding in header.split(",")]
+    codings = [coding for coding in codings if coding not in ("", "identity")]
+    if any(coding not in _BODY_CODINGS for coding in codings):
+        raise RestError(415, _UNSUPPORTED_CODING)
+    body = await request.read()
+    for coding in reversed(codings):  # the coding applied last is undone first
+        body = _decode(body, coding)
+    return body
+
+
+def _decode(data: bytes, coding: str) -> bytes:
+    """``data`` decoded from one content coding; 413 once the output passes the limit."""
+    undecodable = f"The request body could not be decoded as its Content-Encoding ({coding}) says."
+    decoded = bytearray()
+    while data:  # a gzip body may hold several members, one after the other
+        wbits = _BODY_CODINGS[coding]
+        if coding == "deflate" and data[0] & 0x0F != 8:
+            wbits = -wbits  # deflate without the zlib header, as some clients send it
+        decoder = zlib.decompressobj(wbits)
+        try:
+            decoded += decoder.decompress(data, MAX_BODY_BYTES + 1 - len(decoded))
+        except zlib.error:
+            raise RestError(400, undecodable) from None
+        if len(decoded) > MAX_BODY_BYTES:
+            raise RestError(413, _BODY_TOO_LARGE)
+        if not decoder.eof:  # the data stopped before the end of the stream
+            raise RestError(400, undecodable)
+        data = decoder.unused_data
+    return bytes(decoded)
 
 
 def _names_a_page(request: web.Request) -> bool:
@@ -338,7 +391,9 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except RestError as error:
-        return _error_response(local_answer(error.status, error.detail))
+        # RFC 7694: a 415 for a content coding says which codings the gateway takes.
+        headers = _ACCEPT_ENCODING if error.status == 415 else None
+        return _error_response(local_answer(error.status, error.detail), headers=headers)
     except web.HTTPRequestEntityTooLarge:
         return _error_response(local_answer(413, _BODY_TOO_LARGE))
     except web.HTTPMethodNotAllowed as error:

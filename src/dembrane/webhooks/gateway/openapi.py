@@ -26,6 +26,7 @@ PAGE_TOKEN_HEADER = "X-Next-Page-Token"  # noqa: S105
 _ERROR_STATUSES: dict[int, str] = {
     400: "A field has a value the service does not accept.",
     413: "The request body is larger than 1 MiB.",
+    415: "The request body's Content-Encoding is not gzip, deflate or identity.",
     401: "The bearer token is missing, invalid or expired.",
     403: "The workspace's tier or the caller's role does not allow this.",
     404: "The project or the webhook does not exist, or the caller may not see it.",
@@ -174,10 +175,10 @@ class _DocumentBuilder:
                 }
             }
         responses[str(route.success_status)] = success
-        # Only routes that read a body can meet one that is too large.
-        statuses = set(_ERROR_STATUSES) - {413}
+        # Only routes that read a body can meet one that is too large or encoded otherwise.
+        statuses = set(_ERROR_STATUSES) - {413, 415}
         if route.body == "*":
-            statuses.add(413)
+            statuses |= {413, 415}
         for status in sorted(statuses):
             responses[str(status)] = {"$ref": f"#/components/responses/Error{status}"}
         return responses
