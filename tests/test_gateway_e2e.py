@@ -569,7 +569,7 @@ async def test_webhook_of_another_project_is_404(
         ({"url": "not a url"}, "url"),
         ({"name": ""}, "name"),
         ({"secret": "short"}, "secret"),
-        ({"status": "paused"}, None),
+        ({"status": "paused"}, "status"),
     ],
 )
 async def test_bad_fields_are_400(

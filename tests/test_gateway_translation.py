@@ -342,9 +342,11 @@ async def test_unknown_status_is_400(stack: Stack) -> None:
         f"{stack.url}/api/projects/p1/webhooks/wh_1", json={"status": "paused"}
     ) as reply:
         assert reply.status == 400
+        detail = "The status field must be one of published, draft, archived, disabled."
         assert await reply.json() == {
-            "detail": "The status field must be one of published, draft, archived, disabled.",
+            "detail": detail,
             "reason": "INVALID_ARGUMENT",
+            "field_violations": [{"field": "status", "description": detail}],
         }
     async with stack.http.get(
         f"{stack.url}/api/projects/p1/webhooks/wh_1/deliveries", params={"status": "late"}
@@ -357,6 +359,94 @@ async def test_unknown_status_is_400(stack: Stack) -> None:
         assert await reply.json() == {
             "detail": "The page_size parameter must be an integer.",
             "reason": "INVALID_ARGUMENT",
+        }
+    assert stack.service.calls == []
+
+
+_WEBHOOK_STATUSES = "published, draft, archived, disabled"
+_INT32 = "between -2147483648 and 2147483647"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "request_kwargs", "field_name", "detail"),
+    [
+        (
+            "POST",
+            "",
+            {"json": {"name": "n", "url": "https://x.test", "events": ["a"], "status": "bogus"}},
+            "status",
+            f"The status field must be one of {_WEBHOOK_STATUSES}.",
+        ),
+        (
+            "PATCH",
+            "/wh_1",
+            {"json": {"status": "bogus"}},
+            "status",
+            f"The status field must be one of {_WEBHOOK_STATUSES}.",
+        ),
+        (
+            "GET",
+            "",
+            {"params": {"page_size": "99999999999"}},
+            "page_size",
+            f"The page_size parameter must be {_INT32}.",
+        ),
+        (
+            "GET",
+            "/wh_1/deliveries",
+            {"params": {"status": "late"}},
+            "status",
+            "The status parameter must be one of pending, succeeded, failed, skipped.",
+        ),
+        (
+            "GET",
+            "/wh_1/deliveries",
+            {"params": {"page_size": "-99999999999"}},
+            "page_size",
+            f"The page_size parameter must be {_INT32}.",
+        ),
+        (
+            "POST",
+            "/wh_1/secret/rotate",
+            {"json": {"grace_period_seconds": 1_000_000_000_000}},
+            "grace_period_seconds",
+            "The grace_period_seconds field is out of range.",
+        ),
+        (
+            "POST",
+            "/wh_1/recover",
+            {"json": {"start_time": "2026-11-28T12:00:00Z", "end_time": "9999-12-31T23:00-01:00"}},
+            "end_time",
+            "The end_time field is out of range.",
+        ),
+    ],
+    ids=[
+        "create-status",
+        "update-status",
+        "webhooks-page-size",
+        "deliveries-status",
+        "deliveries-page-size",
+        "rotate-grace-period",
+        "recover-end-time",
+    ],
+)
+async def test_values_the_gateway_refuses_name_their_field(
+    stack: Stack,
+    method: str,
+    path: str,
+    request_kwargs: dict[str, Any],
+    field_name: str,
+    detail: str,
+) -> None:
+    """A well-typed value the gateway cannot map (an unknown enum name, an integer or a time
+    out of range) is a 400 whose field violation names the REST key the caller sent."""
+    url = f"{stack.url}/api/projects/p1/webhooks{path}"
+    async with stack.http.request(method, url, **request_kwargs) as reply:
+        assert reply.status == 400
+        assert await reply.json() == {
+            "detail": detail,
+            "reason": "INVALID_ARGUMENT",
+            "field_violations": [{"field": field_name, "description": detail}],
         }
     assert stack.service.calls == []
 

@@ -393,7 +393,8 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
     except RestError as error:
         # RFC 7694: a 415 for a content coding says which codings the gateway takes.
         headers = _ACCEPT_ENCODING if error.status == 415 else None
-        return _error_response(local_answer(error.status, error.detail), headers=headers)
+        answer = local_answer(error.status, error.detail, error.field_name)
+        return _error_response(answer, headers=headers)
     except web.HTTPRequestEntityTooLarge:
         return _error_response(local_answer(413, _BODY_TOO_LARGE))
     except web.HTTPMethodNotAllowed as error:

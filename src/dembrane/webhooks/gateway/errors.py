@@ -60,13 +60,15 @@ class RestError(Exception):
     """An HTTP error the gateway answers on its own, without calling the server.
 
     Raised while reading a request (malformed JSON, wrong JSON types, an unknown enum value)
-    and turned into ``{"detail": ...}`` with ``status`` by the application.
+    and turned into ``{"detail": ...}`` with ``status`` by the application; ``field_name``, the
+    REST key of a value the gateway refuses, becomes the answer's field violation.
     """
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, field_name: str | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.field_name = field_name
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,11 @@ _LOCAL_REASONS: dict[int, str] = {
 }
 
 
-def local_answer(status: int, detail: str) -> ErrorAnswer:
-    """The answer to a request the gateway refuses itself, with the reason for its status."""
-    return ErrorAnswer(status, detail, _LOCAL_REASONS.get(status))
+def local_answer(status: int, detail: str, field_name: str | None = None) -> ErrorAnswer:
+    """The answer to a request the gateway refuses itself, with the reason for its status and,
+    when one field is to blame, that field as a violation described by ``detail``."""
+    violations = ((field_name, detail),) if field_name else ()
+    return ErrorAnswer(status, detail, _LOCAL_REASONS.get(status), violations)
 
 
 def answer_for_rpc_error(error: grpc.aio.AioRpcError) -> ErrorAnswer:

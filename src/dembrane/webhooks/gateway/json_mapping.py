@@ -268,7 +268,8 @@ def set_from_json(message: Message, body: Mapping[str, Any], *, skip: frozenset[
 
     Keys the message does not know are ignored, and so is ``null``: it means "not given".
     Wrong JSON types raise :class:`RestError` 422; well-typed but impossible values (an
-    unknown status name) raise 400, as the server does for the fields it checks.
+    unknown status name) raise 400 naming the field, as the server does for the fields it
+    checks.
     """
     given: list[str] = []
     for field in rest_fields(message.DESCRIPTOR):
@@ -311,7 +312,7 @@ def set_from_query(message: Message, query: Mapping[str, str], *, skip: frozense
             case FieldKind.INTEGER:
                 if not re.fullmatch(r"-?[0-9]{1,12}", raw.strip()):
                     raise RestError(422, f"{label} must be an integer.")
-                value = _int32(label, int(raw))
+                value = _int32(field.name, label, int(raw))
             case FieldKind.BOOLEAN:
                 if raw.lower() not in ("true", "false"):
                     raise RestError(422, f"{label} must be true or false.")
@@ -321,7 +322,7 @@ def set_from_query(message: Message, query: Mapping[str, str], *, skip: frozense
                     continue  # an empty filter means "any", like the unspecified value
                 value = _enum_number(field, raw, label)
             case FieldKind.TIMESTAMP:
-                getattr(message, field.proto_name).CopyFrom(_timestamp(label, raw))
+                getattr(message, field.proto_name).CopyFrom(_timestamp(field.name, label, raw))
                 continue
             case _:
                 continue  # only scalars travel in query strings
@@ -341,7 +342,7 @@ def _json_to_value(field: RestField, value: Any, label: str) -> Any:
         case FieldKind.INTEGER:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise RestError(422, f"{label} must be an integer.")
-            return _int32(label, value)
+            return _int32(field.name, label, value)
         case FieldKind.NUMBER:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise RestError(422, f"{label} must be a number.")
@@ -353,9 +354,9 @@ def _json_to_value(field: RestField, value: Any, label: str) -> Any:
         case FieldKind.TIMESTAMP:
             if not isinstance(value, str):
                 raise RestError(422, f"{label} must be an ISO 8601 date-time string.")
-            return _timestamp(label, value)
+            return _timestamp(field.name, label, value)
         case FieldKind.DURATION_SECONDS:
-            return _duration_seconds(label, value)
+            return _duration_seconds(field.name, label, value)
         case _:
             # Request messages carry no other kinds today; failing loudly beats guessing.
             raise RestError(422, f"{label} cannot be set through the REST API.")
@@ -370,10 +371,10 @@ def _text(label: str, value: str) -> str:
     return value
 
 
-def _int32(label: str, value: int) -> int:
+def _int32(name: str, label: str, value: int) -> int:
     low, high = _INT32_RANGE
     if not low <= value <= high:
-        raise RestError(400, f"{label} must be between {low} and {high}.")
+        raise RestError(400, f"{label} must be between {low} and {high}.", name)
     return value
 
 
@@ -382,11 +383,11 @@ def _enum_number(field: RestField, value: str, label: str) -> int:
     number = values.get(value)
     if number is None:
         choices = ", ".join(values)
-        raise RestError(400, f"{label} must be one of {choices}.")
+        raise RestError(400, f"{label} must be one of {choices}.", field.name)
     return number
 
 
-def _timestamp(label: str, value: str) -> Timestamp:
+def _timestamp(name: str, label: str, value: str) -> Timestamp:
     # RFC 3339 allows a lowercase "t" and "z"; datetime.fromisoformat does not.
     text = value.strip().upper()
     try:
@@ -398,17 +399,17 @@ def _timestamp(label: str, value: str) -> Timestamp:
     try:
         moment = moment.astimezone(UTC)
     except OverflowError:
-        raise RestError(400, f"{label} is out of range.") from None
+        raise RestError(400, f"{label} is out of range.", name) from None
     stamp = Timestamp()
     stamp.FromDatetime(moment)
     return stamp
 
 
-def _duration_seconds(label: str, value: Any) -> Duration:
+def _duration_seconds(name: str, label: str, value: Any) -> Duration:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RestError(422, f"{label} must be a number of seconds.")
     if not math.isfinite(value) or abs(value) > _MAX_DURATION_SECONDS:
-        raise RestError(400, f"{label} is out of range.")
+        raise RestError(400, f"{label} is out of range.", name)
     duration = Duration()
     duration.FromTimedelta(timedelta(seconds=value))
     return duration
