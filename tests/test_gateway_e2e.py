@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import jsonschema_rs
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from dembrane.webhooks.auth import SCOPE_PUBLISH
 from dembrane.webhooks.config import Settings
@@ -26,6 +28,7 @@ from dembrane.webhooks.gateway.routes import ROUTES, Route
 from dembrane.webhooks.service import Service
 from dembrane.webhooks.v1 import event_pb2
 from dembrane.webhooks.v1 import event_service_pb2 as epb
+from dembrane.webhooks.v1 import webhook_service_pb2 as spb
 
 from harness import Stubs, Tokens, World, make_settings
 from receiver import Receiver, Reply, unused_port
@@ -589,6 +592,35 @@ async def test_bad_fields_are_400(
     assert detail.endswith("."), detail
     if field_name is not None:
         assert field_name in {v["field"] for v in answer.body["field_violations"]}
+
+
+async def test_server_violations_name_the_field_each_caller_sent(
+    rest: Rest, tokens: Tokens, world: World, receiver: Receiver, stubs: Stubs
+) -> None:
+    """A field the server refuses is named by its REST key over REST (grace_period_seconds)
+    and by its proto name over gRPC (grace_period)."""
+    admin = tokens.user(world.admin)
+    hook = (await _create(rest, admin, world.paid_project, receiver.url)).body
+    answer = await rest.call(
+        "RotateWebhookSecret",
+        admin,
+        body={"grace_period_seconds": -5},
+        project_id=world.paid_project,
+        webhook_id=hook["id"],
+    )
+    assert answer.status == 400, answer.body
+    assert [v["field"] for v in answer.body["field_violations"]] == ["grace_period_seconds"]
+
+    request = spb.RotateWebhookSecretRequest(project_id=world.paid_project, webhook_id=hook["id"])
+    request.grace_period.FromSeconds(-5)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stubs.webhooks.RotateWebhookSecret(request, metadata=tokens.bearer(admin))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    trailer = dict(caught.value.trailing_metadata() or ())["grpc-status-details-bin"]
+    status = status_pb2.Status.FromString(trailer)
+    bad_request = error_details_pb2.BadRequest()
+    assert any(detail.Unpack(bad_request) for detail in status.details)
+    assert [v.field for v in bad_request.field_violations] == ["grace_period"]
 
 
 # Row 7: a malformed body or wrong JSON types is 422, on every route that takes a body.

@@ -17,6 +17,7 @@ from dembrane.webhooks.gateway.json_mapping import (
     format_timestamp,
     message_to_json,
     parse_body,
+    rest_field_path,
     set_from_json,
     set_from_query,
 )
@@ -287,6 +288,19 @@ def test_a_fields_grpc_name_is_refused_where_rest_names_it_otherwise() -> None:
         assert caught.value.detail == (
             "Unknown field grace_period; did you mean grace_period_seconds?"
         )
+
+
+def test_field_paths_get_their_rest_names() -> None:
+    """Proto field paths become REST keys segment by segment through nested messages, and a
+    segment the message lacks ends the renaming."""
+    rotate = spb.RotateWebhookSecretRequest.DESCRIPTOR
+    assert rest_field_path(rotate, "grace_period") == "grace_period_seconds"
+    assert rest_field_path(rotate, "secret") == "secret"
+    assert rest_field_path(rotate, "unknown") == "unknown"
+    delivery = wpb.Delivery.DESCRIPTOR
+    assert rest_field_path(delivery, "attempts.attempt_time") == "attempts.attempted_at"
+    assert rest_field_path(delivery, "create_time") == "date_created"
+    assert rest_field_path(delivery, "nothing.create_time") == "nothing.create_time"
 
 
 # Query parameters fill scalars: integers, enum filters and strings.

@@ -306,6 +306,40 @@ async def test_status_codes_become_http_errors(
         assert await reply.json() == body
 
 
+async def test_server_violations_use_the_rest_names(stack: Stack) -> None:
+    """The server's field violations reach REST callers under the keys they sent: a proto name
+    the REST API renames (grace_period) becomes its REST key, other paths pass unchanged."""
+    violations = [
+        ("grace_period", "The grace period must be between 0 and 7 days."),
+        ("secret", "The secret is too short."),
+        ("no_such_field.x", "Odd."),
+    ]
+    stack.service.errors["RotateWebhookSecret"] = (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "The grace period must be between 0 and 7 days.",
+        [
+            _info("INVALID_ARGUMENT"),
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=name, description=text)
+                    for name, text in violations
+                ]
+            ),
+        ],
+    )
+    async with stack.http.post(
+        f"{stack.url}/api/projects/p1/webhooks/wh_1/secret/rotate",
+        json={"grace_period_seconds": -5},
+    ) as reply:
+        assert reply.status == 400
+        body = await reply.json()
+    assert [(v["field"], v["description"]) for v in body["field_violations"]] == [
+        ("grace_period_seconds", "The grace period must be between 0 and 7 days."),
+        ("secret", "The secret is too short."),
+        ("no_such_field.x", "Odd."),
+    ]
+
+
 # Bodies of the wrong JSON types are refused with 422 and reason INVALID_ARGUMENT before any
 # RPC is made.
 @pytest.mark.parametrize(

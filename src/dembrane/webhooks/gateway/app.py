@@ -9,6 +9,7 @@ its own, so it could be replaced by any gRPC-JSON transcoder that honours the sa
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import traceback
@@ -35,6 +36,7 @@ from dembrane.webhooks.gateway.json_mapping import (
     FieldKind,
     message_to_json,
     parse_body,
+    rest_field_path,
     rest_fields,
     set_from_json,
     set_from_query,
@@ -223,6 +225,8 @@ def _route_handler(route: Route) -> Handler:
     skip = frozenset(route.path_parameters)
     mask_names = {f.name: f.proto_name for f in rest_fields(route.input_type)}
     has_mask = _MASK_FIELD in route.input_type.fields_by_name
+    # The server names the fields of its violations in proto names; REST callers sent others.
+    rest_name = functools.partial(rest_field_path, route.input_type)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         message = request_class()
@@ -242,7 +246,7 @@ def _route_handler(route: Route) -> Handler:
             if route.whole_unless_paged and not _names_a_page(request):
                 answer = await _remaining_pages(upstream, route, message, answer, authorization)
         except grpc.aio.AioRpcError as error:
-            return _error_response(answer_for_rpc_error(error))
+            return _error_response(answer_for_rpc_error(error, rest_name))
         return _render(route, answer)
 
     handle.__name__ = route.rpc_name

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,10 +113,18 @@ def local_answer(status: int, detail: str, field_name: str | None = None) -> Err
     return ErrorAnswer(status, detail, _LOCAL_REASONS.get(status), violations)
 
 
-def answer_for_rpc_error(error: grpc.aio.AioRpcError) -> ErrorAnswer:
-    """The HTTP answer for a failed call, following the error table of the contract."""
+def answer_for_rpc_error(
+    error: grpc.aio.AioRpcError, rest_name: Callable[[str], str] | None = None
+) -> ErrorAnswer:
+    """The HTTP answer for a failed call, following the error table of the contract.
+
+    ``rest_name`` turns the field of each BadRequest violation, a path in the request's proto
+    field names, into the REST key the caller sent.
+    """
     code = error.code()
     reason, violations = _status_details(error.trailing_metadata())
+    if rest_name is not None:
+        violations = tuple((rest_name(name), description) for name, description in violations)
     if code in _CALLER_FACING:
         status = _CALLER_FACING[code]
         # Every 401 carries the same sentence, so a caller cannot tell a missing token from a

@@ -43,6 +43,7 @@ __all__ = [
     "format_timestamp",
     "message_to_json",
     "parse_body",
+    "rest_field_path",
     "rest_fields",
     "set_from_json",
     "set_from_query",
@@ -131,6 +132,21 @@ _SCALAR_KINDS: dict[int, FieldKind] = {
 def rest_fields(descriptor: Descriptor) -> tuple[RestField, ...]:
     """The REST view of a message type's fields, in declaration order."""
     return tuple(_rest_field(field) for field in descriptor.fields)
+
+
+def rest_field_path(descriptor: Descriptor, path: str) -> str:
+    """A field path of ``descriptor`` in proto names, as the REST API names it.
+
+    ``grace_period`` is ``grace_period_seconds``; the segments of a dotted path are renamed
+    through the nested messages, and from a segment the message lacks on, the path is kept.
+    """
+    head, dot, rest = path.partition(".")
+    field = next((f for f in rest_fields(descriptor) if f.proto_name == head), None)
+    if field is None:
+        return path
+    if dot and field.kind is FieldKind.MESSAGE:
+        return f"{field.name}.{rest_field_path(field.message_type, rest)}"
+    return field.name + dot + rest
 
 
 def _rest_field(field: FieldDescriptor) -> RestField:
