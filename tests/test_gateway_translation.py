@@ -427,6 +427,20 @@ _INT32 = "between -2147483648 and 2147483647"
         ),
         (
             "GET",
+            "",
+            {"params": {"page_size": "9999999999999"}},
+            "page_size",
+            f"The page_size parameter must be {_INT32}.",
+        ),
+        (
+            "GET",
+            "",
+            {"params": {"page_size": "-" + "9" * 5000}},
+            "page_size",
+            f"The page_size parameter must be {_INT32}.",
+        ),
+        (
+            "GET",
             "/wh_1/deliveries",
             {"params": {"status": "late"}},
             "status",
@@ -458,6 +472,8 @@ _INT32 = "between -2147483648 and 2147483647"
         "create-status",
         "update-status",
         "webhooks-page-size",
+        "webhooks-page-size-13-digits",
+        "webhooks-page-size-5000-digits",
         "deliveries-status",
         "deliveries-page-size",
         "rotate-grace-period",
@@ -483,6 +499,15 @@ async def test_values_the_gateway_refuses_name_their_field(
             "field_violations": [{"field": field_name, "description": detail}],
         }
     assert stack.service.calls == []
+
+
+async def test_integer_parameters_may_have_leading_zeros(stack: Stack) -> None:
+    """An integer query parameter is read by its value, however many leading zeros it has."""
+    async with stack.http.get(
+        f"{stack.url}/api/projects/p1/webhooks", params={"page_size": "0000000000000000025"}
+    ) as reply:
+        assert reply.status == 200, await reply.text()
+    assert stack.last("ListWebhooks").request.page_size == 25
 
 
 # The keys present in a PATCH body are exactly the update mask; null means "not given".

@@ -326,9 +326,13 @@ def set_from_query(message: Message, query: Mapping[str, str], *, skip: frozense
             case FieldKind.STRING:
                 value = _text(label, raw)
             case FieldKind.INTEGER:
-                if not re.fullmatch(r"-?[0-9]{1,12}", raw.strip()):
+                text = raw.strip()
+                if not re.fullmatch(r"-?[0-9]+", text):
                     raise RestError(422, f"{label} must be an integer.")
-                value = _int32(field.name, label, int(raw))
+                # Past ten digits (leading zeros aside) no int32 is left, so a number of any
+                # length is out of range without int() having to read all of it.
+                big = len(text.lstrip("-").lstrip("0")) > 10
+                value = _int32(field.name, label, _INT32_RANGE[1] + 1 if big else int(text))
             case FieldKind.BOOLEAN:
                 if raw.lower() not in ("true", "false"):
                     raise RestError(422, f"{label} must be true or false.")
