@@ -108,11 +108,13 @@ def test_a_lease_must_outlast_a_request(lease: str, timeout: str | None, ok: boo
             Settings.from_env(env)
 
 
-def test_a_lower_bound_alone_is_worded_without_an_upper_one() -> None:
-    """A value below a minimum with no maximum says 'at least', never 'between 0.001 and None'."""
+def test_a_value_out_of_range_names_both_bounds_as_written() -> None:
+    """A number outside its range is refused with both bounds, each as people write it."""
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({"WEBHOOKS_CONNECT_TIMEOUT": "0"})
-    assert str(caught.value) == "WEBHOOKS_CONNECT_TIMEOUT must be at least 0.001, not '0'."
+    assert str(caught.value) == (
+        "WEBHOOKS_CONNECT_TIMEOUT must be between 0.001 and 3600, not '0'."
+    )
 
 
 def test_a_database_url_with_a_password_is_not_echoed() -> None:
@@ -188,11 +190,108 @@ def test_a_number_setting_refuses_nan_and_infinity(raw: str) -> None:
     assert str(caught.value) == f"WEBHOOKS_REQUEST_TIMEOUT must be a number, not {raw!r}."
 
 
-def test_a_range_names_its_bounds_as_written() -> None:
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("WEBHOOKS_MAX_EVENT_BYTES", "999999999999"),
+        ("WEBHOOKS_MAX_EVENT_BYTES", "nan"),
+        ("WEBHOOKS_GRPC_PORT", "1e3"),
+        ("WEBHOOKS_GRPC_PORT", "nan"),
+        ("WEBHOOKS_MAX_CONCURRENCY", "inf"),
+        ("WEBHOOKS_PER_WEBHOOK_CONCURRENCY", "1.5"),
+        ("WEBHOOKS_MAX_WEBHOOKS_PER_PROJECT", "-1"),
+    ],
+)
+def test_whole_number_settings_take_digits_only(name: str, raw: str) -> None:
+    """Counts, sizes and ports are whole numbers written as digits, within their range: 1e3
+    is not a port and 1.5 requests are not cut to one."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({name: raw})
+    assert str(caught.value).startswith(f"{name} must be a whole number from ")
+    assert repr(raw) in str(caught.value)
+
+
+def test_a_whole_number_range_names_its_bounds_as_written() -> None:
     """Whole-number bounds read as whole numbers, not in scientific notation."""
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({"WEBHOOKS_MAX_EVENT_BYTES": "999999999999"})
-    assert "between 4096 and 33554432" in str(caught.value)
+    assert "from 4096 to 33554432" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [("1e300", "over 2592000 seconds"), ("5,inf", "must list delays"), ("nan", "must list")],
+)
+def test_a_retry_delay_must_be_finite_and_at_most_30_days(raw: str, fragment: str) -> None:
+    """A delay of inf, nan or beyond 30 days would overflow the due time of a retry."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"WEBHOOKS_RETRY_SCHEDULE": raw})
+    assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite:///:memory:", "sqlite://", "sqlite:///file:x?mode=memory&uri=true"],
+)
+def test_an_in_memory_database_is_refused(url: str) -> None:
+    """An in-memory SQLite database would lose every acknowledged event at exit."""
+    with pytest.raises(ConfigError, match="in-memory database loses every event"):
+        Settings.from_env({"WEBHOOKS_DATABASE_URL": url})
+
+
+def test_a_database_url_whose_port_is_no_number_is_a_sentence() -> None:
+    """A PostgreSQL URL with a port that is no number stops start-up with a sentence naming
+    the variable, and without the URL (it may hold a password)."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"WEBHOOKS_DATABASE_URL": "postgresql://u:pw@h:notaport/db"})
+    assert str(caught.value).startswith("WEBHOOKS_DATABASE_URL is not a URL the service")
+    assert "pw" not in str(caught.value)
+
+
+def test_a_misspelt_variable_is_warned_about_with_a_guess() -> None:
+    """A WEBHOOKS_ variable no setting reads is named in a warning, with the setting it most
+    resembles; the test suite's own WEBHOOKS_TEST_ variables are not."""
+    settings = Settings.from_env(
+        {
+            "WEBHOOKS_RETRY_SHEDULE": "1,2",
+            "WEBHOOKS_COLOUR": "blue",
+            "WEBHOOKS_TEST_BACKEND": "postgres",
+            "HOME": "/root",
+        }
+    )
+    assert settings.unknown_variables == ("WEBHOOKS_COLOUR", "WEBHOOKS_RETRY_SHEDULE")
+    warnings = settings.warnings(serving=False)
+    assert warnings == [
+        "WEBHOOKS_COLOUR is not a setting of this service and is ignored",
+        "WEBHOOKS_RETRY_SHEDULE is not a setting of this service and is ignored; "
+        "did you mean WEBHOOKS_RETRY_SCHEDULE?",
+    ]
+
+
+def test_risky_settings_are_warned_about() -> None:
+    """The README's development secret and allowed targets holding the cloud metadata
+    address start the service with a warning each; a worker, which serves no calls, is not
+    warned about token settings."""
+    risky = Settings(
+        jwt_secret="dev-only-secret-never-use-in-production",
+        allowed_targets=(ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("10.0.0.0/8")),
+    )
+    warnings = risky.warnings()
+    assert len(warnings) == 2
+    assert warnings[0].startswith("WEBHOOKS_JWT_SECRET is the development secret the README")
+    assert warnings[1].startswith("WEBHOOKS_ALLOWED_TARGETS opens 0.0.0.0/0, which holds")
+    assert risky.warnings(serving=False) == warnings[1:]
+    assert (
+        Settings(jwt_secret="x" * 40, allowed_targets=(ipaddress.ip_network("169.254.0.0/16"),))
+        .warnings()[0]
+        .startswith("WEBHOOKS_ALLOWED_TARGETS opens 169.254.0.0/16")
+    )
+    assert (
+        Settings(
+            jwt_secret="x" * 40, allowed_targets=(ipaddress.ip_network("127.0.0.0/8"),)
+        ).warnings()
+        == []
+    )
 
 
 def test_a_short_jwt_secret_is_warned_about() -> None:

@@ -459,3 +459,81 @@ async def test_metrics_can_have_a_port_of_their_own(tmp_path: Path) -> None:
         assert "webhooks_deliveries_in_flight{}" in values
     finally:
         await running.stop()
+
+
+async def test_an_ipv6_bind_address_serves_grpc_and_rest(tmp_path: Path) -> None:
+    """With WEBHOOKS_BIND=::1 the gateway reaches its gRPC server (the address bracketed in
+    the target), so /healthz and a REST call answer rather than 503."""
+    service = Service(make_settings(tmp_path, bind="::1"))
+    await service.start()
+    try:
+        assert service.grpc_target.startswith("[::1]:")
+        assert service.http_url.startswith("http://[::1]:")
+        tokens = Tokens(JWT_SECRET)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{service.http_url}/healthz") as reply:
+                assert reply.status == 200
+            async with http.get(
+                f"{service.http_url}/api/projects/p-unknown/webhooks",
+                headers={"Authorization": f"Bearer {tokens.user('u1')}"},
+            ) as reply:
+                assert reply.status == 404
+    finally:
+        await service.stop()
+
+
+async def test_the_database_in_use_is_logged_with_its_full_path(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative SQLite path is resolved from the working directory, and the start-up log
+    names the file it opened by its full path, so a start from another folder shows."""
+    monkeypatch.chdir(tmp_path)
+    settings = make_settings(tmp_path, database_url="sqlite:///var/relative.db")
+    caplog.set_level("INFO", logger="dembrane.webhooks.service")
+    service = Service(settings, Parts(grpc=False, gateway=False, dispatcher=False))
+    await service.start()
+    await service.stop()
+    assert f"database: SQLite file {tmp_path / 'var' / 'relative.db'}" in caplog.text
+
+
+async def test_a_database_path_that_cannot_be_made_stops_start_up_naming_the_setting(
+    tmp_path: Path,
+) -> None:
+    """A SQLite path under a plain file ends start-up with one line naming
+    WEBHOOKS_DATABASE_URL and the path at fault, and exit status 1."""
+    (tmp_path / "afile").write_text("")
+    for command in ("serve", "migrate"):
+        code, stderr = await _run_to_exit(_serve_env(tmp_path, database="afile/sub/x.db"), command)
+        assert code == 1
+        assert "cannot use the SQLite database WEBHOOKS_DATABASE_URL names" in stderr
+        assert "afile" in stderr
+        assert "Traceback" not in stderr
+
+
+async def test_a_taken_rest_port_stops_start_up_before_any_delivery(tmp_path: Path) -> None:
+    """The REST port is bound before the dispatcher starts: when it is taken, start-up ends
+    with exit status 1 and the dispatcher never started."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, stderr = await _run_to_exit(
+            _serve_env(tmp_path, WEBHOOKS_HTTP_PORT=str(port)), "serve"
+        )
+    assert code == 1
+    assert "dispatcher started" not in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("target", ["nonsense", "127.0.0.1:99999", ":50051", "host:"])
+async def test_gateway_refuses_a_grpc_target_that_is_no_host_and_port(
+    tmp_path: Path, target: str
+) -> None:
+    """`gateway --grpc-target` must be HOST:PORT: otherwise one line and exit status 2,
+    rather than a gateway that answers 503 to everything."""
+    code, stderr = await _run_to_exit(_serve_env(tmp_path), "gateway", "--grpc-target", target)
+    assert code == 2
+    assert stderr.strip() == (
+        f"dembrane-webhooks: --grpc-target must be HOST:PORT, such as 127.0.0.1:50051, "
+        f"not {target!r}."
+    )

@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dembrane.webhooks import __version__
 from dembrane.webhooks.auth import mint_token
 from dembrane.webhooks.config import ConfigError, Settings
-from dembrane.webhooks.service import Parts, Service, StartupError
+from dembrane.webhooks.service import Parts, Service, StartupError, file_problem, url_host
 from dembrane.webhooks.store.database import describe_store_error
 
 log = logging.getLogger("dembrane.webhooks")
@@ -88,7 +88,9 @@ async def _run_gateway(settings: Settings, grpc_target: str) -> None:
         settings.bind,
         settings.http_port,
     )
-    log.info("REST gateway on %s:%s calling %s", settings.bind, settings.http_port, grpc_target)
+    log.info(
+        "REST gateway on %s:%s calling %s", url_host(settings.bind), settings.http_port, grpc_target
+    )
     try:
         await stop.wait()
     finally:
@@ -143,16 +145,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dembrane.webhooks.store.database import Database, SchemaError
 
         try:
-            Database(settings.database_url).migrate()
+            database = Database(settings.database_url)
+            database.migrate()
         except SchemaError as error:
             return _failed(StartupError(f"cannot use the database: {error}"))
+        except OSError as error:
+            return _failed(StartupError(file_problem(error)))
         except SQLAlchemyError as error:
             return _failed(error)
+        log.info("database: %s is up to date", database.describe())
         return 0
     if args.command == "gateway":
+        problem = _target_problem(args.grpc_target)
+        if problem is not None:
+            print(f"dembrane-webhooks: {problem}", file=sys.stderr)
+            return 2
         _run(_run_gateway(settings, args.grpc_target))
         return 0
-    for warning in settings.warnings():
+    for warning in settings.warnings(serving=args.command != "worker"):
         log.warning("%s", warning)
     if args.command == "worker":
         parts = Parts(grpc=False, gateway=False, dispatcher=True)
@@ -163,6 +173,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, StartupError, SQLAlchemyError) as error:
         return _failed(error)
     return 0
+
+
+def _target_problem(target: str) -> str | None:
+    """What is wrong with a ``--grpc-target`` (``HOST:PORT``, an IPv6 host in brackets)."""
+    host, _, port = target.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host and (port.isascii() and port.isdigit()) and 0 < int(port) < 65536:
+        return None
+    return f"--grpc-target must be HOST:PORT, such as 127.0.0.1:50051, not {target!r}."
 
 
 def _failed(error: Exception) -> int:

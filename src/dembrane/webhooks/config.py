@@ -6,13 +6,14 @@ service at start-up with a message that names the variable, never later.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -31,6 +32,18 @@ LEASE_MARGIN_SECONDS = 2.0
 MIN_LEASE_OVER_REQUEST = 2 * LEASE_MARGIN_SECONDS
 #: An HS256 key shorter than this can be found from any one token by guessing offline.
 MIN_JWT_SECRET_BYTES = 32
+#: The HS256 secret the README's examples use, so anyone can mint tokens for it.
+DOCUMENTED_JWT_SECRET = "dev-only-secret-never-use-in-production"  # noqa: S105 - to warn of
+#: Addresses whose opening would let webhooks read cloud instance metadata (credentials).
+_METADATA_ADDRESSES = (
+    ipaddress.ip_address("169.254.169.254"),
+    ipaddress.ip_address("fd00:ec2::254"),
+)
+MAX_RETRY_DELAY_SECONDS = 30 * 86400
+MAX_RETRY_SLOTS = 50
+#: Bounds that no sane value passes, so absurd ones fail at start rather than in use.
+MAX_TIMEOUT_SECONDS = 3600
+MAX_DAYS = 36500
 #: Webhooks one project may have (archived ones aside) unless WEBHOOKS_MAX_WEBHOOKS_PER_PROJECT
 #: says otherwise: each is a copy of every event, so the bound keeps one event from turning
 #: into thousands of requests.
@@ -85,11 +98,24 @@ class Settings:
     metrics_port: int = 0
     # How many webhooks (archived ones aside) a project may have.
     max_webhooks_per_project: int = DEFAULT_MAX_WEBHOOKS_PER_PROJECT
+    # WEBHOOKS_* variables in the environment that no setting reads (misspelt, most likely).
+    unknown_variables: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Build the settings from ``env`` (the process environment by default)."""
-        settings = cls._read(_Reader(os.environ if env is None else env))
+        environment = os.environ if env is None else env
+        reader = _Reader(environment)
+        settings = cls._read(reader)
+        unknown = sorted(
+            name
+            for name in environment
+            if name.startswith(_PREFIX)
+            and not name.startswith(_TEST_PREFIX)
+            and name not in reader.asked
+        )
+        if unknown:
+            settings = replace(settings, unknown_variables=tuple(unknown))
         if settings.lease_seconds < settings.request_timeout + MIN_LEASE_OVER_REQUEST:
             raise ConfigError(
                 f"WEBHOOKS_LEASE_SECONDS ({settings.lease_seconds:g}) must be at least "
@@ -99,21 +125,50 @@ class Settings:
             )
         return settings
 
-    def warnings(self) -> list[str]:
-        """What is risky about these settings though the service can run with them."""
-        found = []
-        if not self.jwt_secret and not self.jwt_public_key:
+    def warnings(self, *, serving: bool = True) -> list[str]:
+        """What is risky about these settings though the service can run with them; the
+        token settings count only where calls are ``serving``."""
+        found = [_unknown_warning(name, self._known_names()) for name in self.unknown_variables]
+        if serving:
+            found += self._token_warnings()
+        opened = [
+            str(network)
+            for network in self.allowed_targets
+            if network.prefixlen == 0 or any(ip in network for ip in _METADATA_ADDRESSES)
+        ]
+        if opened:
             found.append(
+                f"WEBHOOKS_ALLOWED_TARGETS opens {', '.join(opened)}, which holds the cloud "
+                "metadata address: a webhook could read this machine's credentials; open "
+                "only the ranges of your own receivers"
+            )
+        return found
+
+    def _token_warnings(self) -> list[str]:
+        if not self.jwt_secret and not self.jwt_public_key:
+            return [
                 "neither WEBHOOKS_JWT_SECRET nor WEBHOOKS_JWT_PUBLIC_KEY is set: every call "
                 "except health and reflection will be refused"
-            )
+            ]
+        if self.jwt_secret == DOCUMENTED_JWT_SECRET:
+            return [
+                "WEBHOOKS_JWT_SECRET is the development secret the README shows: anyone can "
+                "mint tokens for this service, staff tokens included; set a secret of your "
+                "own before others can reach it"
+            ]
         if self.jwt_secret and len(self.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
-            found.append(
+            return [
                 f"WEBHOOKS_JWT_SECRET is {len(self.jwt_secret.encode())} bytes long: an HS256 "
                 f"key shorter than {MIN_JWT_SECRET_BYTES} bytes can be found from any token "
                 "by guessing; use a long random value"
-            )
-        return found
+            ]
+        return []
+
+    @classmethod
+    def _known_names(cls) -> set[str]:
+        reader = _Reader({})
+        cls._read(reader)
+        return reader.asked
 
     @classmethod
     def _read(cls, reader: _Reader) -> Settings:
@@ -126,24 +181,30 @@ class Settings:
             jwt_public_key=reader.public_key("WEBHOOKS_JWT_PUBLIC_KEY"),
             jwt_issuer=reader.optional("WEBHOOKS_JWT_ISSUER"),
             jwt_audience=reader.optional("WEBHOOKS_JWT_AUDIENCE"),
-            jwt_leeway=reader.number("WEBHOOKS_JWT_LEEWAY_SECONDS", 30.0, low=0.0),
+            jwt_leeway=reader.number("WEBHOOKS_JWT_LEEWAY_SECONDS", 30.0, low=0.0, high=86400),
             dashboard_base_url=reader.http_url(
                 "WEBHOOKS_DASHBOARD_BASE_URL", "https://dashboard.dembrane.com"
             ).rstrip("/"),
             retry_schedule=reader.schedule("WEBHOOKS_RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE),
             retry_jitter=reader.number("WEBHOOKS_RETRY_JITTER", 0.2, low=0.0, high=1.0),
-            disable_after_seconds=reader.number("WEBHOOKS_DISABLE_AFTER_DAYS", 5.0, low=0.0)
+            disable_after_seconds=reader.number(
+                "WEBHOOKS_DISABLE_AFTER_DAYS", 5.0, low=0.0, high=MAX_DAYS
+            )
             * 86400,
-            connect_timeout=reader.number("WEBHOOKS_CONNECT_TIMEOUT", 10.0, low=0.001),
-            request_timeout=reader.number("WEBHOOKS_REQUEST_TIMEOUT", 30.0, low=0.001),
-            allowed_targets=reader.networks("WEBHOOKS_ALLOWED_TARGETS"),
-            retention_days=reader.number("WEBHOOKS_RETENTION_DAYS", 30.0, low=0.0),
-            cors_origins=reader.origins("WEBHOOKS_CORS_ORIGINS"),
-            max_concurrency=int(reader.number("WEBHOOKS_MAX_CONCURRENCY", 128, low=1)),
-            per_webhook_concurrency=int(
-                reader.number("WEBHOOKS_PER_WEBHOOK_CONCURRENCY", 8, low=1)
+            connect_timeout=reader.number(
+                "WEBHOOKS_CONNECT_TIMEOUT", 10.0, low=0.001, high=MAX_TIMEOUT_SECONDS
             ),
-            lease_seconds=reader.number("WEBHOOKS_LEASE_SECONDS", 60.0, low=1.0),
+            request_timeout=reader.number(
+                "WEBHOOKS_REQUEST_TIMEOUT", 30.0, low=0.001, high=MAX_TIMEOUT_SECONDS
+            ),
+            allowed_targets=reader.networks("WEBHOOKS_ALLOWED_TARGETS"),
+            retention_days=reader.number("WEBHOOKS_RETENTION_DAYS", 30.0, low=0.0, high=MAX_DAYS),
+            cors_origins=reader.origins("WEBHOOKS_CORS_ORIGINS"),
+            max_concurrency=reader.whole("WEBHOOKS_MAX_CONCURRENCY", 128, low=1, high=100_000),
+            per_webhook_concurrency=reader.whole(
+                "WEBHOOKS_PER_WEBHOOK_CONCURRENCY", 8, low=1, high=100_000
+            ),
+            lease_seconds=reader.number("WEBHOOKS_LEASE_SECONDS", 60.0, low=1.0, high=86400),
             log_level=reader.choice(
                 "WEBHOOKS_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
             ),
@@ -152,28 +213,34 @@ class Settings:
             ),
             sender_processes=reader.count_or_auto("WEBHOOKS_SENDER_PROCESSES", high=64),
             metrics_port=reader.port("WEBHOOKS_METRICS_PORT", 0),
-            max_webhooks_per_project=int(
-                reader.number(
-                    "WEBHOOKS_MAX_WEBHOOKS_PER_PROJECT",
-                    DEFAULT_MAX_WEBHOOKS_PER_PROJECT,
-                    low=1,
-                    high=100_000,
-                )
+            max_webhooks_per_project=reader.whole(
+                "WEBHOOKS_MAX_WEBHOOKS_PER_PROJECT",
+                DEFAULT_MAX_WEBHOOKS_PER_PROJECT,
+                low=1,
+                high=100_000,
             ),
-            max_event_bytes=int(
-                reader.number(
-                    "WEBHOOKS_MAX_EVENT_BYTES",
-                    DEFAULT_MAX_EVENT_BYTES,
-                    low=MIN_EVENT_BYTES,
-                    high=MAX_EVENT_BYTES_LIMIT,
-                )
+            max_event_bytes=reader.whole(
+                "WEBHOOKS_MAX_EVENT_BYTES",
+                DEFAULT_MAX_EVENT_BYTES,
+                low=MIN_EVENT_BYTES,
+                high=MAX_EVENT_BYTES_LIMIT,
             ),
         )
 
 
-def _shown(number: float | None) -> str:
-    """A bound as people write it: 33554432, not 3.35544e+07."""
-    assert number is not None
+_PREFIX = "WEBHOOKS_"
+#: WEBHOOKS_TEST_* variables choose the test suite's database lane; the service ignores them.
+_TEST_PREFIX = "WEBHOOKS_TEST_"
+
+
+def _unknown_warning(name: str, known: set[str]) -> str:
+    guess = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+    hint = f"; did you mean {guess[0]}?" if guess else ""
+    return f"{name} is not a setting of this service and is ignored{hint}"
+
+
+def _shown(number: float) -> str:
+    """A bound as people write it: 86400, not 86400.0 or 8.64e+04."""
     return str(int(number)) if number == int(number) else f"{number:g}"
 
 
@@ -182,8 +249,11 @@ class _Reader:
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self._env = env
+        #: Every variable asked for, so that the others can be found (a misspelt name).
+        self.asked: set[str] = set()
 
     def optional(self, name: str) -> str | None:
+        self.asked.add(name)
         value = self._env.get(name, "").strip()
         return value or None
 
@@ -196,9 +266,7 @@ class _Reader:
             raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {value!r}.")
         return value
 
-    def number(
-        self, name: str, default: float, *, low: float | None = None, high: float | None = None
-    ) -> float:
+    def number(self, name: str, default: float, *, low: float, high: float) -> float:
         raw = self.optional(name)
         if raw is None:
             return float(default)
@@ -208,11 +276,7 @@ class _Reader:
             value = math.nan
         if not math.isfinite(value):
             raise ConfigError(f"{name} must be a number, not {raw!r}.")
-        if (low is not None and value < low) or (high is not None and value > high):
-            if high is None:
-                raise ConfigError(f"{name} must be at least {_shown(low)}, not {raw!r}.")
-            if low is None:
-                raise ConfigError(f"{name} must be at most {_shown(high)}, not {raw!r}.")
+        if not low <= value <= high:
             raise ConfigError(
                 f"{name} must be between {_shown(low)} and {_shown(high)}, not {raw!r}."
             )
@@ -272,7 +336,36 @@ class _Reader:
             raise ConfigError(
                 f"{name} must be a sqlite:///path or postgresql://user@host:port/db URL."
             )
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+            port = url.port
+        except (ArgumentError, ValueError):
+            port, url = None, None
+        if url is None or (port is not None and not 0 < port < 65536):
+            raise ConfigError(
+                f"{name} is not a URL the service can read; it must look like sqlite:///path "
+                "or postgresql://user@host:port/db, the port a number."
+            )
+        in_memory = (url.database or ":memory:") == ":memory:" or "mode=memory" in value
+        if scheme == "sqlite" and in_memory:
+            # Everything would be gone when the process ends, acknowledged events included.
+            raise ConfigError(
+                f"{name} must name a SQLite file; an in-memory database loses every event "
+                "when the service stops."
+            )
         return value
+
+    def whole(self, name: str, default: int, *, low: int, high: int) -> int:
+        """A whole number from ``low`` to ``high``, written as digits (no 1e3, no 1.5)."""
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+            raise ConfigError(f"{name} must be a whole number from {low} to {high}, not {raw!r}.")
+        return int(raw)
 
     def count_or_auto(self, name: str, *, high: int) -> int | None:
         raw = self.optional(name)
@@ -283,10 +376,7 @@ class _Reader:
         return int(raw)
 
     def port(self, name: str, default: int) -> int:
-        value = self.number(name, default, low=0, high=65535)
-        if value != int(value):
-            raise ConfigError(f"{name} must be a whole port number.")
-        return int(value)
+        return self.whole(name, default, low=0, high=65535)
 
     def items(self, name: str) -> tuple[str, ...]:
         raw = self.optional(name) or ""
@@ -312,12 +402,21 @@ class _Reader:
             try:
                 delay = float(item.strip())
             except ValueError:
+                delay = math.nan
+            if not math.isfinite(delay):
                 raise ConfigError(
                     f"{name} must list delays in seconds, comma-separated, not {raw!r}."
-                ) from None
+                )
             if delay < 0:
                 raise ConfigError(f"{name} must not hold negative delays.")
+            if delay > MAX_RETRY_DELAY_SECONDS:
+                raise ConfigError(
+                    f"{name} must not hold a delay over {MAX_RETRY_DELAY_SECONDS} seconds "
+                    f"(30 days), not {item.strip()!r}."
+                )
             delays.append(delay)
+        if len(delays) > MAX_RETRY_SLOTS:
+            raise ConfigError(f"{name} must hold at most {MAX_RETRY_SLOTS} delays.")
         return tuple(delays)
 
     def networks(self, name: str) -> tuple[IPNetwork, ...]:

@@ -61,11 +61,11 @@ class Service:
 
     @property
     def grpc_target(self) -> str:
-        return f"{self.settings.bind}:{self.grpc_port}"
+        return f"{url_host(self.settings.bind)}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.settings.bind}:{self.http_port}"
+        return f"http://{url_host(self.settings.bind)}:{self.http_port}"
 
     async def start(self) -> None:
         """Start the parts; if one cannot start, stop those already started and raise."""
@@ -77,13 +77,16 @@ class Service:
 
     async def _start(self) -> None:
         settings = self.settings
-        database = self._database = Database(
-            settings.database_url, sqlite_synchronous=settings.sqlite_synchronous
-        )
         try:
+            database = self._database = Database(
+                settings.database_url, sqlite_synchronous=settings.sqlite_synchronous
+            )
             await database.offload(database.migrate)
         except SchemaError as error:
             raise StartupError(f"cannot use the database: {error}") from None
+        except OSError as error:  # the SQLite file's folder or lock files
+            raise StartupError(file_problem(error)) from None
+        log.info("database: %s", database.describe())
         if self.parts.dispatcher and database.is_sqlite:
             self._lock = _own_sqlite_delivery(database.url)
         policy = TargetPolicy(settings.allowed_targets)
@@ -96,18 +99,22 @@ class Service:
             self.grpc = await start_grpc_server(self.resources, settings.bind, settings.grpc_port)
             self.grpc_port = self.grpc.port
             log.info("gRPC listening on %s", self.grpc_target)
-        if self.parts.dispatcher:
-            self.dispatcher = Dispatcher(self.resources)
-            await self.dispatcher.start()
-            log.info("dispatcher started")
+        # Every port is bound before the dispatcher starts: a port that is taken stops the
+        # start-up before anything is sent.
         if settings.metrics_port:
             self._metrics, _thread = start_http_server(settings.metrics_port, addr=settings.bind)
-            log.info("metrics on http://%s:%d/metrics", settings.bind, settings.metrics_port)
+            log.info(
+                "metrics on http://%s:%d/metrics", url_host(settings.bind), settings.metrics_port
+            )
         if self.parts.gateway and self.parts.grpc:
             app = create_app(grpc_target=self.grpc_target, cors_origins=settings.cors_origins)
             self._gateway = await run_gateway(app, settings.bind, settings.http_port)
             self.http_port = _bound_port(self._gateway)
             log.info("REST gateway listening on %s", self.http_url)
+        if self.parts.dispatcher:
+            self.dispatcher = Dispatcher(self.resources)
+            await self.dispatcher.start()
+            log.info("dispatcher started")
 
     async def stop(self) -> None:
         """Stop taking calls, let in-flight ones finish, then release the dispatcher's work."""
@@ -128,6 +135,20 @@ class Service:
         if self._lock is not None:
             self._lock.close()
         self._sender = self._database = self._lock = None
+
+
+def url_host(host: str) -> str:
+    """``host`` as it goes before ``:port`` (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def file_problem(error: OSError) -> str:
+    """A sentence for a SQLite file (or its folder or lock files) the service cannot use."""
+    where = f" ({error.filename})" if error.filename else ""
+    return (
+        f"cannot use the SQLite database WEBHOOKS_DATABASE_URL names: "
+        f"{error.strerror or error}{where}."
+    )
 
 
 class StartupError(Exception):

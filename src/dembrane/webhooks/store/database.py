@@ -149,6 +149,15 @@ class Database:
             )
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
 
+    def describe(self) -> str:
+        """Which database this is, for the log: a SQLite file's full path, or a server's
+        address and database without the user or password."""
+        parsed = make_url(self.url)
+        if self.is_sqlite:
+            return f"SQLite file {Path(parsed.database or '').resolve()}"
+        port = f":{parsed.port}" if parsed.port else ""
+        return f"PostgreSQL {parsed.host or 'localhost'}{port}/{parsed.database or ''}"
+
     def migrate(self, revision: str = "head") -> None:
         """Bring the schema to ``revision``, the newest by default (creates it on first start).
 
