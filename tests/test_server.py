@@ -537,3 +537,23 @@ async def test_gateway_refuses_a_grpc_target_that_is_no_host_and_port(
         f"dembrane-webhooks: --grpc-target must be HOST:PORT, such as 127.0.0.1:50051, "
         f"not {target!r}."
     )
+
+
+async def test_debug_logging_leaves_out_grpcs_line_per_call(tmp_path: Path) -> None:
+    """At WEBHOOKS_LOG_LEVEL=DEBUG, REST calls (each a gRPC call inside) add no line of
+    gRPC's asyncio layer to the log, while the service's own lines remain."""
+    env = _serve_env(tmp_path, WEBHOOKS_LOG_LEVEL="DEBUG")
+    process = await _start_cli(env, "serve")
+    try:
+        await _wait_for_port(int(env["WEBHOOKS_HTTP_PORT"]))
+        url = f"http://127.0.0.1:{env['WEBHOOKS_HTTP_PORT']}/api/projects/p/webhooks"
+        async with aiohttp.ClientSession() as http:
+            for _ in range(3):
+                async with http.get(url, headers={"Authorization": "Bearer x"}) as reply:
+                    assert reply.status == 401
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
+    log = stderr.decode()
+    assert "gRPC listening on" in log
+    assert "grpc._cython" not in log

@@ -119,8 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # Migration chatter says nothing an operator needs on every start.
+    # Migration chatter says nothing an operator needs on every start, nor gRPC's asyncio
+    # layer's line per call at DEBUG ("Loaded running loop").
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("grpc._cython").setLevel(max(logging.INFO, logging.getLogger().level))
     if args.command == "token":
         if not settings.jwt_secret:
             print("dembrane-webhooks: set WEBHOOKS_JWT_SECRET to mint tokens.", file=sys.stderr)
