@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ from dembrane.webhooks.v1 import webhook_service_pb2 as pb
 
 # mypy run on this file alone does not see the tests folder; the ignore is unused when it does.
 from harness import (
+    JWT_SECRET,
     Stubs,
     Tokens,
     make_settings,
@@ -77,8 +79,10 @@ def _pool(processes: int = 2, *, allowed_targets: tuple[str, ...] = LOOPBACK) ->
     )
 
 
-def _worker_children() -> list[int]:
-    """The pids of this process's children that run a delivery worker (zombies included)."""
+def _worker_children(parent: int | None = None) -> list[int]:
+    """The pids of the children of ``parent`` (this process by default) that run a delivery
+    worker (zombies included)."""
+    parent = os.getpid() if parent is None else parent
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -89,8 +93,9 @@ def _worker_children() -> list[int]:
         except OSError:
             continue
         # The fields after the command name in parentheses: state, then the parent's pid.
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == os.getpid() and (WORKER_MODULE in cmdline or not cmdline):
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and (
+            WORKER_MODULE in cmdline or not cmdline
+        ):
             found.append(int(entry))
     return found
 
@@ -485,6 +490,62 @@ async def test_a_service_with_worker_processes_delivers_end_to_end(tmp_path: Pat
     finally:
         await service.stop()
     assert all(_gone(pid) for pid in pids)
+
+
+async def test_serve_starts_a_worker_again_without_a_word_about_fork(tmp_path: Path) -> None:
+    """A worker of a running ``serve`` killed and started again leaves nothing on stderr but
+    the service's own line: no fork-handler notice from gRPC."""
+    grpc_port = unused_port()
+    env = {
+        **os.environ,
+        "WEBHOOKS_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}",
+        "WEBHOOKS_GRPC_PORT": str(grpc_port),
+        "WEBHOOKS_HTTP_PORT": str(unused_port()),
+        "WEBHOOKS_JWT_SECRET": JWT_SECRET,
+        "WEBHOOKS_SENDER_PROCESSES": "2",
+    }
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "dembrane.webhooks.cli",
+            "serve",
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+
+        async def serving() -> bool:
+            # gRPC listens only once the workers are ready.
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", grpc_port)
+            except OSError:
+                return False
+            writer.close()
+            return True
+
+        await _eventually(serving, within=30.0)
+        first = _worker_children(process.pid)
+        assert len(first) == 2
+        os.kill(first[0], signal.SIGKILL)
+
+        async def replaced() -> bool:
+            now = _worker_children(process.pid)
+            return first[0] not in now and len(now) == 2
+
+        await _eventually(replaced, within=RESTART_DEADLINE_SECONDS)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    logged = stderr_path.read_text()
+    assert f"(pid {first[0]}) exited with status -9; starting another" in logged
+    assert "fork" not in logged.lower()
 
 
 # -- how many workers ----------------------------------------------------------------------

@@ -26,6 +26,7 @@ import os
 import pickle
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -123,7 +124,7 @@ class _Worker:
         self.slot = slot
         self._options = options
         self._on_lost = on_lost
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.pending: dict[int, asyncio.Future[WireOutcome]] = {}
         self.started_at = 0.0
         self.alive = False
@@ -134,14 +135,15 @@ class _Worker:
     async def start(self) -> None:
         ours, theirs = socket.socketpair()
         try:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "dembrane.webhooks.delivery.worker",
-                str(theirs.fileno()),
+            # ``subprocess`` starts the worker with vfork and exec, so no fork handlers run.
+            # uvloop's subprocesses fork: in this process full of threads, gRPC's handler
+            # then printed a line on stderr each time a worker was started again. The call
+            # returns as soon as the worker has exec'd (our own interpreter and module).
+            self.process = subprocess.Popen(  # noqa: S603, ASYNC220
+                [sys.executable, "-m", "dembrane.webhooks.delivery.worker", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
             )
         except BaseException:
             ours.close()
@@ -216,12 +218,13 @@ class _Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader_task
         process = self.process
-        if process is not None and process.returncode is None:
-            try:
-                await asyncio.wait_for(process.wait(), _STOP_TIMEOUT_SECONDS)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        if process is None:
+            return
+        try:
+            await asyncio.to_thread(process.wait, _STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait)
 
 
 class SenderPool:
