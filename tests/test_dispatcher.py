@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,11 +29,15 @@ from dembrane.webhooks.delivery.dispatcher import (
     CUT_OFF_ERROR,
     FLUSH_WINDOW_SECONDS,
     LANE_HOLD_FACTOR,
+    LOST_RETRIES,
+    LOST_RETRY_SECONDS,
     BreakerSettings,
     CircuitBreaker,
     Dispatcher,
+    _Lane,
 )
-from dembrane.webhooks.delivery.sender import Sender
+from dembrane.webhooks.delivery.pool import SenderPool
+from dembrane.webhooks.delivery.sender import AttemptOutcome, RequestSender, Sender
 from dembrane.webhooks.delivery.targets import TargetPolicy
 from dembrane.webhooks.domain.access import Tier
 from dembrane.webhooks.domain.payload import ConversationData, EventData
@@ -126,7 +133,11 @@ async def running_service(tmp_path: Path, **overrides: object) -> AsyncIterator[
 
 @asynccontextmanager
 async def store_engine(tmp_path: Path, **overrides: object) -> AsyncIterator[Resources]:
-    """Resources over a fresh SQLite store with one paid project ``p``, without servers."""
+    """Resources over a fresh SQLite store with one paid project ``p``, without servers.
+
+    Requests go out from the test's process, or from worker processes when the overrides
+    ask for ``sender_processes``.
+    """
     settings = make_settings(tmp_path, **overrides)
     database = Database(settings.database_url, sqlite_synchronous="NORMAL")
     database.migrate()
@@ -139,11 +150,21 @@ async def store_engine(tmp_path: Path, **overrides: object) -> AsyncIterator[Res
 
     database.call(seed)
     policy = TargetPolicy(settings.allowed_targets)
-    sender = Sender(
-        connect_timeout=settings.connect_timeout,
-        request_timeout=settings.request_timeout,
-        policy=policy,
-    )
+    sender: RequestSender
+    if settings.sender_processes:
+        sender = SenderPool(
+            settings.sender_processes,
+            connect_timeout=settings.connect_timeout,
+            request_timeout=settings.request_timeout,
+            allowed_targets=tuple(str(network) for network in settings.allowed_targets),
+            max_connections=16,
+        )
+    else:
+        sender = Sender(
+            connect_timeout=settings.connect_timeout,
+            request_timeout=settings.request_timeout,
+            policy=policy,
+        )
     await sender.start()
     try:
         yield Resources(settings=settings, database=database, policy=policy, sender=sender)
@@ -323,6 +344,118 @@ async def test_a_success_clears_the_run_of_failures(tmp_path: Path) -> None:
         assert webhook is not None
         assert webhook.failing_since is None
         assert webhook.status == "published"
+
+
+# -- attempts the service lost itself -------------------------------------------------------
+
+
+def worker_pool(resources: Resources) -> SenderPool:
+    assert isinstance(resources.sender, SenderPool)
+    return resources.sender
+
+
+async def test_requests_lost_with_a_killed_worker_are_not_blamed_on_the_receiver(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Eight requests out to a slow receiver when their worker process is killed stay in the
+    log without an answer, open no breaker, and go again soon rather than a slot of the
+    schedule later: each delivery succeeds at its second attempt."""
+    caplog.set_level("WARNING", logger="dembrane.webhooks.delivery.dispatcher")
+    async with store_engine(
+        tmp_path, sender_processes=1, per_webhook_concurrency=8, retry_schedule=(3600.0,)
+    ) as resources:
+        async with Receiver(SECRET, replies=[Reply(200, delay=30)] * 8) as receiver:
+            add_webhook(resources, "wh", receiver.url)
+            store_publish(resources, *[f"e{i}" for i in range(8)])
+            async with dispatching(resources) as dispatcher:
+                await receiver.wait_for(8)
+                [pid] = worker_pool(resources).pids
+                os.kill(pid, signal.SIGKILL)
+                await until(lambda: all(r.status == "succeeded" for r in rows(resources)), 30)
+                breaker = dispatcher._lanes["wh"].breaker
+                assert (breaker.failures, breaker.open_until) == (0, None)
+            assert len(receiver.requests) == 16
+        found = rows(resources)
+        assert [r.attempt_count for r in found] == [2] * 8
+        logged = resources.database.call(
+            lambda s: [outbox.get_delivery(s, "wh", r.id) for r in found]
+        )
+        for delivery in logged:
+            assert delivery is not None
+            lost, sent = delivery[1]
+            assert (lost.number, lost.status_code, lost.success) == (1, None, False)
+            assert "worker process stopped" in lost.error
+            assert (sent.number, sent.status_code, sent.success) == (2, 200, True)
+    assert not [r for r in caplog.records if "keeps failing" in r.getMessage()]
+
+
+async def test_a_lost_attempt_takes_no_slot_of_the_schedule_nor_starts_the_failure_clock(
+    tmp_path: Path,
+) -> None:
+    """A request lost with its worker is followed by one that fails; that one waits the
+    schedule's first delay, and the webhook counts as failing from it, not from the loss."""
+    async with store_engine(
+        tmp_path, sender_processes=1, retry_schedule=(60.0, 3600.0), retry_jitter=0.0
+    ) as resources:
+        async with Receiver(SECRET, replies=[Reply(200, delay=30)], default=500) as receiver:
+            add_webhook(resources, "wh", receiver.url)
+            store_publish(resources, "e1")
+            async with dispatching(resources):
+                await receiver.wait_for(1)
+                [pid] = worker_pool(resources).pids
+                os.kill(pid, signal.SIGKILL)
+                await until(
+                    lambda: (
+                        rows(resources)[0].attempt_count == 2
+                        and rows(resources)[0].lease_owner is None
+                    ),
+                    30,
+                )
+        (row,) = rows(resources)
+        assert row.status == "pending"
+        assert row.last_status_code == 500
+        assert row.next_attempt_at is not None
+        assert row.last_attempt_at is not None
+        assert 60 <= row.next_attempt_at - row.last_attempt_at < 70
+        webhook = resources.database.call(lambda s: s.get(WebhookRow, "wh"))
+        assert webhook is not None
+        assert webhook.failing_since == row.last_attempt_at
+
+
+async def test_a_delivery_lost_again_and_again_comes_to_an_end(tmp_path: Path) -> None:
+    """A delivery's first lost attempts go again after a short pause and take no slot; the
+    ones after take slots like failures, so a request that keeps killing its worker fails."""
+    async with store_engine(tmp_path, retry_schedule=(60.0,), retry_jitter=0.0) as resources:
+        dispatcher = Dispatcher(resources, retention=False)
+        lane = _Lane(BreakerSettings())
+        claim = outbox.DeliveryClaim(
+            delivery_id="dlv",
+            event_id="e1",
+            event_type="conversation.started",
+            webhook_id="wh",
+            attempt_count=0,
+            body=b"{}",
+            url="http://127.0.0.1:9/hook",
+            webhook_status="published",
+            webhook_updated_at=0.0,
+            disabled_reason="",
+            secret=SECRET,
+            previous_secret=None,
+            previous_secret_expires_at=None,
+            tier=Tier.CHANGEMAKER,
+        )
+        lost = AttemptOutcome(None, 0.1, "", "Lost.", None, datetime.now(UTC), lost=True)
+        waits: list[int] = []
+        for count in range(LOST_RETRIES + 2):
+            before = time.time()
+            result = dispatcher._judge(lane, replace(claim, attempt_count=count), lost)
+            assert result.attempt_count == count + 1
+            if result.next_attempt_at is None:
+                assert result.status == outbox.DeliveryState.FAILED
+                break
+            waits.append(round(result.next_attempt_at - before))
+        assert waits == [round(LOST_RETRY_SECONDS)] * LOST_RETRIES + [60]
+        assert (lane.breaker.failures, lane.breaker.open_until) == (0, None)
 
 
 # -- webhooks that stopped being published --------------------------------------------------

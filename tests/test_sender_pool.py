@@ -275,6 +275,7 @@ async def test_connection_refused_is_a_failed_outcome(pool: SenderPool) -> None:
     outcome = await pool.send(_request(f"http://127.0.0.1:{port}/hook"))
     assert outcome.status_code is None
     assert not outcome.success
+    assert not outcome.lost
     assert outcome.error == f"Connection refused by 127.0.0.1:{port}."
     assert outcome.response_body == ""
 
@@ -283,7 +284,8 @@ async def test_connection_refused_is_a_failed_outcome(pool: SenderPool) -> None:
 
 
 async def test_a_killed_worker_fails_its_attempt_and_is_replaced() -> None:
-    """SIGKILL on a busy worker fails the in-flight attempt, and a replacement sends the next."""
+    """SIGKILL on a busy worker fails the in-flight attempt as lost (the service's doing, not
+    the receiver's), and a replacement sends the next."""
     async with (
         Receiver(SECRET, replies=[Reply(200, delay=30)]) as receiver,
         _pool(1) as pool,
@@ -296,6 +298,7 @@ async def test_a_killed_worker_fails_its_attempt_and_is_replaced() -> None:
             lost = await in_flight
         assert lost.status_code is None
         assert not lost.success
+        assert lost.lost
         assert "worker process stopped" in lost.error
 
         deadline = time.monotonic() + RESTART_DEADLINE_SECONDS
@@ -305,6 +308,7 @@ async def test_a_killed_worker_fails_its_attempt_and_is_replaced() -> None:
                 break
             await asyncio.sleep(0.1)
         assert retried.success
+        assert not retried.lost
         assert retried.response_body == "ok"
         [replacement] = pool.pids
         assert replacement != pid

@@ -93,6 +93,14 @@ SPLIT_AFTER_FAILURES = 3
 LANE_IDLE_SECONDS = 600.0
 #: The weight of the newest sample in a lane's moving average of latency.
 LATENCY_SMOOTHING = 0.2
+#: An attempt the service lost (its worker process stopped) is sent again after this pause,
+#: time for the pool to start a replacement, and takes no slot of the retry schedule.
+LOST_RETRY_SECONDS = 1.0
+#: A delivery's lost attempts beyond this many take slots of the schedule: a request that
+#: keeps taking its worker process down must come to an end.
+LOST_RETRIES = 3
+#: How many deliveries with lost attempts are remembered; the oldest are forgotten first.
+LOST_REMEMBERED = 10_000
 
 GONE_REASON = "The receiver answered 410 Gone, so the service disabled the webhook."
 CUT_OFF_ERROR = "The service stopped before the receiver answered; the delivery is sent again."
@@ -354,6 +362,9 @@ class Dispatcher:
         self._releases: list[Release] = []
         #: Webhooks whose breaker opened: their rows in the store wait out the cool-down.
         self._holds: dict[str, float] = {}
+        #: Lost attempts of deliveries not finished yet, which take no slot of the schedule.
+        #: Kept in memory only: after a restart they count like any failed attempt.
+        self._lost: dict[str, int] = {}
         #: When the earliest cool-down of a lane that claims leave out ends (Unix seconds).
         self._cool_down_ends: float | None = None
         self._flush_wanted = asyncio.Event()
@@ -750,7 +761,8 @@ class Dispatcher:
             log.exception("sending delivery %s failed unexpectedly", claim.delivery_id)
             self._queue_release(claim.delivery_id, time.time() + MIN_DEFER_SECONDS)
         finally:
-            if outcome is None:
+            if outcome is None or outcome.lost:
+                # No verdict on the receiver: a half-open breaker may send another probe.
                 lane.breaker.abandoned()
             lane.in_flight -= 1
             lane.started.pop(claim.delivery_id, None)
@@ -784,22 +796,13 @@ class Dispatcher:
             response_body=last.response_body,
             error=last.error,
             success=last.success,
+            lost=last.lost,
         )
-        metrics.STATS.attempt(last.success, last.latency)
-        lane.observe(last.latency)
-        was_open_until = lane.breaker.open_until
-        lane.breaker.record(alive=last.success or not trips_breaker(last), now=now)
-        open_until = lane.breaker.open_until
-        if open_until is not None and open_until != was_open_until:
-            log.warning(
-                "webhook %s keeps failing (last: %s); holding its deliveries back for %.0f s",
-                claim.webhook_id,
-                last.error.rstrip(".") or f"status {last.status_code}",
-                max(0.0, open_until - now),
-            )
-            # The breaker opened: the webhook's rows in the store wait out the cool-down
-            # there, rather than being claimed only to be handed back.
-            self._holds[claim.webhook_id] = max(open_until, self._holds.get(claim.webhook_id, 0))
+        if not last.lost:
+            # A lost attempt tells nothing of the receiver: its breaker and latency stay.
+            metrics.STATS.attempt(last.success, last.latency)
+            lane.observe(last.latency)
+            self._update_breaker(lane, claim, last, now)
 
         def result(
             state: DeliveryState, *, due: float | None = None, disable: str | None = None
@@ -820,10 +823,42 @@ class Dispatcher:
         if last.permanent_gone:
             lane.mark_gone(GONE_REASON)
             return result(DeliveryState.FAILED, disable=GONE_REASON)
-        due = self._policy.next_attempt_at(count, last, now)
+        lost = self._lost.get(claim.delivery_id, 0)
+        if last.lost and lost < LOST_RETRIES:
+            # The receiver may or may not have the request: it goes again soon, at least once.
+            self._remember_lost(claim.delivery_id, lost + 1)
+            return result(DeliveryState.PENDING, due=now + LOST_RETRY_SECONDS)
+        # The schedule counts the attempts made less those lost for free.
+        due = self._policy.next_attempt_at(count - lost, last, now)
         if due is None:
             return result(DeliveryState.FAILED)
         return result(DeliveryState.PENDING, due=due)
+
+    def _update_breaker(
+        self, lane: _Lane, claim: DeliveryClaim, last: AttemptOutcome, now: float
+    ) -> None:
+        """Count an answer (or its absence) on the webhook's breaker; say so if it opens."""
+        was_open_until = lane.breaker.open_until
+        lane.breaker.record(alive=last.success or not trips_breaker(last), now=now)
+        open_until = lane.breaker.open_until
+        if open_until is not None and open_until != was_open_until:
+            log.warning(
+                "webhook %s keeps failing (last: %s); holding its deliveries back for %.0f s",
+                claim.webhook_id,
+                last.error.rstrip(".") or f"status {last.status_code}",
+                max(0.0, open_until - now),
+            )
+            # The breaker opened: the webhook's rows in the store wait out the cool-down
+            # there, rather than being claimed only to be handed back.
+            self._holds[claim.webhook_id] = max(open_until, self._holds.get(claim.webhook_id, 0))
+
+    def _remember_lost(self, delivery_id: str, lost: int) -> None:
+        remembered = self._lost
+        if delivery_id not in remembered and len(remembered) >= LOST_REMEMBERED:
+            # Deliveries another dispatcher finished, or that were deleted, are never
+            # forgotten otherwise.
+            del remembered[next(iter(remembered))]
+        remembered[delivery_id] = lost
 
     def _cut_off(self, lane: _Lane, claim: DeliveryClaim) -> DeliveryResult:
         """A request that stopping cut off: logged without an answer, due again at once."""
@@ -863,6 +898,8 @@ class Dispatcher:
     def _queue_result(self, result: DeliveryResult) -> None:
         if result.status is not DeliveryState.PENDING:
             metrics.STATS.finished[result.status.value] += 1
+            if self._lost:
+                self._lost.pop(result.delivery_id, None)
         self._results.append(result)
         self._flush_wanted.set()
 

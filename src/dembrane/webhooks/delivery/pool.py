@@ -11,9 +11,10 @@ and reports what the receiver answered.
 Requests and answers travel over a private socket pair as length-prefixed pickles, many
 per write: whatever the event loop gathered in one turn goes out in one frame.
 
-A worker that dies fails only its in-flight attempts (recorded as failed, retried on the
-schedule, so at-least-once holds) and is started again; a worker whose parent dies reads
-the end of its socket and exits, so none outlives the service.
+A worker that dies loses only its in-flight attempts: they come back as ``lost`` outcomes,
+which the dispatcher records and sends again soon without blaming the receiver (at-least-once
+holds), and the worker is started again; a worker whose parent dies reads the end of its
+socket and exits, so none outlives the service.
 """
 
 from __future__ import annotations
@@ -397,11 +398,12 @@ class SenderPool:
 def _lost(attempted_at: float, error: str) -> AttemptOutcome:
     return AttemptOutcome(
         status_code=None,
-        latency=0.0,
+        latency=max(0.0, time.time() - attempted_at),
         response_body="",
         error=error,
         retry_after=None,
         attempted_at=datetime.fromtimestamp(attempted_at, UTC),
+        lost=True,
     )
 
 

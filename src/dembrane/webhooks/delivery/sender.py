@@ -78,6 +78,9 @@ class AttemptOutcome:
     #: Seconds the receiver asked to wait (Retry-After on 429/503), if it asked validly.
     retry_after: float | None
     attempted_at: datetime
+    #: The service lost the attempt itself (its delivery worker process stopped): nothing is
+    #: known of the receiver, which may or may not have the request.
+    lost: bool = False
 
     @property
     def success(self) -> bool:

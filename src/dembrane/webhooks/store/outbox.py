@@ -948,6 +948,10 @@ class AttemptRecord:
     response_body: str
     error: str
     success: bool
+    #: The service lost the request itself (its worker process stopped): it says nothing of
+    #: the receiver, so it leaves the webhook's run of failures alone. Not stored: in the
+    #: log it is a failed attempt without an answer.
+    lost: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1219,7 +1223,10 @@ def _track_failures(
     disable_after_seconds: float,
     effects: RecordEffects,
 ) -> None:
-    """Keep each webhook's ``failing_since`` and disable the ones that must stop."""
+    """Keep each webhook's ``failing_since`` and disable the ones that must stop.
+
+    Lost attempts count neither way: the service cut them short, not the receiver.
+    """
     last_success: dict[str, float] = {}
     failed_any = False
     for result in attempted:
@@ -1228,7 +1235,7 @@ def _track_failures(
                 seen = last_success.get(result.webhook_id)
                 if seen is None or attempt.attempted_at > seen:
                     last_success[result.webhook_id] = attempt.attempted_at
-            else:
+            elif not attempt.lost:
                 failed_any = True
     # The first failure after the webhook's last success in this batch (or at all).
     first_failure: dict[str, float] = {}
@@ -1236,7 +1243,11 @@ def _track_failures(
         for result in attempted:
             after = last_success.get(result.webhook_id)
             for attempt in result.attempts:
-                if attempt.success or (after is not None and attempt.attempted_at <= after):
+                if (
+                    attempt.success
+                    or attempt.lost
+                    or (after is not None and attempt.attempted_at <= after)
+                ):
                     continue
                 seen = first_failure.get(result.webhook_id)
                 if seen is None or attempt.attempted_at < seen:
