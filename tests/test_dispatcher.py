@@ -346,6 +346,40 @@ async def test_a_success_clears_the_run_of_failures(tmp_path: Path) -> None:
         assert webhook.status == "published"
 
 
+@pytest.mark.parametrize(
+    ("answer", "attempts", "last"),
+    [
+        (500, 2, "The receiver answered with status 500"),
+        (410, 1, "The receiver answered with status 410"),
+    ],
+    ids=["schedule-used-up", "410"],
+)
+async def test_a_delivery_that_fails_for_good_says_so_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, answer: int, attempts: int, last: str
+) -> None:
+    """A delivery that fails for good, after its last slot or at a 410, logs one warning
+    naming the delivery, event type, webhook, attempts and last error, but no secret or body."""
+    caplog.set_level("WARNING", logger="dembrane.webhooks.delivery.dispatcher")
+    async with store_engine(tmp_path, retry_schedule=(0.0,)) as resources:
+        async with Receiver(SECRET, default=answer) as receiver:
+            add_webhook(resources, "wh", receiver.url)
+            store_publish(resources, "e1")
+            async with dispatching(resources):
+                await until(lambda: rows(resources)[0].status == "failed")
+            assert len(receiver.requests) == attempts
+            body = receiver.requests[0].body.decode()
+        (row,) = rows(resources)
+    (line,) = [r for r in caplog.records if "failed for good" in r.getMessage()]
+    assert line.levelname == "WARNING"
+    assert line.getMessage() == (
+        f"delivery {row.id} of conversation.started to webhook wh failed for good after "
+        f"{attempts} attempts (last: {last})"
+    )
+    assert SECRET not in line.getMessage()
+    assert body not in line.getMessage()
+    assert "c-e1" not in line.getMessage()
+
+
 # -- attempts the service lost itself -------------------------------------------------------
 
 

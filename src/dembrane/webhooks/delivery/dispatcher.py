@@ -822,6 +822,7 @@ class Dispatcher:
             return result(DeliveryState.SUCCEEDED)
         if last.permanent_gone:
             lane.mark_gone(GONE_REASON)
+            self._log_given_up(claim, count, last)
             return result(DeliveryState.FAILED, disable=GONE_REASON)
         lost = self._lost.get(claim.delivery_id, 0)
         if last.lost and lost < LOST_RETRIES:
@@ -831,6 +832,7 @@ class Dispatcher:
         # The schedule counts the attempts made less those lost for free.
         due = self._policy.next_attempt_at(count - lost, last, now)
         if due is None:
+            self._log_given_up(claim, count, last)
             return result(DeliveryState.FAILED)
         return result(DeliveryState.PENDING, due=due)
 
@@ -859,6 +861,22 @@ class Dispatcher:
             # forgotten otherwise.
             del remembered[next(iter(remembered))]
         remembered[delivery_id] = lost
+
+    @staticmethod
+    def _log_given_up(claim: DeliveryClaim, count: int, last: AttemptOutcome) -> None:
+        """One line for a delivery that failed for good; rare, so it costs the hot path nothing.
+
+        It names the delivery, its event type, the webhook and the last error as the delivery
+        log shows it; never the secret or the body.
+        """
+        log.warning(
+            "delivery %s of %s to webhook %s failed for good after %d attempts (last: %s)",
+            claim.delivery_id,
+            claim.event_type,
+            claim.webhook_id,
+            count,
+            last.error.rstrip(".") or f"status {last.status_code}",
+        )
 
     def _cut_off(self, lane: _Lane, claim: DeliveryClaim) -> DeliveryResult:
         """A request that stopping cut off: logged without an answer, due again at once."""
