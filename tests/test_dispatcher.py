@@ -596,6 +596,24 @@ async def test_stopping_hands_back_work_in_flight(tmp_path: Path) -> None:
                 await until(lambda: all(r.status == "succeeded" for r in rows(resources)))
 
 
+async def test_a_request_cut_off_by_stopping_does_not_start_the_failure_clock(
+    tmp_path: Path,
+) -> None:
+    """A request that stopping cuts off is logged, but the webhook does not count as failing
+    from it: the service stopped, the receiver did not fail."""
+    async with store_engine(tmp_path) as resources:
+        async with Receiver(SECRET, default=Reply(200, delay=30)) as receiver:
+            add_webhook(resources, "wh", receiver.url)
+            store_publish(resources, "e1")
+            async with dispatching(resources, drain_timeout=0.1):
+                await receiver.wait_for(1)
+        (row,) = rows(resources)
+        assert (row.attempt_count, row.last_error) == (1, CUT_OFF_ERROR)
+        webhook = resources.database.call(lambda s: s.get(WebhookRow, "wh"))
+        assert webhook is not None
+        assert webhook.failing_since is None
+
+
 async def test_stopping_lets_quick_requests_finish(tmp_path: Path) -> None:
     """Requests that answer within the drain timeout are recorded, not handed back."""
     async with store_engine(tmp_path) as resources:

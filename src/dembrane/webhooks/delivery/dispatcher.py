@@ -890,6 +890,7 @@ class Dispatcher:
             response_body="",
             error=CUT_OFF_ERROR,
             success=False,
+            lost=True,
         )
         return DeliveryResult(
             delivery_id=claim.delivery_id,

@@ -948,9 +948,9 @@ class AttemptRecord:
     response_body: str
     error: str
     success: bool
-    #: The service lost the request itself (its worker process stopped): it says nothing of
-    #: the receiver, so it leaves the webhook's run of failures alone. Not stored: in the
-    #: log it is a failed attempt without an answer.
+    #: The service lost the request itself (its worker process stopped, or stopping cut it
+    #: off): it says nothing of the receiver, so it leaves the webhook's run of failures
+    #: alone. Not stored: in the log it is a failed attempt without an answer.
     lost: bool = False
 
 
