@@ -260,22 +260,30 @@ async def test_a_second_process_delivering_from_one_sqlite_file_is_refused(
         assert await asyncio.wait_for(first.wait(), timeout=20) == 0
 
 
-async def test_a_taken_port_stops_start_up_in_one_line(tmp_path: Path) -> None:
-    """A gRPC port in use ends start-up with exit status 1 and one sentence, with no
-    traceback, no log line of gRPC's own, and nothing left running (no 'Task was destroyed'
-    from the sender processes)."""
+@pytest.mark.parametrize(
+    ("variable", "sentence"),
+    [
+        ("WEBHOOKS_GRPC_PORT", "Cannot listen for gRPC on 127.0.0.1:{port}"),
+        ("WEBHOOKS_HTTP_PORT", "Cannot listen for REST on 127.0.0.1:{port}: the port is taken."),
+    ],
+    ids=["grpc", "rest"],
+)
+async def test_a_taken_port_stops_start_up_in_one_line(
+    tmp_path: Path, variable: str, sentence: str
+) -> None:
+    """A gRPC or REST port in use ends start-up with exit status 1 and a sentence naming it,
+    before the dispatcher starts, with no traceback, no log line of gRPC's own, and nothing
+    left running (no 'Task was destroyed' from the sender processes)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, stderr = await _run_to_exit(
-            _serve_env(tmp_path, WEBHOOKS_GRPC_PORT=str(port)), "serve"
-        )
+        code, stderr = await _run_to_exit(_serve_env(tmp_path, **{variable: str(port)}), "serve")
     assert code == 1
-    assert f"dembrane-webhooks: Cannot listen for gRPC on 127.0.0.1:{port}" in stderr
-    assert "Traceback" not in stderr
-    assert "add_port" not in stderr
-    assert "destroyed" not in stderr
+    (last,) = [line for line in stderr.splitlines() if line.startswith("dembrane-webhooks: ")]
+    assert sentence.format(port=port) in last
+    for unwanted in ("Traceback", "add_port", "destroyed", "dispatcher started"):
+        assert unwanted not in stderr
 
 
 async def test_an_address_not_of_this_machine_stops_start_up_in_one_line(
@@ -508,21 +516,6 @@ async def test_a_database_path_that_cannot_be_made_stops_start_up_naming_the_set
         assert "cannot use the SQLite database WEBHOOKS_DATABASE_URL names" in stderr
         assert "afile" in stderr
         assert "Traceback" not in stderr
-
-
-async def test_a_taken_rest_port_stops_start_up_before_any_delivery(tmp_path: Path) -> None:
-    """The REST port is bound before the dispatcher starts: when it is taken, start-up ends
-    with exit status 1 and the dispatcher never started."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        code, stderr = await _run_to_exit(
-            _serve_env(tmp_path, WEBHOOKS_HTTP_PORT=str(port)), "serve"
-        )
-    assert code == 1
-    assert "dispatcher started" not in stderr
-    assert "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("target", ["nonsense", "127.0.0.1:99999", ":50051", "host:"])

@@ -9,6 +9,7 @@ its own, so it could be replaced by any gRPC-JSON transcoder that honours the sa
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import json
 import logging
@@ -194,6 +195,14 @@ async def run_gateway(app: web.Application, host: str, port: int) -> web.AppRunn
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
+    except OSError as error:
+        await runner.cleanup()
+        problem = {
+            errno.EADDRINUSE: "the port is taken",
+            errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+        }.get(error.errno or 0, error.strerror or str(error))
+        shown = f"[{host}]" if ":" in host else host
+        raise OSError(f"Cannot listen for REST on {shown}:{port}: {problem}.") from None
     except BaseException:
         await runner.cleanup()
         raise
