@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy import select, update
+from sqlmodel import Session
 
 from dembrane.webhooks.auth import SCOPE_PUBLISH
 from dembrane.webhooks.config import Settings
@@ -15,7 +19,9 @@ from dembrane.webhooks.delivery.sender import Sender
 from dembrane.webhooks.delivery.targets import TargetPolicy
 from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.service import Parts, Service
+from dembrane.webhooks.store import outbox
 from dembrane.webhooks.store.database import Database
+from dembrane.webhooks.store.tables import DeliveryRow
 from dembrane.webhooks.v1 import (
     event_pb2,
 )
@@ -74,3 +80,104 @@ async def test_a_publish_on_one_replica_wakes_the_worker_of_another(
         await sender.close()
         database.close()
         await api.stop()
+
+
+async def test_recoveries_racing_on_two_replicas_queue_each_failed_delivery_once(
+    tmp_path: Path,
+) -> None:
+    """A recovery that waited for another's row locks skips the rows that one queued (and a
+    dispatcher then leased): it neither counts them nor hands them out to be sent twice."""
+    from test_dispatcher import add_webhook, rows, store_engine, store_publish
+
+    async with store_engine(tmp_path) as resources:
+        database = resources.database
+        add_webhook(resources, "wh", "http://127.0.0.1:9/hook")
+        store_publish(resources, "e1", "e2", "e3")
+        past = time.time() - 60
+        database.call(
+            lambda s: s.execute(
+                update(DeliveryRow).values(status="failed", next_attempt_at=None, updated_at=past)
+            )
+        )
+        window = (past - 3600, time.time() + 1, time.time())
+        with Session(database.engine) as first:
+            assert outbox.requeue_failed_batch(first, "wh", *window, time.time(), 100) == 3
+            # A dispatcher's lease, before the first recovery commits.
+            first.execute(
+                update(DeliveryRow).values(
+                    lease_owner="replica-a", next_attempt_at=time.time() + 60
+                )
+            )
+            second = asyncio.create_task(
+                asyncio.to_thread(
+                    database.call,
+                    lambda s: outbox.requeue_failed_batch(s, "wh", *window, time.time(), 100),
+                )
+            )
+            await asyncio.sleep(0.5)  # the second recovery now waits for the first's locks
+            assert not second.done()
+            first.commit()
+        assert await second == 0
+        assert {row.lease_owner for row in rows(resources)} == {"replica-a"}
+
+
+async def test_holding_back_a_webhook_skips_rows_another_replica_has_locked(
+    tmp_path: Path,
+) -> None:
+    """Holding back a failing webhook's rows never waits for a row another transaction has
+    locked (two replicas doing it at once deadlocked): it holds back the others."""
+    from test_dispatcher import add_webhook, rows, store_engine, store_publish
+
+    async with store_engine(tmp_path) as resources:
+        database = resources.database
+        add_webhook(resources, "wh", "http://127.0.0.1:9/hook")
+        store_publish(resources, "e1", "e2", "e3")
+        locked, *others = sorted(row.id for row in rows(resources))
+        until = time.time() + 600
+        with Session(database.engine) as other_replica:
+            other_replica.execute(
+                select(DeliveryRow.id).where(DeliveryRow.id == locked).with_for_update()
+            )
+            holding = asyncio.to_thread(
+                database.call,
+                lambda s: outbox.record_results(
+                    s, "me", [], [], time.time(), 0, holds=[outbox.HoldBack("wh", until)]
+                ),
+            )
+            await asyncio.wait_for(holding, timeout=5)
+        due = {row.id: row.next_attempt_at for row in rows(resources)}
+        assert due[locked] != until
+        assert all(due[row_id] == until for row_id in others)
+
+
+async def test_a_retry_waits_for_a_lease_being_taken_and_leaves_that_attempt_alone(
+    tmp_path: Path,
+) -> None:
+    """RetryDelivery on a row a dispatcher is leasing that moment sees the lease once it is
+    committed and leaves the delivery to it, rather than handing it out a second time."""
+    from test_dispatcher import add_webhook, rows, store_engine, store_publish
+
+    async with store_engine(tmp_path) as resources:
+        database = resources.database
+        add_webhook(resources, "wh", "http://127.0.0.1:9/hook")
+        store_publish(resources, "e1")
+        (row,) = rows(resources)
+        with Session(database.engine) as dispatcher:
+            dispatcher.execute(
+                update(DeliveryRow).values(
+                    lease_owner="replica-a", next_attempt_at=time.time() + 60
+                )
+            )
+            retry = asyncio.create_task(
+                asyncio.to_thread(
+                    database.call,
+                    lambda s: outbox.retry_delivery(s, "wh", row.id, time.time()),
+                )
+            )
+            await asyncio.sleep(0.5)
+            dispatcher.commit()
+        await retry
+        (after,) = rows(resources)
+        assert after.lease_owner == "replica-a"
+        # Still leased: not due again until the lease runs out.
+        assert after.next_attempt_at is not None and after.next_attempt_at > time.time() + 30

@@ -1039,9 +1039,17 @@ _RELEASE_POSTGRES = (
     "UPDATE deliveries SET next_attempt_at = %s, lease_owner = NULL "
     "WHERE id = %s AND lease_owner = %s"
 )
-_HOLD_BACK = (
+_HOLD_BACK_SQLITE = (
     "UPDATE deliveries SET next_attempt_at = ? WHERE webhook_id = ? AND status = 'pending' "
     "AND lease_owner IS NULL AND next_attempt_at < ?"
+)
+# Replicas whose breakers open for the same webhook hold back the same rows: each skips the
+# rows another has locked (that one holds them back) instead of waiting, so two never wait
+# for each other's locks (a deadlock that failed the whole batch of outcomes).
+_HOLD_BACK_POSTGRES = (
+    "UPDATE deliveries SET next_attempt_at = %s WHERE id IN (SELECT id FROM deliveries "
+    "WHERE webhook_id = %s AND status = 'pending' AND lease_owner IS NULL "
+    "AND next_attempt_at < %s FOR UPDATE SKIP LOCKED)"
 )
 # A webhook's start of failures is written only when it changes: most flushes see webhooks
 # that were succeeding already, and rewriting their rows would cost a write each.
@@ -1123,7 +1131,7 @@ def record_results(
             _write_outcomes(cursor, postgres, owner, results, attempted, releases, now)
             _track_failures(cursor, postgres, attempted, now, disable_after_seconds, effects)
         if holds:
-            hold_back = _for_postgres(_HOLD_BACK) if postgres else _HOLD_BACK
+            hold_back = _HOLD_BACK_POSTGRES if postgres else _HOLD_BACK_SQLITE
             cursor.executemany(
                 hold_back, [(hold.until, hold.webhook_id, hold.until) for hold in holds]
             )
@@ -1395,7 +1403,9 @@ def retry_delivery(
     A delivery a dispatcher is sending right now is left to that attempt. Raises
     ``FailedPrecondition`` when the webhook is not published.
     """
-    row = session.get(DeliveryRow, delivery_id)
+    # Locked on PostgreSQL while deciding: a dispatcher leasing the row between this read
+    # and the write below would otherwise lose its lease, and the delivery go out twice.
+    row = session.get(DeliveryRow, delivery_id, with_for_update=True)
     if row is None or row.webhook_id != webhook_id:
         return None
     _require_published(session, webhook_id, "retrying its deliveries")
@@ -1433,13 +1443,18 @@ def requeue_failed_batch(
     ``FailedPrecondition`` when the webhook is not published.
     """
     _require_published(session, webhook_id, "recovering its deliveries")
+    # The outer test is not redundant: on PostgreSQL a row this statement had to wait for
+    # is tested again as it stands once the lock is free, while the subquery's choice is
+    # not. A recovery running beside another must skip the rows the other has queued (and a
+    # dispatcher may already be sending), or it would send them a second time.
     result = session.execute(
         text(
             "UPDATE deliveries SET status = 'pending', next_attempt_at = :now, "
             "lease_owner = NULL, updated_at = :now "
             "WHERE id IN (SELECT id FROM deliveries WHERE webhook_id = :wid "
             "AND status = 'failed' AND created_at >= :start AND created_at < :end "
-            "AND updated_at <= :before LIMIT :limit)"
+            "AND updated_at <= :before LIMIT :limit) "
+            "AND status = 'failed' AND updated_at <= :before"
         ),
         {
             "wid": webhook_id,
