@@ -180,4 +180,5 @@ async def test_a_retry_waits_for_a_lease_being_taken_and_leaves_that_attempt_alo
         (after,) = rows(resources)
         assert after.lease_owner == "replica-a"
         # Still leased: not due again until the lease runs out.
-        assert after.next_attempt_at is not None and after.next_attempt_at > time.time() + 30
+        assert after.next_attempt_at is not None
+        assert after.next_attempt_at > time.time() + 30
