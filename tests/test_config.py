@@ -176,7 +176,7 @@ def test_a_bind_address_that_is_no_address_names_the_variable(raw: str) -> None:
     assert repr(raw) in str(caught.value)
 
 
-@pytest.mark.parametrize("raw", ["0.0.0.0", "::", "[::1]", "localhost"])
+@pytest.mark.parametrize("raw", ["0.0.0.0", "::", "::1", "localhost"])
 def test_a_bind_address_may_be_a_literal_or_a_name(raw: str) -> None:
     """IPv4 and IPv6 literals (bracketed or not) and names that resolve are taken as given."""
     assert Settings.from_env({"WEBHOOKS_BIND": raw}).bind == raw
@@ -231,11 +231,27 @@ def test_a_retry_delay_must_be_finite_and_at_most_30_days(raw: str, fragment: st
 
 @pytest.mark.parametrize(
     "url",
-    ["sqlite:///:memory:", "sqlite://", "sqlite:///file:x?mode=memory&uri=true"],
+    ["sqlite:///:memory:", "sqlite://"],
 )
 def test_an_in_memory_database_is_refused(url: str) -> None:
     """An in-memory SQLite database would lose every acknowledged event at exit."""
     with pytest.raises(ConfigError, match="in-memory database loses every event"):
+        Settings.from_env({"WEBHOOKS_DATABASE_URL": url})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///file:x?mode=memory&uri=true",
+        "sqlite:///file::memory:?cache=shared",
+        "sqlite:///var/x.db?mode=ro",
+        "sqlite:///file:x.db",
+    ],
+)
+def test_a_sqlite_url_with_options_is_refused(url: str) -> None:
+    """Query parameters and file: URIs were ignored (a file named 'file::memory:' appeared);
+    they are refused, since the service sets SQLite's options itself."""
+    with pytest.raises(ConfigError, match="without query parameters or a file: URI"):
         Settings.from_env({"WEBHOOKS_DATABASE_URL": url})
 
 
@@ -314,3 +330,50 @@ def test_the_webhook_limit_per_project_is_read() -> None:
     )
     with pytest.raises(ConfigError):
         Settings.from_env({"WEBHOOKS_MAX_WEBHOOKS_PER_PROJECT": "0"})
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("WEBHOOKS_RETRY_SCHEDULE", "1_000"),
+        ("WEBHOOKS_RETENTION_DAYS", "\u0661"),
+        ("WEBHOOKS_REQUEST_TIMEOUT", "1_0"),
+        ("WEBHOOKS_RETRY_JITTER", "0x1"),
+    ],
+)
+def test_numbers_are_plain_ascii_decimals(name: str, raw: str) -> None:
+    """Python reads 1_000 and other scripts' digits as numbers; settings take plain decimals
+    only, as the port and count settings already did."""
+    with pytest.raises(ConfigError):
+        Settings.from_env({name: raw})
+
+
+@pytest.mark.parametrize("raw", ["[::1]", "::1", "[::]"])
+def test_a_bracketed_ipv6_bind_address_is_taken_without_brackets(raw: str) -> None:
+    """WEBHOOKS_BIND=[::1] is the address ::1; the brackets belong to URLs."""
+    assert Settings.from_env({"WEBHOOKS_BIND": raw}).bind == raw.strip("[]")
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"WEBHOOKS_GRPC_PORT": "9000", "WEBHOOKS_HTTP_PORT": "9000"},
+        {"WEBHOOKS_METRICS_PORT": "50051"},
+        {"WEBHOOKS_HTTP_PORT": "9100", "WEBHOOKS_METRICS_PORT": "9100"},
+    ],
+)
+def test_two_listeners_on_one_port_are_refused(env: dict[str, str]) -> None:
+    """The gRPC, REST and metrics ports must differ (0, for a free port, aside)."""
+    with pytest.raises(ConfigError, match="must differ"):
+        Settings.from_env(env)
+    assert Settings.from_env({"WEBHOOKS_GRPC_PORT": "0", "WEBHOOKS_HTTP_PORT": "0"}).http_port == 0
+
+
+def test_a_variable_missing_the_s_of_the_prefix_is_warned_about() -> None:
+    """WEBHOOK_HTTP_PORT (no S) is most likely meant for this service: it is named, with the
+    setting it resembles."""
+    settings = Settings.from_env({"WEBHOOK_HTTP_PORT": "9000"})
+    assert settings.warnings(serving=False) == [
+        "WEBHOOK_HTTP_PORT is not a setting of this service and is ignored; "
+        "did you mean WEBHOOKS_HTTP_PORT?"
+    ]

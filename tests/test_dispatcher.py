@@ -373,7 +373,7 @@ async def test_a_delivery_that_fails_for_good_says_so_in_one_line(
     assert line.levelname == "WARNING"
     assert line.getMessage() == (
         f"delivery {row.id} of conversation.started to webhook wh failed for good after "
-        f"{attempts} attempts (last: {last})"
+        f"{attempts} attempt{'' if attempts == 1 else 's'} (last: {last})"
     )
     assert SECRET not in line.getMessage()
     assert body not in line.getMessage()

@@ -398,7 +398,8 @@ async def test_unknown_status_is_400(stack: Stack) -> None:
 
 
 _WEBHOOK_STATUSES = "published, draft, archived, disabled"
-_INT32 = "between -2147483648 and 2147483647"
+_INT32_HIGH = "at most 2147483647"
+_INT32_LOW = "at least -2147483648"
 
 
 @pytest.mark.parametrize(
@@ -423,21 +424,21 @@ _INT32 = "between -2147483648 and 2147483647"
             "",
             {"params": {"page_size": "99999999999"}},
             "page_size",
-            f"The page_size parameter must be {_INT32}.",
+            f"The page_size parameter must be {_INT32_HIGH}.",
         ),
         (
             "GET",
             "",
             {"params": {"page_size": "9999999999999"}},
             "page_size",
-            f"The page_size parameter must be {_INT32}.",
+            f"The page_size parameter must be {_INT32_HIGH}.",
         ),
         (
             "GET",
             "",
             {"params": {"page_size": "-" + "9" * 5000}},
             "page_size",
-            f"The page_size parameter must be {_INT32}.",
+            f"The page_size parameter must be {_INT32_LOW}.",
         ),
         (
             "GET",
@@ -451,7 +452,7 @@ _INT32 = "between -2147483648 and 2147483647"
             "/wh_1/deliveries",
             {"params": {"page_size": "-99999999999"}},
             "page_size",
-            f"The page_size parameter must be {_INT32}.",
+            f"The page_size parameter must be {_INT32_LOW}.",
         ),
         (
             "POST",

@@ -20,7 +20,7 @@ from sqlalchemy.exc import OperationalError
 
 from dembrane.webhooks.api import server as server_module
 from dembrane.webhooks.auth import SCOPE_DIRECTORY, SCOPE_PUBLISH, mint_token
-from dembrane.webhooks.service import Parts, Service
+from dembrane.webhooks.service import Parts, Service, StartupError
 from dembrane.webhooks.v1 import (
     directory_service_pb2 as dpb,
 )
@@ -550,3 +550,28 @@ async def test_debug_logging_leaves_out_grpcs_line_per_call(tmp_path: Path) -> N
     log = stderr.decode()
     assert "gRPC listening on" in log
     assert "grpc._cython" not in log
+
+
+async def test_a_taken_metrics_port_names_its_setting(tmp_path: Path) -> None:
+    """A metrics port in use stops start-up with a sentence naming WEBHOOKS_METRICS_PORT."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        service = Service(make_settings(tmp_path, metrics_port=port))
+        with pytest.raises(StartupError) as caught:
+            await service.start()
+    assert str(caught.value).startswith(
+        f"Cannot listen for metrics on 127.0.0.1:{port} (WEBHOOKS_METRICS_PORT): "
+    )
+
+
+async def test_a_database_sqlite_cannot_open_names_the_setting(tmp_path: Path) -> None:
+    """A SQLite URL naming a directory ends start-up with one line naming
+    WEBHOOKS_DATABASE_URL and no traceback."""
+    (tmp_path / "adir").mkdir()
+    env = {**_serve_env(tmp_path), "WEBHOOKS_DATABASE_URL": f"sqlite:///{tmp_path / 'adir'}"}
+    code, stderr = await _run_to_exit(env, "serve")
+    assert code == 1
+    assert "dembrane-webhooks: cannot use the database WEBHOOKS_DATABASE_URL names: " in stderr
+    assert "Traceback" not in stderr

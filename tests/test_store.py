@@ -96,3 +96,35 @@ def test_a_new_sqlite_file_and_its_journal_are_private(
         database.close()
     finally:
         os.umask(old)
+
+
+@pytest.mark.sqlite_only
+def test_an_existing_database_others_may_read_is_narrowed_and_lock_files_are_private(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database file left readable by others (as older versions made it) is narrowed to
+    its owner with a warning, and the lock files beside it are created private too."""
+    path = tmp_path / "webhooks.db"
+    first = Database(f"sqlite:///{path}")
+    first.migrate()
+    first.close()
+    path.chmod(0o644)
+    old = os.umask(0o000)
+    try:
+        database = Database(f"sqlite:///{path}")
+        database.migrate()
+        database.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "was readable by others" in caplog.text
+    lock = tmp_path / "webhooks.db.migrate-lock"
+    lock.unlink()
+    again = Database(f"sqlite:///{path}")
+    old = os.umask(0o000)
+    try:
+        again.migrate()
+    finally:
+        os.umask(old)
+        again.close()
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600

@@ -94,6 +94,8 @@ def test_allowed_networks_open_private_ranges() -> None:
         ("http://0x7f.1/", "usual form"),
         ("http://1.1.1.1./", "usual form"),
         ("http://1.1.1.1:+80/", "port"),
+        ("https://[2606:4700:4700::1111%25eth0]/", "IPv6 zone"),
+        ("http://[fe80::1%eth0]:8080/", "IPv6 zone"),
         ("http://example.com:%38%30/", "port"),
     ],
 )

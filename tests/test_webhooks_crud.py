@@ -122,6 +122,8 @@ async def test_duplicate_events_are_collapsed(stubs: Stubs, tokens: Tokens, worl
         ("name", {"name": "Hook \u2066one\u2069"}),
         ("name", {"name": "\u200b"}),
         ("name", {"name": "\ufeff \u2060"}),
+        ("name", {"name": "\u3164"}),
+        ("name", {"name": "\u2800\ufe0f\u034f"}),
     ],
 )
 async def test_create_validation(

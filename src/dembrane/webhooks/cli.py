@@ -191,7 +191,9 @@ def _failed(error: Exception) -> int:
     """Report a start-up failure in one line (no traceback); the exit status."""
     if isinstance(error, SQLAlchemyError):
         # The driver's own sentence; SQLAlchemy adds the statement and a link below it.
-        message = f"cannot use the database: {describe_store_error(error)}"
+        message = (
+            f"cannot use the database WEBHOOKS_DATABASE_URL names: {describe_store_error(error)}"
+        )
     else:
         message = str(error)
     print(f"dembrane-webhooks: {message}", file=sys.stderr)

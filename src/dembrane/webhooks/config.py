@@ -110,12 +110,22 @@ class Settings:
         unknown = sorted(
             name
             for name in environment
-            if name.startswith(_PREFIX)
+            if name.startswith(_PREFIXES)
             and not name.startswith(_TEST_PREFIX)
             and name not in reader.asked
         )
         if unknown:
             settings = replace(settings, unknown_variables=tuple(unknown))
+        ports = {
+            "WEBHOOKS_GRPC_PORT": settings.grpc_port,
+            "WEBHOOKS_HTTP_PORT": settings.http_port,
+            "WEBHOOKS_METRICS_PORT": settings.metrics_port,
+        }
+        named = [(name, port) for name, port in ports.items() if port]
+        for index, (name, port) in enumerate(named):
+            for other, other_port in named[index + 1 :]:
+                if port == other_port:
+                    raise ConfigError(f"{name} and {other} must differ; both are {port}.")
         if settings.lease_seconds < settings.request_timeout + MIN_LEASE_OVER_REQUEST:
             raise ConfigError(
                 f"WEBHOOKS_LEASE_SECONDS ({settings.lease_seconds:g}) must be at least "
@@ -228,7 +238,8 @@ class Settings:
         )
 
 
-_PREFIX = "WEBHOOKS_"
+#: Names read as meant for this service; the second is the first missing its S.
+_PREFIXES = ("WEBHOOKS_", "WEBHOOK_")
 #: WEBHOOKS_TEST_* variables choose the test suite's database lane; the service ignores them.
 _TEST_PREFIX = "WEBHOOKS_TEST_"
 
@@ -237,6 +248,16 @@ def _unknown_warning(name: str, known: set[str]) -> str:
     guess = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
     hint = f"; did you mean {guess[0]}?" if guess else ""
     return f"{name} is not a setting of this service and is ignored{hint}"
+
+
+# A decimal number as people type it in ASCII: float() also reads 1_000, nan and other
+# scripts' digits.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _decimal(raw: str) -> float:
+    """``raw`` as a number, or nan when it is not a plain decimal number."""
+    return float(raw) if _DECIMAL.fullmatch(raw) else math.nan
 
 
 def _shown(number: float) -> str:
@@ -270,10 +291,7 @@ class _Reader:
         raw = self.optional(name)
         if raw is None:
             return float(default)
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
+        value = _decimal(raw)
         if not math.isfinite(value):
             raise ConfigError(f"{name} must be a number, not {raw!r}.")
         if not low <= value <= high:
@@ -286,8 +304,8 @@ class _Reader:
         """An address to listen on: an IP literal, or a name that resolves to addresses."""
         value = self.text(name, default)
         try:
-            ipaddress.ip_address(value.strip("[]"))
-            return value
+            # [::1] as well as ::1: the brackets belong to URLs, not to the address.
+            return str(ipaddress.ip_address(value.removeprefix("[").removesuffix("]")))
         except ValueError:
             pass
         try:
@@ -349,12 +367,19 @@ class _Reader:
                 f"{name} is not a URL the service can read; it must look like sqlite:///path "
                 "or postgresql://user@host:port/db, the port a number."
             )
-        in_memory = (url.database or ":memory:") == ":memory:" or "mode=memory" in value
-        if scheme == "sqlite" and in_memory:
+        if scheme != "sqlite":
+            return value
+        database = url.database or ":memory:"
+        if database == ":memory:":
             # Everything would be gone when the process ends, acknowledged events included.
             raise ConfigError(
                 f"{name} must name a SQLite file; an in-memory database loses every event "
                 "when the service stops."
+            )
+        if url.query or database.startswith("file:"):
+            raise ConfigError(
+                f"{name} must be sqlite:///path without query parameters or a file: URI; "
+                "the service sets SQLite's options itself."
             )
         return value
 
@@ -399,10 +424,7 @@ class _Reader:
             return default
         delays: list[float] = []
         for item in raw.split(","):
-            try:
-                delay = float(item.strip())
-            except ValueError:
-                delay = math.nan
+            delay = _decimal(item.strip())
             if not math.isfinite(delay):
                 raise ConfigError(
                     f"{name} must list delays in seconds, comma-separated, not {raw!r}."

@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO
 from wsgiref.simple_server import WSGIServer
 
@@ -26,7 +25,7 @@ from dembrane.webhooks.delivery.sender import RequestSender, Sender
 from dembrane.webhooks.delivery.targets import TargetPolicy
 from dembrane.webhooks.gateway.app import create_app, run_gateway
 from dembrane.webhooks.resources import Resources
-from dembrane.webhooks.store.database import Database, SchemaError
+from dembrane.webhooks.store.database import Database, SchemaError, open_lock_file
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +80,12 @@ class Service:
             database = self._database = Database(
                 settings.database_url, sqlite_synchronous=settings.sqlite_synchronous
             )
+            log.info("database: %s", database.describe())
             await database.offload(database.migrate)
         except SchemaError as error:
             raise StartupError(f"cannot use the database: {error}") from None
         except OSError as error:  # the SQLite file's folder or lock files
             raise StartupError(file_problem(error)) from None
-        log.info("database: %s", database.describe())
         if self.parts.dispatcher and database.is_sqlite:
             self._lock = _own_sqlite_delivery(database.url)
         policy = TargetPolicy(settings.allowed_targets)
@@ -102,7 +101,16 @@ class Service:
         # Every port is bound before the dispatcher starts: a port that is taken stops the
         # start-up before anything is sent.
         if settings.metrics_port:
-            self._metrics, _thread = start_http_server(settings.metrics_port, addr=settings.bind)
+            try:
+                self._metrics, _thread = start_http_server(
+                    settings.metrics_port, addr=settings.bind
+                )
+            except OSError as error:
+                raise StartupError(
+                    f"Cannot listen for metrics on {url_host(settings.bind)}:"
+                    f"{settings.metrics_port} (WEBHOOKS_METRICS_PORT): "
+                    f"{error.strerror or error}."
+                ) from None
             log.info(
                 "metrics on http://%s:%d/metrics", url_host(settings.bind), settings.metrics_port
             )
@@ -165,7 +173,7 @@ def _own_sqlite_delivery(url: str) -> IO[bytes] | None:
     path = make_url(url).database
     if not path or path == ":memory:":
         return None
-    lock = Path(f"{path}.delivery-lock").open("ab")  # noqa: SIM115 - held while running
+    lock = open_lock_file(f"{path}.delivery-lock")
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

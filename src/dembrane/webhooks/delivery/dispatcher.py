@@ -870,11 +870,12 @@ class Dispatcher:
         log shows it; never the secret or the body.
         """
         log.warning(
-            "delivery %s of %s to webhook %s failed for good after %d attempts (last: %s)",
+            "delivery %s of %s to webhook %s failed for good after %d attempt%s (last: %s)",
             claim.delivery_id,
             claim.event_type,
             claim.webhook_id,
             count,
+            "" if count == 1 else "s",
             last.error.rstrip(".") or f"status {last.status_code}",
         )
 

@@ -185,6 +185,9 @@ def validate_url_syntax(url: str) -> str | None:
     host = parsed.raw_host
     if not host:
         return "The URL must name a host."
+    if "%" in host:
+        # A zone names one of this machine's interfaces; no receiver is reached through one.
+        return "The URL's host must not carry an IPv6 zone (the part after %)."
     if _parse_ip(host) is None and _NUMERIC_LABEL.fullmatch(host.rstrip(".").rpartition(".")[2]):
         return _ODD_IPV4
     if parsed.explicit_port == 0 or not _port_written_plainly(url):

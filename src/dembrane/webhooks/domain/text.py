@@ -25,14 +25,25 @@ def has_control_characters(text: str) -> bool:
     return _CONTROL.search(text) is not None
 
 
+# Default-ignorable code points outside category Cf (the Hangul fillers, variation
+# selectors, the combining grapheme joiner, ...) and the braille blank.
+_BLANK = re.compile(
+    "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u2800\u3164\ufe00-\ufe0f\uffa0"
+    "\U000e0100-\U000e01ef]"
+)
+
+
 def has_direction_controls(text: str) -> bool:
     """Whether ``text`` holds a bidirectional formatting character (U+202E and the like)."""
     return _DIRECTION.search(text) is not None
 
 
 def is_invisible(text: str) -> bool:
-    """Whether ``text`` shows nothing: only spaces and format characters (U+200B, ...)."""
-    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
+    """Whether ``text`` shows nothing: only spaces, format characters (U+200B, ...) and the
+    other code points Unicode calls default-ignorable, or that render as a blank."""
+    return all(
+        c.isspace() or unicodedata.category(c) == "Cf" or _BLANK.match(c) is not None for c in text
+    )
 
 
 def printable(text: str) -> str:

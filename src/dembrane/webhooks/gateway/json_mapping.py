@@ -332,7 +332,8 @@ def set_from_query(message: Message, query: Mapping[str, str], *, skip: frozense
                 # Past ten digits (leading zeros aside) no int32 is left, so a number of any
                 # length is out of range without int() having to read all of it.
                 big = len(text.lstrip("-").lstrip("0")) > 10
-                value = _int32(field.name, label, _INT32_RANGE[1] + 1 if big else int(text))
+                beyond = _INT32_RANGE[0] - 1 if text.startswith("-") else _INT32_RANGE[1] + 1
+                value = _int32(field.name, label, beyond if big else int(text))
             case FieldKind.BOOLEAN:
                 if raw.lower() not in ("true", "false"):
                     raise RestError(422, f"{label} must be true or false.")
@@ -393,8 +394,10 @@ def _text(label: str, value: str) -> str:
 
 def _int32(name: str, label: str, value: int) -> int:
     low, high = _INT32_RANGE
-    if not low <= value <= high:
-        raise RestError(400, f"{label} must be between {low} and {high}.", name)
+    if value > high:
+        raise RestError(400, f"{label} must be at most {high}.", name)
+    if value < low:
+        raise RestError(400, f"{label} must be at least {low}.", name)
     return value
 
 

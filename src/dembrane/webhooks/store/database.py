@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
@@ -29,6 +29,7 @@ from sqlmodel import Session
 T = TypeVar("T")
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
+log = logging.getLogger(__name__)
 #: The PostgreSQL advisory lock that serializes migrations ("webhook" in ASCII).
 _MIGRATION_LOCK_KEY = 0x776562686F6F6B
 
@@ -203,7 +204,7 @@ class Database:
         if not path or path == ":memory:":
             yield
             return
-        with Path(f"{path}.migrate-lock").open("ab") as lock:
+        with open_lock_file(f"{path}.migrate-lock") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
                 yield
@@ -260,11 +261,27 @@ class Database:
 
 
 def _create_private(path: str) -> None:
-    """Create the SQLite file readable by its owner only (it holds every signing secret);
-    SQLite gives its journal files the database's mode. An existing file keeps its mode, and
-    a path that cannot be created is left for SQLite to report."""
+    """Make the SQLite file and its journals readable by their owner only: the database
+    holds every signing secret. A new file is created so (SQLite gives its journal files
+    the database's mode); an existing one that others may read is narrowed, with a warning.
+    A path that cannot be created is left for SQLite to report."""
     with contextlib.suppress(OSError):
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        try:
+            mode = os.stat(name).st_mode & 0o777
+            if mode & 0o077:
+                os.chmod(name, mode & 0o700)
+                log.warning(
+                    "%s was readable by others; it holds secrets, now only by its owner", name
+                )
+        except OSError:
+            continue
+
+
+def open_lock_file(path: str) -> IO[bytes]:
+    """Open (creating it readable by its owner only) a lock file beside the database."""
+    return os.fdopen(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600), "ab")
 
 
 def _sqlite_pragmas(synchronous: str, dbapi_connection: Any, _record: Any) -> None:
