@@ -713,3 +713,23 @@ async def test_cors_for_the_configured_origin(rest: Rest, tokens: Tokens, world:
         assert reply.headers["Access-Control-Expose-Headers"] == "X-Next-Page-Token"
     async with rest.http.get(url, headers={**headers, "Origin": "https://other.test"}) as reply:
         assert "Access-Control-Allow-Origin" not in reply.headers
+
+
+async def test_a_request_that_is_not_valid_http_logs_one_line_without_a_traceback(
+    service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A header over 8 kB is refused by the HTTP parser before any handler; the log gets
+    one INFO line naming the fault, not an ERROR with a traceback."""
+    caplog.set_level("INFO", logger="aiohttp.server")
+    port = int(service.http_url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n")
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 400") or status_line.startswith(b"HTTP/1.0 400")
+    await asyncio.sleep(0.1)
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert records, "the refusal is logged"
+    assert all(r.levelname == "INFO" and r.exc_info is None for r in records)
+    assert "is not valid HTTP" in records[0].getMessage()

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 from google.protobuf import message_factory
 from google.protobuf.message import Message
@@ -56,6 +57,24 @@ from dembrane.webhooks.gateway.routes import (
 __all__ = ["MAX_BODY_BYTES", "bound_port", "create_app", "run_gateway"]
 
 _log = logging.getLogger(__name__)
+
+
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (a header over 8 kB, a broken chunk) at ERROR
+    with a traceback, before any handler runs; it is the client's fault, so one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = "refused a request from %s that is not valid HTTP: %s"
+            record.args = (remote, error.message)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_MalformedRequestFilter())
 
 #: The largest request body the gateway reads; anything bigger is answered with 413.
 MAX_BODY_BYTES = 1024 * 1024
