@@ -15,6 +15,7 @@ from sqlmodel import Session, select
 
 from dembrane.webhooks.api import delivery_log
 from dembrane.webhooks.auth import SCOPE_PUBLISH
+from dembrane.webhooks.config import Settings
 from dembrane.webhooks.delivery.retention import RetentionTask, purge_expired
 from dembrane.webhooks.domain.access import Tier
 from dembrane.webhooks.domain.payload import ConversationData, EventData
@@ -26,7 +27,7 @@ from dembrane.webhooks.v1 import event_service_pb2 as epb
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
 
 from grpc_helpers import rich_error
-from harness import Stubs, Tokens, World
+from harness import Stubs, Tokens, World, make_settings
 from receiver import Receiver, Reply, unused_port
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -590,3 +591,49 @@ async def test_the_retention_task_runs_in_the_background(tmp_path: Path) -> None
     finally:
         await task.stop()
         database.close()
+
+
+class TestKeptForever:
+    """WEBHOOKS_RETENTION_DAYS=0 keeps the log forever."""
+
+    @pytest.fixture
+    def settings(self, tmp_path: Path) -> Settings:
+        return make_settings(tmp_path, retention_days=0)
+
+    async def test_a_recovery_window_may_start_at_any_past_time(
+        self, stubs: Stubs, tokens: Tokens, world: World
+    ) -> None:
+        """With nothing ever deleted, a window starting ten minutes (or years) ago is taken;
+        before, a retention of 0 days refused every window."""
+        async with Receiver(SECRET) as receiver:
+            log = await create_webhook(stubs, tokens, receiver.url)
+            for start in (time.time() - 600, time.time() - 3 * 365 * DAY):
+                assert (await log.recover(start)).delivery_count == 0
+
+
+async def test_a_page_token_of_another_list_is_refused(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """A page token handed to another webhook's log or another filter is INVALID_ARGUMENT on
+    page_token, not read as a position there (which could end that list early)."""
+    async with Receiver(SECRET) as receiver:
+        first = await create_webhook(stubs, tokens, receiver.url)
+        other = await create_webhook(stubs, tokens, receiver.url)
+        await stubs.events.PublishEvents(
+            epb.PublishEventsRequest(events=[event(f"e{i}") for i in range(3)]),
+            metadata=tokens.bearer(tokens.service(SCOPE_PUBLISH)),
+        )
+        await first.settled(3)
+        token = (await first.list(page_size=1)).next_page_token
+        assert token
+        assert len((await first.list(page_size=1, page_token=token)).deliveries) == 1
+        for log, fields in (
+            (other, {}),
+            (first, {"status": webhook_pb2.DELIVERY_STATUS_FAILED}),
+            (first, {"event_type": "report.generated"}),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await log.list(page_size=1, page_token=token, **fields)
+            error = rich_error(caught.value)
+            assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "another list" in error.violations["page_token"]

@@ -575,3 +575,35 @@ async def test_a_database_sqlite_cannot_open_names_the_setting(tmp_path: Path) -
     assert code == 1
     assert "dembrane-webhooks: cannot use the database WEBHOOKS_DATABASE_URL names: " in stderr
     assert "Traceback" not in stderr
+
+
+async def test_health_list_reports_every_service(stubs: Stubs) -> None:
+    """grpc.health.v1.Health/List, which reflection shows, answers with every service name
+    and its status rather than UNIMPLEMENTED."""
+    health = health_pb2_grpc.HealthStub(stubs.channel)
+    listed = await health.List(health_pb2.HealthListRequest())
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert listed.statuses[""].status == serving
+    for name in (
+        "dembrane.webhooks.v1.EventService",
+        "dembrane.webhooks.v1.WebhookService",
+        "dembrane.webhooks.v1.DirectoryService",
+    ):
+        assert listed.statuses[name].status == serving
+
+
+async def test_reflection_finds_the_file_of_a_methods_full_name(stubs: Stubs) -> None:
+    """file_containing_symbol takes package.Service.Method too (grpcurl describe asks so),
+    on v1 as on v1alpha; an unknown method is still not found."""
+    for symbol, found in (
+        ("dembrane.webhooks.v1.WebhookService.UpdateWebhook", True),
+        ("dembrane.webhooks.v1.WebhookService.NoSuchMethod", False),
+    ):
+        (answer,) = await _reflect_v1(
+            stubs.channel, [reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)]
+        )
+        if found:
+            protos = answer.file_descriptor_response.file_descriptor_proto
+            assert protos, symbol
+        else:
+            assert answer.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]

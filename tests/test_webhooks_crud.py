@@ -517,3 +517,98 @@ class TestWebhookLimit:
         await self._set_status(
             stubs, tokens, first.webhook.id, webhook_pb2.WEBHOOK_STATUS_PUBLISHED
         )
+
+
+async def test_an_unspecified_status_named_in_the_mask_leaves_the_status_as_is(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """WEBHOOK_STATUS_UNSPECIFIED means 'leave as is' even where the mask names status: the
+    other masked fields change and the status stays; alone it changes nothing."""
+    created = await create(stubs, tokens)
+    updated = await stubs.webhooks.UpdateWebhook(
+        pb.UpdateWebhookRequest(
+            project_id="p-paid",
+            webhook_id=created.webhook.id,
+            name="Renamed",
+            update_mask=field_mask_pb2.FieldMask(paths=["name", "status"]),
+        ),
+        metadata=admin(tokens),
+    )
+    assert (updated.webhook.name, updated.webhook.status) == (
+        "Renamed",
+        webhook_pb2.WEBHOOK_STATUS_PUBLISHED,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stubs.webhooks.UpdateWebhook(
+            pb.UpdateWebhookRequest(
+                project_id="p-paid",
+                webhook_id=created.webhook.id,
+                update_mask=field_mask_pb2.FieldMask(paths=["status"]),
+            ),
+            metadata=admin(tokens),
+        )
+    assert rich_error(caught.value).violations == {"update_mask": "The request changes nothing."}
+
+
+async def test_an_unknown_status_value_is_named_as_unknown(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """A status number the API does not define is refused with the statuses one may set,
+    not with the sentence about 'disabled'."""
+    request = pb.CreateWebhookRequest(
+        project_id="p-paid", name="Hook", url=URL, events=["conversation.started"]
+    )
+    request.status = 99  # type: ignore[assignment]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stubs.webhooks.CreateWebhook(request, metadata=admin(tokens))
+    assert rich_error(caught.value).violations == {
+        "status": "The status must be published, draft or archived."
+    }
+
+
+async def test_a_stranger_learns_nothing_from_a_bad_update_or_rotation(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """A caller outside the project's workspace gets NOT_FOUND for an update or a rotation,
+    however malformed, never the validation of the request."""
+    created = await create(stubs, tokens)
+    stranger = tokens.bearer(tokens.user("u-outsider"))
+    calls = [
+        stubs.webhooks.UpdateWebhook(
+            pb.UpdateWebhookRequest(
+                project_id="p-paid",
+                webhook_id=created.webhook.id,
+                update_mask=field_mask_pb2.FieldMask(paths=["bogus"]),
+            ),
+            metadata=stranger,
+        ),
+        stubs.webhooks.RotateWebhookSecret(
+            pb.RotateWebhookSecretRequest(
+                project_id="p-paid", webhook_id=created.webhook.id, secret="x"
+            ),
+            metadata=stranger,
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_grace_period_whose_parts_differ_in_sign_is_refused(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """A Duration with positive seconds and negative nanos is not a valid duration."""
+    created = await create(stubs, tokens)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stubs.webhooks.RotateWebhookSecret(
+            pb.RotateWebhookSecretRequest(
+                project_id="p-paid",
+                webhook_id=created.webhook.id,
+                grace_period=duration_pb2.Duration(seconds=10, nanos=-500),
+            ),
+            metadata=admin(tokens),
+        )
+    assert rich_error(caught.value).violations == {
+        "grace_period": "The grace period is not a valid duration."
+    }

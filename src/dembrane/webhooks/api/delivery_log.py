@@ -118,7 +118,8 @@ async def list_deliveries(
         )
     errors.raise_if_any()
     limit = page_size(request.page_size)
-    after = decode_token(request.page_token)
+    listing = f"ListDeliveries {request.webhook_id} {status} {event_type}"
+    after = decode_token(request.page_token, listing)
     rows = await resources.database.run(
         lambda session: outbox.list_deliveries(
             session,
@@ -132,7 +133,7 @@ async def list_deliveries(
     token = ""
     if len(rows) > limit:
         rows = rows[:limit]
-        token = encode_token(Cursor(rows[-1].created_at, rows[-1].id))
+        token = encode_token(Cursor(rows[-1].created_at, rows[-1].id), listing)
     return pb.ListDeliveriesResponse(
         deliveries=[delivery_to_pb(r) for r in rows], next_page_token=token
     )
@@ -187,7 +188,7 @@ async def recover_webhook(
         errors.add("start_time", "The start of the time window is required.")
     else:
         start = valid_seconds(request.start_time, "start_time")
-        if start < now - retention:
+        if retention and start < now - retention:
             errors.add(
                 "start_time",
                 f"The window cannot start more than {resources.settings.retention_days:g} days "

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import logging
 import socket
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -110,6 +111,33 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
+class _ReflectionServicer(ReflectionServicer):  # type: ignore[misc]
+    """The package's reflection service, also finding the file of a method's full name
+    (``package.Service.Method``), as the reflection protocol allows and ``grpcurl describe``
+    asks; this protobuf runtime's pool finds services and messages only."""
+
+    def _file_containing_symbol(self, request: Any, fully_qualified_name: str) -> Any:
+        service, _, method = fully_qualified_name.rpartition(".")
+        try:
+            self._pool.FindMethodByName(fully_qualified_name)
+        except KeyError:
+            return super()._file_containing_symbol(request, fully_qualified_name)
+        return super()._file_containing_symbol(request, service if method else fully_qualified_name)
+
+
+class _HealthServicer(health_aio.HealthServicer):  # type: ignore[misc]
+    """The package's asyncio health service, with ``List`` (which it leaves unimplemented
+    though reflection shows it): every service name and its status."""
+
+    async def List(  # noqa: N802 - the RPC's name
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthListResponse:
+        response = health_pb2.HealthListResponse()
+        for name, status in sorted(self._server_status.items()):
+            response.statuses[name].status = status
+        return response
+
+
 async def start_grpc_server(resources: Resources, host: str, port: int) -> GrpcServer:
     """Build and start the server on ``host:port`` (port 0 picks a free one)."""
     server = grpc.aio.server(
@@ -129,7 +157,7 @@ async def start_grpc_server(resources: Resources, host: str, port: int) -> GrpcS
     # The asyncio servicer: the threaded one parks a thread per Watch stream in the loop's
     # default executor and never frees it when the stream is cancelled, so a few open
     # watches would stall every Check and keep the process from exiting.
-    health_servicer = health_aio.HealthServicer()
+    health_servicer = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -181,7 +209,7 @@ def _register_reflection_v1() -> None:
 def _add_reflection(server: grpc.aio.Server) -> None:
     """Serve reflection as grpc.reflection.v1 and v1alpha, from one servicer."""
     _register_reflection_v1()
-    servicer = ReflectionServicer(
+    servicer = _ReflectionServicer(
         (*SERVICE_NAMES, health.SERVICE_NAME, REFLECTION_V1, reflection.SERVICE_NAME)
     )
     for service in (REFLECTION_V1, reflection.SERVICE_NAME):

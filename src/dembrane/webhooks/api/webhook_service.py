@@ -114,14 +114,15 @@ class WebhookServicer(webhook_service_pb2_grpc.WebhookServiceServicer):
         self, request: pb.ListWebhooksRequest, context: Context
     ) -> pb.ListWebhooksResponse:
         limit = page_size(request.page_size)
-        after = decode_token(request.page_token)
+        listing = f"ListWebhooks {request.project_id}"
+        after = decode_token(request.page_token, listing)
 
         def work(session: Session, granted: rules.ProjectAccess) -> pb.ListWebhooksResponse:
             rows = webhooks.list_webhooks(session, granted.project_id, limit, after)
             token = ""
             if len(rows) > limit:
                 rows = rows[:limit]
-                token = encode_token(Cursor(rows[-1].created_at, rows[-1].id))
+                token = encode_token(Cursor(rows[-1].created_at, rows[-1].id), listing)
             return pb.ListWebhooksResponse(
                 webhooks=[webhook_to_pb(r) for r in rows], next_page_token=token
             )
@@ -168,8 +169,9 @@ class WebhookServicer(webhook_service_pb2_grpc.WebhookServiceServicer):
     async def UpdateWebhook(
         self, request: pb.UpdateWebhookRequest, context: Context
     ) -> pb.UpdateWebhookResponse:
-        paths = _update_paths(request)
+        # Who may see the webhook is settled first: a stranger learns nothing from a check.
         await self._webhook(request.project_id, request.webhook_id, lambda _s, r: r)
+        paths = _update_paths(request)
         errors = ErrorCollector()
         changes: dict[str, object] = {}
         if "name" in paths:
@@ -297,6 +299,8 @@ class WebhookServicer(webhook_service_pb2_grpc.WebhookServiceServicer):
     async def RotateWebhookSecret(
         self, request: pb.RotateWebhookSecretRequest, context: Context
     ) -> pb.RotateWebhookSecretResponse:
+        # Who may see the webhook is settled first: a stranger learns nothing from a check.
+        await self._webhook(request.project_id, request.webhook_id, lambda _s, r: r)
         errors = ErrorCollector()
         secret = (
             check_secret(request.secret, errors)
@@ -305,8 +309,12 @@ class WebhookServicer(webhook_service_pb2_grpc.WebhookServiceServicer):
         )
         grace = float(DEFAULT_GRACE_SECONDS)
         if request.HasField("grace_period"):
-            grace = request.grace_period.seconds + request.grace_period.nanos / 1e9
-            if grace < 0 or grace > MAX_GRACE_SECONDS:
+            period = request.grace_period
+            grace = period.seconds + period.nanos / 1e9
+            if (period.seconds < 0 < period.nanos) or (period.nanos < 0 < period.seconds):
+                # google.protobuf.Duration: seconds and nanos must not differ in sign.
+                errors.add("grace_period", "The grace period is not a valid duration.")
+            elif grace < 0 or grace > MAX_GRACE_SECONDS:
                 errors.add("grace_period", "The grace period must be between 0 and 7 days.")
         errors.raise_if_any()
 
@@ -409,6 +417,9 @@ def _update_paths(request: pb.UpdateWebhookRequest) -> set[str]:
             )
             if present
         }
+    if request.status == webhook_pb2.WEBHOOK_STATUS_UNSPECIFIED:
+        # Unspecified means "leave as is", also where the mask names the field.
+        paths.discard("status")
     if not paths:
         raise InvalidArgument.for_field("update_mask", "The request changes nothing.")
     if "url" in paths and len(request.url) > URL_MAX:

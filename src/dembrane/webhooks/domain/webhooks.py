@@ -132,10 +132,13 @@ def check_status(status: str, errors: ErrorCollector) -> WebhookStatus | None:
         parsed = None
     if parsed not in SETTABLE_STATUSES:
         names = ", ".join(s.value for s in SETTABLE_STATUSES[:-1])
+        settable = f"{names} or {SETTABLE_STATUSES[-1].value}"
         errors.add(
             "status",
-            f"The status can be set to {names} or {SETTABLE_STATUSES[-1].value}; "
-            f"{WebhookStatus.DISABLED.value} is set only by the service.",
+            f"The status can be set to {settable}; "
+            f"{WebhookStatus.DISABLED.value} is set only by the service."
+            if parsed is WebhookStatus.DISABLED
+            else f"The status must be {settable}.",
         )
         return None
     return parsed

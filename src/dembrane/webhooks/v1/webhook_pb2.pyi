@@ -313,7 +313,9 @@ class Delivery(_message.Message):
 
     @_builtins.property
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliveryAttempt]:
-        """Every attempt, oldest first. Filled by GetDelivery only; ListDeliveries leaves it empty."""
+        """Every attempt, oldest first. Filled by GetDelivery and RetryDelivery; ListDeliveries
+        leaves it empty.
+        """
 
     def __init__(
         self,
