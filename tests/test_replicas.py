@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -32,6 +34,8 @@ from harness import Stubs, Tokens, seed_world
 from receiver import Receiver
 
 pytestmark = pytest.mark.postgres_only
+
+T = TypeVar("T")
 
 
 async def test_a_publish_on_one_replica_wakes_the_worker_of_another(
@@ -82,6 +86,18 @@ async def test_a_publish_on_one_replica_wakes_the_worker_of_another(
         await api.stop()
 
 
+def _lease_all(session: Session) -> None:
+    """Lease every delivery to another replica for a minute, in ``session``'s transaction."""
+    session.execute(
+        update(DeliveryRow).values(lease_owner="replica-a", next_attempt_at=time.time() + 60)
+    )
+
+
+def _beside(database: Database, work: Callable[[Session], T]) -> asyncio.Task[T]:
+    """Run ``work`` in a transaction of its own on a thread, beside the test's session."""
+    return asyncio.create_task(asyncio.to_thread(database.call, work))
+
+
 async def test_recoveries_racing_on_two_replicas_queue_each_failed_delivery_once(
     tmp_path: Path,
 ) -> None:
@@ -103,16 +119,10 @@ async def test_recoveries_racing_on_two_replicas_queue_each_failed_delivery_once
         with Session(database.engine) as first:
             assert outbox.requeue_failed_batch(first, "wh", *window, time.time(), 100) == 3
             # A dispatcher's lease, before the first recovery commits.
-            first.execute(
-                update(DeliveryRow).values(
-                    lease_owner="replica-a", next_attempt_at=time.time() + 60
-                )
-            )
-            second = asyncio.create_task(
-                asyncio.to_thread(
-                    database.call,
-                    lambda s: outbox.requeue_failed_batch(s, "wh", *window, time.time(), 100),
-                )
+            _lease_all(first)
+            second = _beside(
+                database,
+                lambda s: outbox.requeue_failed_batch(s, "wh", *window, time.time(), 100),
             )
             await asyncio.sleep(0.5)  # the second recovery now waits for the first's locks
             assert not second.done()
@@ -163,17 +173,8 @@ async def test_a_retry_waits_for_a_lease_being_taken_and_leaves_that_attempt_alo
         store_publish(resources, "e1")
         (row,) = rows(resources)
         with Session(database.engine) as dispatcher:
-            dispatcher.execute(
-                update(DeliveryRow).values(
-                    lease_owner="replica-a", next_attempt_at=time.time() + 60
-                )
-            )
-            retry = asyncio.create_task(
-                asyncio.to_thread(
-                    database.call,
-                    lambda s: outbox.retry_delivery(s, "wh", row.id, time.time()),
-                )
-            )
+            _lease_all(dispatcher)
+            retry = _beside(database, lambda s: outbox.retry_delivery(s, "wh", row.id, time.time()))
             await asyncio.sleep(0.5)
             dispatcher.commit()
         await retry
