@@ -19,8 +19,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dembrane.webhooks import __version__
 from dembrane.webhooks.auth import mint_token
-from dembrane.webhooks.config import ConfigError, Settings
-from dembrane.webhooks.service import Parts, Service, StartupError, file_problem, url_host
+from dembrane.webhooks.config import ConfigError, Settings, url_host
+from dembrane.webhooks.service import Parts, Service, StartupError, file_problem
 from dembrane.webhooks.store.database import describe_store_error
 
 log = logging.getLogger("dembrane.webhooks")

@@ -7,6 +7,7 @@ service at start-up with a message that names the variable, never later.
 from __future__ import annotations
 
 import difflib
+import errno
 import ipaddress
 import math
 import os
@@ -258,6 +259,18 @@ _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)
 def _decimal(raw: str) -> float:
     """``raw`` as a number, or nan when it is not a plain decimal number."""
     return float(raw) if _DECIMAL.fullmatch(raw) else math.nan
+
+
+#: Why a listener could not bind, by errno, as the start-up failure says it.
+LISTEN_PROBLEMS = {
+    errno.EADDRINUSE: "the port is taken",
+    errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+}
+
+
+def url_host(host: str) -> str:
+    """``host`` as it goes before ``:port`` in a URL or a gRPC target (IPv6 in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _shown(number: float) -> str:

@@ -18,7 +18,7 @@ from prometheus_client import start_http_server
 from sqlalchemy.engine import make_url
 
 from dembrane.webhooks.api.server import GrpcServer, start_grpc_server
-from dembrane.webhooks.config import Settings
+from dembrane.webhooks.config import Settings, url_host
 from dembrane.webhooks.delivery.dispatcher import Dispatcher
 from dembrane.webhooks.delivery.pool import SenderPool, default_processes
 from dembrane.webhooks.delivery.sender import RequestSender, Sender
@@ -143,11 +143,6 @@ class Service:
         if self._lock is not None:
             self._lock.close()
         self._sender = self._database = self._lock = None
-
-
-def url_host(host: str) -> str:
-    """``host`` as it goes before ``:port`` (an IPv6 address in brackets)."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def file_problem(error: OSError) -> str:

@@ -25,6 +25,7 @@ from dembrane.webhooks.api.event_service import EventServicer
 from dembrane.webhooks.api.interceptor import AuthInterceptor
 from dembrane.webhooks.api.webhook_service import WebhookServicer
 from dembrane.webhooks.auth import TokenVerifier
+from dembrane.webhooks.config import LISTEN_PROBLEMS, url_host
 from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.store.database import Database, describe_store_error
 from dembrane.webhooks.v1 import (
@@ -167,7 +168,7 @@ async def start_grpc_server(resources: Resources, host: str, port: int) -> GrpcS
     bound = 0
     if problem is None:
         try:
-            bound = server.add_insecure_port(f"{_host(host)}:{port}")
+            bound = server.add_insecure_port(f"{url_host(host)}:{port}")
         except RuntimeError:  # what grpcio raises when it cannot bind
             bound = 0
     if bound == 0:
@@ -223,12 +224,6 @@ def _add_reflection(server: grpc.aio.Server) -> None:
         )
 
 
-_BIND_PROBLEMS = {
-    errno.EADDRINUSE: "the port is taken",
-    errno.EADDRNOTAVAIL: "the address is not one of this machine's",
-}
-
-
 def _bind_problem(host: str, port: int) -> str | None:
     """Why ``host:port`` cannot be listened on, when a trial bind says so; else None (any
     other doubt is left to gRPC)."""
@@ -245,11 +240,7 @@ def _bind_problem(host: str, port: int) -> str | None:
             try:
                 probe.bind(address)
             except OSError as error:
-                problem = _BIND_PROBLEMS.get(error.errno or 0)
+                problem = LISTEN_PROBLEMS.get(error.errno or 0)
                 if problem is not None and (port != 0 or error.errno != errno.EADDRINUSE):
                     return problem
     return None
-
-
-def _host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host

@@ -9,7 +9,6 @@ its own, so it could be replaced by any gRPC-JSON transcoder that honours the sa
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import json
 import logging
@@ -28,6 +27,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dembrane.webhooks import metrics
+from dembrane.webhooks.config import LISTEN_PROBLEMS, url_host
 from dembrane.webhooks.gateway.errors import (
     ErrorAnswer,
     RestError,
@@ -216,12 +216,8 @@ async def run_gateway(app: web.Application, host: str, port: int) -> web.AppRunn
         await web.TCPSite(runner, host, port).start()
     except OSError as error:
         await runner.cleanup()
-        problem = {
-            errno.EADDRINUSE: "the port is taken",
-            errno.EADDRNOTAVAIL: "the address is not one of this machine's",
-        }.get(error.errno or 0, error.strerror or str(error))
-        shown = f"[{host}]" if ":" in host else host
-        raise OSError(f"Cannot listen for REST on {shown}:{port}: {problem}.") from None
+        problem = LISTEN_PROBLEMS.get(error.errno or 0, error.strerror or str(error))
+        raise OSError(f"Cannot listen for REST on {url_host(host)}:{port}: {problem}.") from None
     except BaseException:
         await runner.cleanup()
         raise
