@@ -377,3 +377,25 @@ def test_a_variable_missing_the_s_of_the_prefix_is_warned_about() -> None:
         "WEBHOOK_HTTP_PORT is not a setting of this service and is ignored; "
         "did you mean WEBHOOKS_HTTP_PORT?"
     ]
+
+
+def test_origins_are_kept_as_a_browser_sends_them() -> None:
+    """Upper-case hosts and default ports are normalised (a browser sends neither, so such
+    an entry could never match), other ports are kept, and wildcard hosts are refused."""
+    settings = Settings.from_env(
+        {
+            "WEBHOOKS_CORS_ORIGINS": (
+                "HTTPS://App.Dembrane.com, https://a.example:443, http://b.example:80, "
+                "http://c.example:8080, *"
+            )
+        }
+    )
+    assert settings.cors_origins == (
+        "https://app.dembrane.com",
+        "https://a.example",
+        "http://b.example",
+        "http://c.example:8080",
+        "*",
+    )
+    with pytest.raises(ConfigError, match="no wildcard"):
+        Settings.from_env({"WEBHOOKS_CORS_ORIGINS": "https://*.dembrane.com"})

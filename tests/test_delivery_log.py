@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import update
 from sqlmodel import Session, select
 
 from dembrane.webhooks.api import delivery_log
@@ -637,3 +638,27 @@ async def test_a_page_token_of_another_list_is_refused(
             error = rich_error(caught.value)
             assert error.code == grpc.StatusCode.INVALID_ARGUMENT
             assert "another list" in error.violations["page_token"]
+
+
+async def test_only_a_finished_delivery_counts_as_queued_again_by_a_retry(tmp_path: Path) -> None:
+    """Retrying a delivery that is still pending makes it due sooner but is not counted as
+    queued once more (the metric would overstate the backlog); a failed one is."""
+    from test_dispatcher import add_webhook, rows, store_engine, store_publish
+
+    async with store_engine(tmp_path) as resources:
+        database = resources.database
+        add_webhook(resources, "wh", "http://127.0.0.1:9/hook")
+        store_publish(resources, "e1")
+        (row,) = rows(resources)
+
+        def retry() -> bool:
+            found = database.call(lambda s: outbox.retry_delivery(s, "wh", row.id, time.time()))
+            assert found is not None
+            return found[2]
+
+        assert retry() is False
+        database.call(
+            lambda s: s.execute(update(DeliveryRow).values(status="failed", next_attempt_at=None))
+        )
+        assert retry() is True
+        assert retry() is False

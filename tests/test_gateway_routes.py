@@ -137,6 +137,15 @@ def test_openapi_describes_every_route() -> None:
         assert "#/components/" not in text
 
 
+# A request body offers only the statuses a person may set; answers show all four.
+def test_openapi_offers_only_settable_statuses_in_requests() -> None:
+    schemas = build_openapi(ROUTES)["components"]["schemas"]
+    settable = ["published", "draft", "archived"]
+    assert schemas["CreateWebhookBody"]["properties"]["status"]["enum"] == settable
+    assert schemas["UpdateWebhookBody"]["properties"]["status"]["enum"] == settable
+    assert schemas["Webhook"]["properties"]["status"]["enum"] == [*settable, "disabled"]
+
+
 def test_openapi_documents_body_errors_where_a_body_is_read() -> None:
     """Routes that read a body document 413 (too large) and 415 (unsupported encoding); the
     others document neither."""

@@ -861,9 +861,11 @@ async def test_cors(stack: Stack) -> None:
         assert reply.headers["Access-Control-Allow-Origin"] == ORIGIN
         assert "PATCH" in reply.headers["Access-Control-Allow-Methods"]
         assert "Authorization" in reply.headers["Access-Control-Allow-Headers"]
+        assert reply.headers["Access-Control-Allow-Credentials"] == "true"
     async with stack.http.get(url, headers={"Origin": ORIGIN}) as reply:
         assert reply.headers["Access-Control-Allow-Origin"] == ORIGIN
         assert reply.headers["Access-Control-Expose-Headers"] == "X-Next-Page-Token"
+        assert reply.headers["Access-Control-Allow-Credentials"] == "true"
         assert "Origin" in reply.headers["Vary"]
     async with stack.http.get(url, headers={"Origin": "https://evil.example"}) as reply:
         assert "Access-Control-Allow-Origin" not in reply.headers
@@ -871,6 +873,25 @@ async def test_cors(stack: Stack) -> None:
         url, headers={**preflight, "Origin": "https://evil.example"}
     ) as reply:
         assert "Access-Control-Allow-Origin" not in reply.headers
+
+
+# A listed origin may send credentials (the platform's front end sends them, and a browser
+# drops the answer without this consent); origins allowed only through * may not.
+async def test_cors_credentials_only_for_listed_origins() -> None:
+    app = create_app(grpc_target="127.0.0.1:9", cors_origins=["*"], rpc_timeout=1)
+    runner = await run_gateway(app, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{bound_port(runner)}/api/projects/p1/webhooks"
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "GET"}
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.options(url, headers=preflight) as reply:
+                assert reply.headers["Access-Control-Allow-Origin"] == ORIGIN
+                assert "Access-Control-Allow-Credentials" not in reply.headers
+            async with http.get(url, headers={"Origin": ORIGIN}) as reply:
+                assert reply.headers["Access-Control-Allow-Origin"] == ORIGIN
+                assert "Access-Control-Allow-Credentials" not in reply.headers
+    finally:
+        await runner.cleanup()
 
 
 # /healthz follows the gRPC health of WebhookService.

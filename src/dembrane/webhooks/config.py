@@ -50,7 +50,7 @@ MAX_DAYS = 36500
 #: into thousands of requests.
 DEFAULT_MAX_WEBHOOKS_PER_PROJECT = 100
 # scheme://host[:port]; the host a name, an IPv4 address or a bracketed IPv6 address.
-_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?")
+_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?", re.IGNORECASE)
 
 
 class ConfigError(ValueError):
@@ -422,14 +422,22 @@ class _Reader:
 
     def origins(self, name: str) -> tuple[str, ...]:
         """Browser origins (``scheme://host[:port]``, as a browser sends them) or ``*``."""
-        origins = self.items(name)
-        for origin in origins:
-            if origin != "*" and not _ORIGIN.fullmatch(origin):
+        origins: list[str] = []
+        for origin in self.items(name):
+            match = _ORIGIN.fullmatch(origin)
+            if origin != "*" and (match is None or "*" in origin):
                 raise ConfigError(
                     f"{name} must list origins such as https://app.example.com (scheme, host "
-                    f"and optional port, no path) or *, not {origin!r}."
+                    f"and optional port, no path, no wildcard) or *, not {origin!r}."
                 )
-        return origins
+            if match is not None:
+                # As a browser sends it: lower case, and no port where it is the default.
+                scheme, host, port = origin.split("://", 1)[0].lower(), match[1].lower(), match[2]
+                if port in (None, ":443" if scheme == "https" else ":80"):
+                    port = ""
+                origin = f"{scheme}://{host}{port}"
+            origins.append(origin)
+        return tuple(origins)
 
     def schedule(self, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
         raw = self.optional(name)

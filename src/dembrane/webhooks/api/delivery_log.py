@@ -167,8 +167,10 @@ async def retry_delivery(
     if found is None:
         raise _not_found()
     resources.wake_dispatcher()
-    metrics.STATS.deliveries_queued += 1
-    row, attempts = found
+    row, attempts, requeued = found
+    if requeued:
+        # Counted once per time it is queued: a pending delivery made due sooner is not new.
+        metrics.STATS.deliveries_queued += 1
     return pb.RetryDeliveryResponse(delivery=delivery_to_pb(row, attempts))
 
 

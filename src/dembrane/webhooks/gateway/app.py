@@ -451,14 +451,21 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def _cors_middleware(origins: Sequence[str]) -> Middleware:
-    """CORS for the configured origins, so the integrations tab can call from the browser."""
+    """CORS for the configured origins, so the integrations tab can call from the browser.
+
+    A listed origin may send credentials (the platform's front end makes its requests with
+    them, and a browser drops an answer to such a request without this consent); ``*``
+    never gets that consent. The gateway itself reads no cookies, only bearer tokens.
+    """
     allow_any = "*" in origins
     allowed = frozenset(origins)
 
     @web.middleware
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
-        permitted = origin is not None and (allow_any or origin in allowed)
+        listed = origin is not None and origin in allowed
+        permitted = listed or (origin is not None and allow_any)
+        credentials = {"Access-Control-Allow-Credentials": "true"} if listed else {}
         if (
             permitted
             and request.method == "OPTIONS"
@@ -472,6 +479,7 @@ def _cors_middleware(origins: Sequence[str]) -> Middleware:
                     "Access-Control-Allow-Headers": _CORS_HEADERS,
                     "Access-Control-Max-Age": _CORS_MAX_AGE,
                     "Vary": "Origin",
+                    **credentials,
                 },
             )
         response = await handler(request)
@@ -480,6 +488,7 @@ def _cors_middleware(origins: Sequence[str]) -> Middleware:
         if permitted:
             response.headers["Access-Control-Allow-Origin"] = str(origin)
             response.headers["Access-Control-Expose-Headers"] = PAGE_TOKEN_HEADER
+            response.headers.update(credentials)
         return response
 
     return cors

@@ -1396,9 +1396,10 @@ def _require_published(session: Session, webhook_id: str, action: str) -> None:
 
 def retry_delivery(
     session: Session, webhook_id: str, delivery_id: str, now: float
-) -> tuple[DeliveryRow, list[AttemptRow]] | None:
-    """Make a delivery due now, whatever its status; return it with its attempts so far, or
-    None when it is not the webhook's.
+) -> tuple[DeliveryRow, list[AttemptRow], bool] | None:
+    """Make a delivery due now, whatever its status; return it with its attempts so far and
+    whether it was finished before (so queued once more), or None when it is not the
+    webhook's.
 
     A delivery a dispatcher is sending right now is left to that attempt. Raises
     ``FailedPrecondition`` when the webhook is not published.
@@ -1415,6 +1416,7 @@ def retry_delivery(
         and row.next_attempt_at is not None
         and row.next_attempt_at > now
     )
+    requeued = row.status != DeliveryState.PENDING
     if not in_flight:
         row.status = DeliveryState.PENDING.value
         row.next_attempt_at = now
@@ -1424,7 +1426,8 @@ def retry_delivery(
         session.add(row)
         session.flush()
         announce_due(session)
-    return get_delivery(session, webhook_id, delivery_id)
+    found = get_delivery(session, webhook_id, delivery_id)
+    return None if found is None else (*found, requeued)
 
 
 def requeue_failed_batch(
