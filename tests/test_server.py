@@ -458,13 +458,19 @@ async def test_metrics_count_what_was_published_and_sent(
 
 
 async def test_metrics_can_have_a_port_of_their_own(tmp_path: Path) -> None:
-    """WEBHOOKS_METRICS_PORT serves /metrics apart from the gateway (a worker has none)."""
+    """WEBHOOKS_METRICS_PORT serves /metrics apart from the gateway (a worker has none), and
+    only there: another path is 404, so a health probe pointed at it by mistake fails."""
     port = unused_port()
     running = Service(make_settings(tmp_path, metrics_port=port), Parts(grpc=False, gateway=False))
     await running.start()
     try:
         values = await _metric_values(f"http://127.0.0.1:{port}/metrics")
         assert "webhooks_deliveries_in_flight{}" in values
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/healthz") as reply,
+        ):
+            assert reply.status == 404
     finally:
         await running.stop()
 

@@ -5,9 +5,9 @@ in ``STATS``; a collector turns them into metrics when ``/metrics`` is read. The
 library's own metric objects take a lock per update, which at thousands of deliveries a
 second cost a visible share of the event loop. The process and Python collectors of the
 default registry come along, and everything is exposed in the text format at
-``GET /metrics`` of the REST gateway (``serve``) or on ``WEBHOOKS_METRICS_PORT`` (any
-command, ``worker`` included). No label carries a project, webhook or event id: the series
-stay few whatever the traffic.
+``GET /metrics`` of the REST gateway (``serve``) or on ``WEBHOOKS_METRICS_PORT`` (``serve``
+and ``worker``; a ``gateway`` alone has no figures of its own to show). No label carries a
+project, webhook or event id: the series stay few whatever the traffic.
 
 Every update happens on the event loop's thread, so plain additions are safe.
 """
@@ -15,18 +15,23 @@ Every update happens on the event loop's thread, so plain additions are safe.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+import socket
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "STATS", "Stats", "exposition"]
+__all__ = ["CONTENT_TYPE", "STATS", "Stats", "exposition", "serve_metrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -120,3 +125,30 @@ REGISTRY.register(_StatsCollector())
 def exposition() -> bytes:
     """Every metric of this process in the Prometheus text format."""
     return generate_latest()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Scrapes come every few seconds; they are not worth a log line each."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+def serve_metrics(port: int, host: str) -> WSGIServer:
+    """Serve ``GET /metrics`` on ``host:port`` from a thread; any other path is 404, so a
+    health probe pointed here by mistake does not pass. Stop it with ``shutdown()``."""
+    metrics_app = make_wsgi_app()
+
+    def only_metrics(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/metrics":
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"Not found; the metrics are at /metrics.\n"]
+
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    server: WSGIServer = make_server(
+        host, port, only_metrics, server_class, handler_class=_QuietHandler
+    )
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

@@ -14,7 +14,6 @@ from typing import IO
 from wsgiref.simple_server import WSGIServer
 
 from aiohttp import web
-from prometheus_client import start_http_server
 from sqlalchemy.engine import make_url
 
 from dembrane.webhooks.api.server import GrpcServer, start_grpc_server
@@ -24,6 +23,7 @@ from dembrane.webhooks.delivery.pool import SenderPool, default_processes
 from dembrane.webhooks.delivery.sender import RequestSender, Sender
 from dembrane.webhooks.delivery.targets import TargetPolicy
 from dembrane.webhooks.gateway.app import create_app, run_gateway
+from dembrane.webhooks.metrics import serve_metrics
 from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.store.database import Database, SchemaError, open_lock_file
 
@@ -102,9 +102,7 @@ class Service:
         # start-up before anything is sent.
         if settings.metrics_port:
             try:
-                self._metrics, _thread = start_http_server(
-                    settings.metrics_port, addr=settings.bind
-                )
+                self._metrics = serve_metrics(settings.metrics_port, settings.bind)
             except OSError as error:
                 raise StartupError(
                     f"Cannot listen for metrics on {url_host(settings.bind)}:"
