@@ -146,6 +146,17 @@ def test_openapi_offers_only_settable_statuses_in_requests() -> None:
     assert schemas["Webhook"]["properties"]["status"]["enum"] == [*settable, "disabled"]
 
 
+# A partial update must send a body naming at least one field; other bodies stay optional.
+def test_openapi_requires_a_partial_update_to_name_a_field() -> None:
+    document = build_openapi(ROUTES)
+    update = document["paths"]["/api/projects/{project_id}/webhooks/{webhook_id}"]["patch"]
+    assert update["requestBody"]["required"] is True
+    assert document["components"]["schemas"]["UpdateWebhookBody"]["minProperties"] == 1
+    test = document["paths"]["/api/projects/{project_id}/webhooks/{webhook_id}/test"]["post"]
+    assert test["requestBody"]["required"] is False
+    assert "minProperties" not in document["components"]["schemas"]["TestWebhookBody"]
+
+
 def test_openapi_documents_body_errors_where_a_body_is_read() -> None:
     """Routes that read a body document 413 (too large) and 415 (unsupported encoding); the
     others document neither."""

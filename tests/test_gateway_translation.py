@@ -159,7 +159,11 @@ def _url(route: Route) -> str:
 # Every route reaches its RPC with the path's ids and the caller's Authorization header.
 @pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.rpc_name)
 async def test_every_route_reaches_its_rpc(stack: Stack, route: Route) -> None:
-    body = {"start_time": "2026-11-28T12:00:00Z"} if route.rpc_name == "RecoverWebhook" else {}
+    bodies = {
+        "RecoverWebhook": {"start_time": "2026-11-28T12:00:00Z"},
+        "UpdateWebhook": {"name": "n"},
+    }
+    body = bodies.get(route.rpc_name, {})
     kwargs: dict[str, Any] = {"json": body} if route.body == "*" else {}
     async with stack.http.request(route.http_method, stack.url + _url(route), **kwargs) as reply:
         assert reply.status == route.success_status, await reply.text()
@@ -524,6 +528,20 @@ async def test_patch_keys_become_the_update_mask(stack: Stack) -> None:
     assert list(request.update_mask.paths) == ["events", "status"]
     assert request.status == wpb.WEBHOOK_STATUS_PUBLISHED
     assert list(request.events) == ["report.generated"]
+
+
+# A PATCH body with no field to change is refused by its REST names, never as "update_mask".
+@pytest.mark.parametrize("body", [{}, {"name": None, "x": 1}])
+async def test_patch_that_changes_nothing_is_refused(stack: Stack, body: dict[str, Any]) -> None:
+    async with stack.http.patch(f"{stack.url}/api/projects/p1/webhooks/wh_1", json=body) as reply:
+        assert reply.status == 400
+        answer = await reply.json()
+    assert answer == {
+        "detail": "The request body names no field to change; "
+        "give one or more of name, url, events, secret, status.",
+        "reason": "INVALID_ARGUMENT",
+    }
+    assert stack.service.calls == []
 
 
 # Create answers 201 with the webhook, and the secret only when the service generated it.

@@ -249,6 +249,9 @@ def _route_handler(route: Route) -> Handler:
     skip = frozenset(route.path_parameters)
     mask_names = {f.name: f.proto_name for f in rest_fields(route.input_type)}
     has_mask = _MASK_FIELD in route.input_type.fields_by_name
+    changeable = ", ".join(
+        n for n, proto in mask_names.items() if n not in skip and proto != _MASK_FIELD
+    )
     # The server names the fields of its violations in proto names; REST callers sent others.
     rest_name = functools.partial(rest_field_path, route.input_type)
 
@@ -261,6 +264,12 @@ def _route_handler(route: Route) -> Handler:
             given = set_from_json(message, body, skip=skip)
             if has_mask:
                 # The keys present in a PATCH body are the fields to change.
+                if not given:
+                    raise RestError(
+                        400,
+                        "The request body names no field to change; "
+                        f"give one or more of {changeable}.",
+                    )
                 getattr(message, _MASK_FIELD).paths.extend(mask_names[n] for n in given)
         else:
             set_from_query(message, request.query, skip=skip)

@@ -153,11 +153,15 @@ class _DocumentBuilder:
         schema: dict[str, Any] = {"type": "object", "properties": properties}
         if route.required_body_keys:
             schema["required"] = list(route.required_body_keys)
+        # A partial update's keys are the fields it changes: it must name one.
+        changes = "update_mask" in route.input_type.fields_by_name
+        if changes:
+            schema["minProperties"] = 1
         name = f"{route.rpc_name}Body"
         self.schemas[name] = schema
         return {
             # A body without required keys may be left out entirely.
-            "required": bool(route.required_body_keys),
+            "required": bool(route.required_body_keys) or changes,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
         }
 
