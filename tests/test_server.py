@@ -286,6 +286,47 @@ async def test_a_taken_port_stops_start_up_in_one_line(
         assert unwanted not in stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "sentence"),
+    [
+        ("WEBHOOKS_HTTP_PORT", "Cannot listen for REST on 127.0.0.1:{port}: the port is taken."),
+        ("WEBHOOKS_METRICS_PORT", "Cannot listen for metrics on 127.0.0.1:{port} (WEBHOOKS_"),
+    ],
+    ids=["rest", "metrics"],
+)
+async def test_a_taken_port_stops_the_standalone_gateway_in_one_line(
+    tmp_path: Path, variable: str, sentence: str
+) -> None:
+    """The standalone gateway meets a taken REST or metrics port as `serve` does: exit status
+    1 and one sentence naming the port, with no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = _serve_env(tmp_path, **{variable: str(port)})
+        code, stderr = await _run_to_exit(env, "gateway", "--grpc-target", "127.0.0.1:1")
+    assert code == 1
+    assert stderr.splitlines()[-1].startswith(f"dembrane-webhooks: {sentence.format(port=port)}")
+    assert "Traceback" not in stderr
+
+
+async def test_the_standalone_gateway_serves_metrics_on_their_own_port(tmp_path: Path) -> None:
+    """`gateway` with WEBHOOKS_METRICS_PORT serves /metrics there, as `serve` does, besides
+    the REST port's own /metrics."""
+    metrics_port = unused_port()
+    env = _serve_env(tmp_path, WEBHOOKS_METRICS_PORT=str(metrics_port))
+    process = await _start_cli(env, "gateway", "--grpc-target", "127.0.0.1:1")
+    try:
+        await _wait_for_port(int(env["WEBHOOKS_HTTP_PORT"]))
+        values = await _metric_values(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert "webhooks_deliveries_in_flight{}" in values
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
+    assert process.returncode == 0, stderr.decode()
+    assert f"metrics on http://127.0.0.1:{metrics_port}/metrics" in stderr.decode()
+
+
 async def test_an_address_not_of_this_machine_stops_start_up_in_one_line(
     tmp_path: Path,
 ) -> None:

@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dembrane.webhooks import __version__
 from dembrane.webhooks.auth import mint_token
 from dembrane.webhooks.config import ConfigError, Settings, url_host
-from dembrane.webhooks.service import Parts, Service, StartupError, file_problem
+from dembrane.webhooks.service import Parts, Service, StartupError, file_problem, start_metrics
 from dembrane.webhooks.store.database import describe_store_error
 
 log = logging.getLogger("dembrane.webhooks")
@@ -83,18 +83,27 @@ async def _run_gateway(settings: Settings, grpc_target: str) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runner = await run_gateway(
-        create_app(grpc_target=grpc_target, cors_origins=settings.cors_origins),
-        settings.bind,
-        settings.http_port,
-    )
-    log.info(
-        "REST gateway on %s:%s calling %s", url_host(settings.bind), settings.http_port, grpc_target
-    )
+    metrics = start_metrics(settings)
     try:
-        await stop.wait()
+        runner = await run_gateway(
+            create_app(grpc_target=grpc_target, cors_origins=settings.cors_origins),
+            settings.bind,
+            settings.http_port,
+        )
+        log.info(
+            "REST gateway on %s:%s calling %s",
+            url_host(settings.bind),
+            settings.http_port,
+            grpc_target,
+        )
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
     finally:
-        await runner.cleanup()
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
@@ -162,7 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem is not None:
             print(f"dembrane-webhooks: {problem}", file=sys.stderr)
             return 2
-        _run(_run_gateway(settings, args.grpc_target))
+        try:
+            _run(_run_gateway(settings, args.grpc_target))
+        except (OSError, StartupError) as error:
+            return _failed(error)
         return 0
     for warning in settings.warnings(serving=args.command != "worker"):
         log.warning("%s", warning)

@@ -100,18 +100,7 @@ class Service:
             log.info("gRPC listening on %s", self.grpc_target)
         # Every port is bound before the dispatcher starts: a port that is taken stops the
         # start-up before anything is sent.
-        if settings.metrics_port:
-            try:
-                self._metrics = serve_metrics(settings.metrics_port, settings.bind)
-            except OSError as error:
-                raise StartupError(
-                    f"Cannot listen for metrics on {url_host(settings.bind)}:"
-                    f"{settings.metrics_port} (WEBHOOKS_METRICS_PORT): "
-                    f"{error.strerror or error}."
-                ) from None
-            log.info(
-                "metrics on http://%s:%d/metrics", url_host(settings.bind), settings.metrics_port
-            )
+        self._metrics = start_metrics(settings)
         if self.parts.gateway and self.parts.grpc:
             app = create_app(grpc_target=self.grpc_target, cors_origins=settings.cors_origins)
             self._gateway = await run_gateway(app, settings.bind, settings.http_port)
@@ -150,6 +139,23 @@ def file_problem(error: OSError) -> str:
         f"cannot use the SQLite database WEBHOOKS_DATABASE_URL names: "
         f"{error.strerror or error}{where}."
     )
+
+
+def start_metrics(settings: Settings) -> WSGIServer | None:
+    """Serve ``/metrics`` on ``WEBHOOKS_METRICS_PORT`` when it is set; stop it with
+    ``shutdown()`` and ``server_close()``."""
+    if not settings.metrics_port:
+        return None
+    try:
+        server = serve_metrics(settings.metrics_port, settings.bind)
+    except OSError as error:
+        raise StartupError(
+            f"Cannot listen for metrics on {url_host(settings.bind)}:"
+            f"{settings.metrics_port} (WEBHOOKS_METRICS_PORT): "
+            f"{error.strerror or error}."
+        ) from None
+    log.info("metrics on http://%s:%d/metrics", url_host(settings.bind), settings.metrics_port)
+    return server
 
 
 class StartupError(Exception):
