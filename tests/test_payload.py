@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
+import subprocess
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -91,6 +94,41 @@ def test_rendered_body_is_canonical() -> None:
     body = render_body(_conversation_event("conversation.summarized"), PROJECT, BASE)
     assert canonical_json(json.loads(body)) == body
     assert body.isascii()
+
+
+# The canonical re-serialization a JavaScript receiver would write (JSON.stringify with its
+# keys sorted and non-ASCII escaped as Python escapes it).
+_NODE_CANONICAL = """
+const sort = (v) => Array.isArray(v) ? v.map(sort)
+  : v && typeof v === "object"
+    ? Object.fromEntries(Object.keys(v).sort().map((k) => [k, sort(v[k])])) : v;
+let input = "";
+process.stdin.on("data", (d) => (input += d));
+process.stdin.on("end", () => process.stdout.write(JSON.stringify(sort(JSON.parse(input)))
+  .replace(/[\\u0080-\\uffff]/g, (c) => "\\\\u" + c.charCodeAt(0).toString(16).padStart(4, "0"))));
+"""
+
+
+@pytest.mark.parametrize("duration", [60.0, 0.0, 61.5, 3600.25, None])
+def test_rendered_body_re_serializes_to_itself_in_python_and_javascript(
+    duration: float | None,
+) -> None:
+    """A whole-number duration is written without a fraction (60, not 60.0), so a receiver
+    that re-serializes the parsed body gets the signed bytes back in JavaScript (and Go,
+    whose JSON writer agrees) as well as in Python."""
+    conversation = dataclasses.replace(CONVERSATION, duration=duration)
+    event = _conversation_event("conversation.summarized", conversation=conversation)
+    body = render_body(event, PROJECT, BASE)
+    assert canonical_json(json.loads(body)) == body
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("Node.js is not installed")
+    rewritten = subprocess.run(  # noqa: S603 - a fixed script run by the local Node.js
+        [node, "-e", _NODE_CANONICAL], input=body, capture_output=True, check=True, timeout=60
+    ).stdout
+    assert rewritten == body
+    expected = "null" if duration is None else f"{duration:g}"
+    assert f'"duration":{expected},'.encode() in body
 
 
 @pytest.mark.parametrize(

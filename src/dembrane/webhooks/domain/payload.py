@@ -119,6 +119,16 @@ def _needs_conversation(event_type: str) -> bool:
     return event_type == WEBHOOK_TEST or event_type.startswith("conversation.")
 
 
+def _json_number(value: float | None) -> float | int | None:
+    """``value`` as the body carries it: a whole number without a fraction (``60``, not
+    ``60.0``), as JavaScript's and Go's JSON writers put it. A receiver that re-serializes
+    the parsed body to check the signature then gets the bytes that were signed, whichever
+    of the three languages it is written in."""
+    if value is not None and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
+
+
 def _needs_report(event_type: str) -> bool:
     return event_type.startswith("report.")
 
@@ -129,7 +139,7 @@ def _conversation_object(event_type: str, conversation: ConversationData) -> dic
         "created_at": _iso_or_none(conversation.created_at),
         "updated_at": _iso_or_none(conversation.updated_at),
         "participant_name": conversation.participant_name,
-        "duration": conversation.duration,
+        "duration": _json_number(conversation.duration),
         "source": conversation.source,
         "is_finished": conversation.is_finished,
         "is_all_chunks_transcribed": conversation.is_all_chunks_transcribed,
