@@ -101,6 +101,13 @@ def check_secret(secret: str, errors: ErrorCollector) -> str:
                 f"A secret that starts with {STANDARD_PREFIX} must continue with the base64 "
                 "of its key, as Standard Webhooks libraries expect.",
             )
+        elif len(secret) % 4 != len(STANDARD_PREFIX) % 4:
+            # Go's Standard Webhooks library, among others, refuses base64 without it.
+            errors.add(
+                "secret",
+                f"The base64 after {STANDARD_PREFIX} must keep its padding: '=' up to a "
+                "multiple of 4 characters, as every Standard Webhooks library reads it.",
+            )
         elif len(key) < SECRET_MIN:
             # The key is what signs: whsec_QUJD passes the length check but is 3 bytes.
             errors.add(
