@@ -654,3 +654,27 @@ async def test_reflection_finds_the_file_of_a_methods_full_name(stubs: Stubs) ->
             assert protos, symbol
         else:
             assert answer.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+@pytest.mark.sqlite_only
+async def test_idle_clients_may_send_keepalive_pings_every_ten_seconds(tmp_path: Path) -> None:
+    """A client that keeps an idle connection alive with a ping every 10 s (the shortest Go's
+    gRPC allows) keeps it: the server does not answer the third such ping with GOAWAY
+    "too_many_pings", which would drop the connection of every idle backend."""
+    service = Service(make_settings(tmp_path), Parts(grpc=True, gateway=False, dispatcher=False))
+    await service.start()
+    options = [
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    try:
+        async with grpc.aio.insecure_channel(service.grpc_target, options=options) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            await health.Check(health_pb2.HealthCheckRequest())
+            assert channel.get_state() == grpc.ChannelConnectivity.READY
+            # Three pings (at 10, 20 and 30 s) with no call between them.
+            await asyncio.sleep(34)
+            assert channel.get_state() == grpc.ChannelConnectivity.READY
+    finally:
+        await service.stop()

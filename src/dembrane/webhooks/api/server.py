@@ -146,6 +146,11 @@ async def start_grpc_server(resources: Resources, host: str, port: int) -> GrpcS
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            # Backends keep idle connections alive with pings, Go's gRPC every 10 s at the
+            # most. gRPC's own limit (one every 5 minutes) would answer the third with
+            # GOAWAY "too_many_pings" and drop the connection.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
     webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server(
