@@ -148,6 +148,29 @@ async def test_create_validation(
     assert field in error.violations, error.violations
 
 
+@pytest.mark.parametrize(
+    ("events", "says"),
+    [
+        (["webhook.test"], "webhook.test cannot be subscribed to: the Test action sends it to"),
+        (
+            ["webhook.test", "nope"],
+            "webhook.test cannot be subscribed to: the Test action sends it to any webhook. "
+            "Unknown event type 'nope'; the types to subscribe to are conversation.started",
+        ),
+        (["nope"], "Unknown event type 'nope'; the types to subscribe to are "),
+    ],
+)
+async def test_subscribing_to_the_test_event_says_why_it_cannot(
+    stubs: Stubs, tokens: Tokens, world: World, events: list[str], says: str
+) -> None:
+    """webhook.test, which ListEventTypes lists as not subscribable, is refused as such rather
+    than as an unknown type, and a truly unknown type beside it is still named unknown."""
+    request = pb.CreateWebhookRequest(project_id="p-paid", name="Hook", url=URL, events=events)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stubs.webhooks.CreateWebhook(request, metadata=admin(tokens))
+    assert rich_error(caught.value).violations["events"].startswith(says)
+
+
 async def test_private_targets_are_refused_when_not_allowed(
     stubs: Stubs, tokens: Tokens, world: World
 ) -> None:

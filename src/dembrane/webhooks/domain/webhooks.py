@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from enum import StrEnum
 
 from dembrane.webhooks.domain.errors import ErrorCollector, InvalidArgument
+from dembrane.webhooks.domain.payload import WEBHOOK_TEST
 from dembrane.webhooks.domain.text import (
     has_control_characters,
     has_direction_controls,
@@ -69,11 +70,20 @@ def check_events(events: Sequence[str], known: Iterable[str], errors: ErrorColle
         elif name not in seen:
             seen.append(name)
     if unknown:
-        listed = ", ".join(repr(u) for u in unknown)
-        errors.add(
-            "events",
-            f"Unknown event type {listed}; the known types are {', '.join(sorted(catalog))}.",
-        )
+        types = ", ".join(sorted(catalog))
+        others = [u for u in unknown if u.strip() != WEBHOOK_TEST]
+        if others:
+            listed = ", ".join(repr(u) for u in others)
+            message = f"Unknown event type {listed}; the types to subscribe to are {types}."
+        else:
+            message = f"The types to subscribe to are {types}."
+        if len(others) < len(unknown):
+            # Listed by ListEventTypes, so not unknown: say why it cannot be chosen.
+            message = (
+                f"{WEBHOOK_TEST} cannot be subscribed to: the Test action sends it to any "
+                f"webhook. {message}"
+            )
+        errors.add("events", message)
     elif not seen:
         errors.add("events", "A webhook must subscribe to at least one event type.")
     return seen
