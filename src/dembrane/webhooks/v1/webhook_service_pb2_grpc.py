@@ -29,6 +29,11 @@ class WebhookServiceStub:
     """WebhookService lets the owners and admins of a workspace on the changemaker tier or above
     manage their projects' webhooks and inspect what was delivered to them. Every call needs a
     bearer token; see the service's README for the rules.
+
+    The google.api.http options give each call's REST route. The REST gateway's JSON is the
+    one the platform's integrations tab reads (snake_case keys such as date_created, lower-case
+    status names, durations as numbers named for their unit), not the proto3 JSON mapping:
+    take the shapes from the OpenAPI document the gateway serves at /api/openapi.json.
     """
 
     def __init__(self, channel):
@@ -118,6 +123,11 @@ class WebhookServiceServicer:
     """WebhookService lets the owners and admins of a workspace on the changemaker tier or above
     manage their projects' webhooks and inspect what was delivered to them. Every call needs a
     bearer token; see the service's README for the rules.
+
+    The google.api.http options give each call's REST route. The REST gateway's JSON is the
+    one the platform's integrations tab reads (snake_case keys such as date_created, lower-case
+    status names, durations as numbers named for their unit), not the proto3 JSON mapping:
+    take the shapes from the OpenAPI document the gateway serves at /api/openapi.json.
     """
 
     def ListWebhooks(self, request, context):
@@ -324,6 +334,11 @@ class WebhookService:
     """WebhookService lets the owners and admins of a workspace on the changemaker tier or above
     manage their projects' webhooks and inspect what was delivered to them. Every call needs a
     bearer token; see the service's README for the rules.
+
+    The google.api.http options give each call's REST route. The REST gateway's JSON is the
+    one the platform's integrations tab reads (snake_case keys such as date_created, lower-case
+    status names, durations as numbers named for their unit), not the proto3 JSON mapping:
+    take the shapes from the OpenAPI document the gateway serves at /api/openapi.json.
     """
 
     @staticmethod

@@ -30,6 +30,11 @@ class WebhookServiceStub:
     """WebhookService lets the owners and admins of a workspace on the changemaker tier or above
     manage their projects' webhooks and inspect what was delivered to them. Every call needs a
     bearer token; see the service's README for the rules.
+
+    The google.api.http options give each call's REST route. The REST gateway's JSON is the
+    one the platform's integrations tab reads (snake_case keys such as date_created, lower-case
+    status names, durations as numbers named for their unit), not the proto3 JSON mapping:
+    take the shapes from the OpenAPI document the gateway serves at /api/openapi.json.
     """
 
     @_typing.overload
@@ -88,6 +93,11 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     """WebhookService lets the owners and admins of a workspace on the changemaker tier or above
     manage their projects' webhooks and inspect what was delivered to them. Every call needs a
     bearer token; see the service's README for the rules.
+
+    The google.api.http options give each call's REST route. The REST gateway's JSON is the
+    one the platform's integrations tab reads (snake_case keys such as date_created, lower-case
+    status names, durations as numbers named for their unit), not the proto3 JSON mapping:
+    take the shapes from the OpenAPI document the gateway serves at /api/openapi.json.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -142,6 +152,11 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
     """WebhookService lets the owners and admins of a workspace on the changemaker tier or above
     manage their projects' webhooks and inspect what was delivered to them. Every call needs a
     bearer token; see the service's README for the rules.
+
+    The google.api.http options give each call's REST route. The REST gateway's JSON is the
+    one the platform's integrations tab reads (snake_case keys such as date_created, lower-case
+    status names, durations as numbers named for their unit), not the proto3 JSON mapping:
+    take the shapes from the OpenAPI document the gateway serves at /api/openapi.json.
     """
 
     @_abc_1.abstractmethod
