@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import NoReturn
 
 import aiohttp
 import grpc
+import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -36,7 +39,7 @@ from dembrane.webhooks.v1 import (
 )
 
 from grpc_helpers import rich_error
-from harness import JWT_SECRET, Stubs, Tokens, World, make_settings
+from harness import JWT_SECRET, Stubs, Tokens, World, make_settings, seed_world
 from receiver import Receiver, Reply, unused_port
 
 
@@ -416,6 +419,121 @@ async def test_health_follows_the_store(tmp_path: Path, monkeypatch: pytest.Monk
         await channel.close()
     finally:
         await running.stop()
+
+
+async def _health_becomes(service: Service, wanted: int) -> None:
+    async with grpc.aio.insecure_channel(service.grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(300):
+            answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            if answer.status == wanted:
+                return
+            await asyncio.sleep(0.02)
+    raise AssertionError(f"health never became {wanted}")
+
+
+def _publish_request(world: World, event_id: str) -> epb.PublishEventRequest:
+    return epb.PublishEventRequest(
+        event=event_pb2.Event(
+            id=event_id,
+            type="conversation.started",
+            project_id=world.paid_project,
+            conversation=event_pb2.Conversation(id="c1"),
+        )
+    )
+
+
+async def _refuses_for_want_of_store(stubs: Stubs, tokens: Tokens, world: World) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stubs.events.PublishEvent(
+            _publish_request(world, "evt-refused"),
+            metadata=tokens.bearer(tokens.service(SCOPE_PUBLISH)),
+        )
+    error = rich_error(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
+
+
+async def test_a_store_that_takes_no_writes_is_unavailable_and_unhealthy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that still answers reads but refuses writes (a read-only SQLite file, a
+    PostgreSQL server turned read-only or a standby) makes publishing UNAVAILABLE, not
+    INTERNAL with a traceback, and health NOT_SERVING until it takes writes again."""
+    async with _watched_service(tmp_path, monkeypatch) as (service, stubs, tokens, world):
+        await _refused_while_read_only(service, stubs, tokens, world)
+    assert "Traceback" not in caplog.text
+    assert "unexpected failure" not in caplog.text
+
+
+@contextlib.asynccontextmanager
+async def _watched_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Service, Stubs, Tokens, World]]:
+    """A service whose health watch looks at the store every 50 ms, with a seeded world."""
+    monkeypatch.setattr(server_module, "STORE_CHECK_SECONDS", 0.05)
+    service = Service(make_settings(tmp_path))
+    await service.start()
+    try:
+        async with grpc.aio.insecure_channel(service.grpc_target) as channel:
+            stubs, tokens = Stubs.on(channel), Tokens(JWT_SECRET)
+            yield service, stubs, tokens, await seed_world(stubs, tokens)
+    finally:
+        await service.stop()
+
+
+async def _refused_while_read_only(
+    service: Service, stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    assert service.resources is not None
+    database = service.resources.database
+    admin_url = os.environ.get("WEBHOOKS_TEST_POSTGRES_URL", "")
+
+    async def read_only(on: bool) -> None:
+        if database.is_sqlite:
+            await database.run(
+                lambda session: session.connection().exec_driver_sql(
+                    f"PRAGMA query_only={'ON' if on else 'OFF'}"
+                )
+            )
+            return
+        name = database.engine.url.database
+        change = "SET default_transaction_read_only = on" if on else "RESET ALL"
+        with psycopg.connect(admin_url, autocommit=True) as connection:
+            connection.execute(f'ALTER DATABASE "{name}" {change}')
+        database.engine.dispose()  # connections made from now on see the setting
+
+    await read_only(True)
+    try:
+        await _health_becomes(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await _refuses_for_want_of_store(stubs, tokens, world)
+    finally:
+        await read_only(False)
+    await _health_becomes(service, health_pb2.HealthCheckResponse.SERVING)
+    await stubs.events.PublishEvent(
+        _publish_request(world, "evt-after"), metadata=tokens.bearer(tokens.service(SCOPE_PUBLISH))
+    )
+
+
+@pytest.mark.sqlite_only
+async def test_a_sqlite_file_removed_under_the_service_stops_it_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the SQLite file is removed while the service runs, publishing is refused as
+    UNAVAILABLE and health turns NOT_SERVING, instead of acknowledging events written into
+    the removed file, which are lost with it; the log says what happened."""
+    async with _watched_service(tmp_path, monkeypatch) as (service, stubs, tokens, world):
+        assert service.resources is not None
+        path = Path(service.resources.database.engine.url.database or "")
+        await stubs.events.PublishEvent(
+            _publish_request(world, "evt-before"),
+            metadata=tokens.bearer(tokens.service(SCOPE_PUBLISH)),
+        )
+        for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            name.unlink(missing_ok=True)
+        await _refuses_for_want_of_store(stubs, tokens, world)
+        await _health_becomes(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert f"the SQLite file {path} was removed or replaced while the service ran" in caplog.text
+    assert "Traceback" not in caplog.text
 
 
 async def _metric_values(url: str) -> dict[str, float]:

@@ -59,7 +59,10 @@ log = logging.getLogger(__name__)
 
 
 def _ping(session: Session) -> None:
-    session.execute(text("SELECT 1"))
+    """A write that changes nothing (the schema's version, set to itself): a store that
+    answers reads but takes no writes (a full disk, a read-only file or server, a PostgreSQL
+    standby) cannot take events either."""
+    session.execute(text("UPDATE alembic_version SET version_num = version_num"))
 
 
 class GrpcServer:
@@ -78,7 +81,7 @@ class GrpcServer:
         self._watch = asyncio.create_task(self._watch_store(database), name="webhooks-health")
 
     async def _watch_store(self, database: Database) -> None:
-        """Report NOT_SERVING while the store cannot be reached, SERVING again after.
+        """Report NOT_SERVING while the store cannot be written to, SERVING again after.
 
         Without its store the service can neither take events nor deliver them, so load
         balancers and orchestrators should know, and clients should wait.
@@ -96,7 +99,7 @@ class GrpcServer:
             serving = healthy
             status = health_pb2.HealthCheckResponse.SERVING
             if healthy:
-                log.info("health: SERVING again, the store answers")
+                log.info("health: SERVING again, the store takes writes")
             else:
                 status = health_pb2.HealthCheckResponse.NOT_SERVING
                 log.warning("health: NOT_SERVING, the store is unavailable (%s)", detail)

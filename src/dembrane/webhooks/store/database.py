@@ -13,12 +13,14 @@ import fcntl
 import functools
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import psycopg
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -38,17 +40,35 @@ class SchemaError(RuntimeError):
     """The database's schema cannot be used by this version; the message says why."""
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be used, for a reason the service found itself (the message says
+    which), rather than one the driver reported."""
+
+
+#: PostgreSQL's codes for a server that takes no writes: a read-only transaction (a standby,
+#: or ``default_transaction_read_only``) and a server in recovery.
+_READ_ONLY_SQLSTATES = frozenset({"25006", "57P03"})
+
+
 def store_unavailable(error: BaseException) -> bool:
     """Whether ``error`` says the database cannot be reached or used right now (a server
-    that is down or restarting, a dropped connection, a locked or unreadable file), rather
-    than that a statement is wrong."""
-    if isinstance(error, OperationalError | InterfaceError | PoolTimeoutError):
+    that is down, restarting or read-only, a dropped connection, a locked, full, unreadable
+    or vanished file), rather than that a statement is wrong."""
+    if isinstance(error, OperationalError | InterfaceError | PoolTimeoutError | StoreUnavailable):
         return True
-    return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    # The hot paths use the driver's cursor, whose errors come unwrapped.
+    cause = error.orig if isinstance(error, DBAPIError) else error
+    return isinstance(cause, sqlite3.OperationalError | psycopg.OperationalError) or (
+        getattr(cause, "sqlstate", None) in _READ_ONLY_SQLSTATES
+    )
 
 
 def describe_store_error(error: BaseException) -> str:
     """The driver's first line about ``error`` (never the statement or its parameters)."""
+    if isinstance(error, TimeoutError):
+        return "it did not answer in time (a long transaction, or a lock held elsewhere)"
     cause = error.orig if isinstance(error, DBAPIError) and error.orig else error
     text_ = str(cause).strip()
     return text_.splitlines()[0] if text_ else type(cause).__name__
@@ -122,11 +142,17 @@ class Database:
         parsed = make_url(self.url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         self._synchronous = sqlite_synchronous
+        #: The SQLite file (its path and device and inode when opened), watched so that a
+        #: file removed or replaced under the running service stops it writing into the void.
+        self._file: tuple[str, tuple[int, int]] | None = None
         if self.is_sqlite:
             database = parsed.database or ""
             if database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
                 _create_private(database)
+                with contextlib.suppress(OSError):
+                    opened = os.stat(database)
+                    self._file = (database, (opened.st_dev, opened.st_ino))
             self.engine: Engine = create_engine(
                 self.url,
                 poolclass=QueuePool,
@@ -216,8 +242,26 @@ class Database:
 
     def call(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in one transaction, synchronously."""
+        self._check_file()
         with self.session() as session, session.begin():
             return fn(session)
+
+    def _check_file(self) -> None:
+        """Raise ``StoreUnavailable`` when the SQLite file opened at start is no longer at
+        its path: everything written from then on would be lost with the file."""
+        if self._file is None:
+            return
+        path, identity = self._file
+        try:
+            now = os.stat(path)
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != identity:
+            raise StoreUnavailable(
+                f"the SQLite file {Path(path).resolve()} was removed or replaced while the "
+                "service ran; nothing is written until the service is restarted on the "
+                "file it should use"
+            )
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(session, *args)`` in one transaction on the store's threads."""
@@ -242,6 +286,7 @@ class Database:
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
     def _call_with(self, fn: Callable[..., T], args: tuple[Any, ...], durable: bool) -> T:
+        self._check_file()
         with self.session() as session, session.begin():
             if self.is_sqlite:
                 # Set before the transaction's first write, when the driver opens it, and
