@@ -292,7 +292,9 @@ class Delivery(_message.Message):
     status: Global___DeliveryStatus.ValueType
     """Where the delivery stands."""
     attempt_count: _builtins.int
-    """How many attempts were made so far."""
+    """How many attempts of the retry schedule were used so far. A request lost with a sender
+    process of the service is listed among the attempts but not counted here.
+    """
     last_status_code: _builtins.int
     """The HTTP status of the last attempt; absent when it got no answer or none was made."""
     last_error: _builtins.str
