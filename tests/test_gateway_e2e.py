@@ -696,6 +696,29 @@ async def test_staff_health_and_document(rest: Rest, tokens: Tokens, world: Worl
         assert (await reply.json())["paths"]
 
 
+# Successful health probes and metrics scrapes stay out of the access log; API calls do not.
+async def test_probes_and_scrapes_leave_the_access_log_alone(
+    rest: Rest, tokens: Tokens, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="aiohttp.access")
+    # A new connection: the gateway decides whether to log when a connection opens.
+    async with aiohttp.ClientSession() as http:
+        for path in ("/healthz", "/metrics", "/healthz"):
+            async with http.get(f"{rest.url}{path}") as reply:
+                assert reply.status == 200
+        async with http.get(
+            f"{rest.url}/api/projects/{world.paid_project}/webhooks",
+            headers={"Authorization": f"Bearer {tokens.staff()}"},
+        ) as reply:
+            assert reply.status == 200
+        async with http.get(f"{rest.url}/healthz/nope") as reply:
+            assert reply.status == 404
+    logged = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert len(logged) == 2, logged
+    assert f"/api/projects/{world.paid_project}/webhooks" in logged[0]
+    assert "/healthz/nope" in logged[1]
+
+
 # The service wires its CORS setting into the gateway: the configured origin may call the
 # API from a browser, with the page-token header readable, and others may not.
 async def test_cors_for_the_configured_origin(rest: Rest, tokens: Tokens, world: World) -> None:

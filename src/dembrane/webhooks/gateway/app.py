@@ -22,6 +22,8 @@ import grpc
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
+from aiohttp.web_log import AccessLogger
+from aiohttp.web_request import BaseRequest
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -205,12 +207,25 @@ def create_app(
     return app
 
 
+class _AccessLog(AccessLogger):
+    """aiohttp's access log, less the health probes and metrics scrapes that succeed: an
+    orchestrator probing every few seconds would otherwise fill the log with them."""
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.path in _QUIET_PATHS and response.status == 200:
+            return
+        super().log(request, response, time)
+
+
+_QUIET_PATHS = frozenset({"/healthz", "/metrics"})
+
+
 async def run_gateway(app: web.Application, host: str, port: int) -> web.AppRunner:
     """Start serving ``app`` on ``host:port`` (port 0 picks a free one); see :func:`bound_port`.
 
     The caller stops it with ``await runner.cleanup()``.
     """
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = web.AppRunner(app, handle_signals=False, access_log_class=_AccessLog)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
