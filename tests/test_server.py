@@ -7,7 +7,9 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import NoReturn
@@ -30,6 +32,7 @@ from dembrane.webhooks.v1 import (
 from dembrane.webhooks.v1 import (
     directory_service_pb2_grpc,
     event_pb2,
+    event_service_pb2_grpc,
     webhook_pb2,
     webhook_service_pb2_grpc,
 )
@@ -241,6 +244,120 @@ async def test_sigterm_lets_in_flight_calls_finish(tmp_path: Path) -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_sigterm_answers_every_call_it_holds_ok_or_unavailable(tmp_path: Path) -> None:
+    """Calls the server holds when SIGTERM arrives, some still queued inside gRPC, each get
+    their real answer (and are stored) or UNAVAILABLE, never CANCELLED."""
+    env = _serve_env(tmp_path, "sigterm.db")
+    grpc_port = int(env["WEBHOOKS_GRPC_PORT"])
+    process = await _start_cli(env, "serve", "--no-dispatcher", stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await _wait_for_port(grpc_port)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
+        directory = directory_service_pb2_grpc.DirectoryServiceStub(channel)
+        md = (
+            ("authorization", "Bearer " + mint_token(JWT_SECRET, "svc", scopes=[SCOPE_DIRECTORY])),
+        )
+        await directory.UpsertWorkspace(
+            dpb.UpsertWorkspaceRequest(workspace_id="w", tier="changemaker"), metadata=md
+        )
+        await directory.UpsertProject(
+            dpb.UpsertProjectRequest(project_id="p", workspace_id="w"), metadata=md
+        )
+        events = event_service_pb2_grpc.EventServiceStub(channel)
+        publisher = (
+            ("authorization", "Bearer " + mint_token(JWT_SECRET, "svc", scopes=[SCOPE_PUBLISH])),
+        )
+        answered = asyncio.Event()
+
+        async def publish(event_id: str) -> grpc.StatusCode:
+            event = event_pb2.Event(
+                id=event_id,
+                type="report.generated",
+                project_id="p",
+                report=event_pb2.Report(id="r", status="published", language="en"),
+            )
+            try:
+                await events.PublishEvent(
+                    epb.PublishEventRequest(event=event), metadata=publisher, timeout=30
+                )
+                return grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+            finally:
+                answered.set()
+
+        # More calls at once than the server takes up before the signal: gRPC queues the
+        # rest, and those are the ones its own shutdown would cancel.
+        ids = [f"evt-{index}" for index in range(200)]
+        calls = [asyncio.ensure_future(publish(event_id)) for event_id in ids]
+        await answered.wait()
+        process.send_signal(signal.SIGTERM)
+        codes = dict(zip(ids, await asyncio.gather(*calls), strict=True))
+        await channel.close()
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    tally = Counter(code.name for code in codes.values())
+    assert set(tally) <= {"OK", "UNAVAILABLE"}, tally
+    with sqlite3.connect(tmp_path / "sigterm.db") as database:
+        stored = {row[0] for row in database.execute("SELECT id FROM events")}
+    acknowledged = {event_id for event_id, code in codes.items() if code == grpc.StatusCode.OK}
+    assert acknowledged
+    assert acknowledged <= stored
+
+
+async def test_a_call_arriving_while_the_server_stops_is_unavailable(tmp_path: Path) -> None:
+    """While the server stops, a new call is refused with UNAVAILABLE, reason SHUTTING_DOWN
+    (which clients retry), and the call in flight still gets its answer."""
+    running = Service(make_settings(tmp_path))
+    await running.start()
+    stopping: asyncio.Future[None] | None = None
+    try:
+        channel = grpc.aio.insecure_channel(running.grpc_target)
+        stubs = Stubs.on(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        tokens = Tokens(JWT_SECRET)
+        world = await seed_world(stubs, tokens)
+        owner = tokens.bearer(tokens.user(world.owner))
+        async with Receiver(default=Reply(200, delay=1.0)) as receiver:
+            created = await stubs.webhooks.CreateWebhook(
+                pb.CreateWebhookRequest(
+                    project_id=world.paid_project,
+                    name="Slow",
+                    url=receiver.url,
+                    events=["report.generated"],
+                ),
+                metadata=owner,
+            )
+            in_flight = asyncio.ensure_future(
+                stubs.webhooks.TestWebhook(
+                    pb.TestWebhookRequest(
+                        project_id=world.paid_project, webhook_id=created.webhook.id
+                    ),
+                    metadata=owner,
+                )
+            )
+            await receiver.wait_for(1)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            stopping = asyncio.ensure_future(running.stop())
+            # NOT_SERVING is reported in the step that stops taking calls.
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stubs.webhooks.ListWebhooks(
+                    pb.ListWebhooksRequest(project_id=world.paid_project), metadata=owner
+                )
+            error = rich_error(caught.value)
+            assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
+            assert (await in_flight).success
+        await channel.close()
+    finally:
+        await (stopping if stopping is not None else running.stop())
 
 
 @pytest.mark.sqlite_only

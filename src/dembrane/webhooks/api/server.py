@@ -22,7 +22,7 @@ from sqlmodel import Session
 
 from dembrane.webhooks.api.directory_service import DirectoryServicer
 from dembrane.webhooks.api.event_service import EventServicer
-from dembrane.webhooks.api.interceptor import AuthInterceptor
+from dembrane.webhooks.api.interceptor import Admission, AuthInterceptor
 from dembrane.webhooks.api.webhook_service import WebhookServicer
 from dembrane.webhooks.auth import TokenVerifier
 from dembrane.webhooks.config import LISTEN_PROBLEMS, url_host
@@ -74,10 +74,12 @@ class GrpcServer:
         port: int,
         health_servicer: health_aio.HealthServicer,
         database: Database,
+        admission: Admission,
     ) -> None:
         self.server = server
         self.port = port
         self.health = health_servicer
+        self.admission = admission
         self._watch = asyncio.create_task(self._watch_store(database), name="webhooks-health")
 
     async def _watch_store(self, database: Database) -> None:
@@ -107,12 +109,19 @@ class GrpcServer:
                 await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
-        """Report NOT_SERVING, then let in-flight calls finish for up to ``grace`` seconds."""
+        """Report NOT_SERVING and take no more calls (they get UNAVAILABLE), let those in
+        flight finish, then stop gRPC; after ``grace`` seconds in all, calls still running
+        are cancelled."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         self._watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._watch
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        # gRPC's shutdown would cancel the calls it holds but has not handed over yet; they
+        # are handed over, and refused, before it begins.
+        await self.admission.close(deadline)
+        await self.server.stop(max(deadline - loop.time(), 0.0))
 
 
 class _ReflectionServicer(ReflectionServicer):  # type: ignore[misc]
@@ -144,8 +153,9 @@ class _HealthServicer(health_aio.HealthServicer):  # type: ignore[misc]
 
 async def start_grpc_server(resources: Resources, host: str, port: int) -> GrpcServer:
     """Build and start the server on ``host:port`` (port 0 picks a free one)."""
+    interceptor = AuthInterceptor(TokenVerifier(resources.settings))
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(TokenVerifier(resources.settings))],
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
@@ -184,7 +194,7 @@ async def start_grpc_server(resources: Resources, host: str, port: int) -> GrpcS
         problem = problem or "the port is taken, or the address is not one of this machine's"
         raise OSError(f"Cannot listen for gRPC on {host}:{port}: {problem}.")
     await server.start()
-    return GrpcServer(server, bound, health_servicer, resources.database)
+    return GrpcServer(server, bound, health_servicer, resources.database, interceptor.admission)
 
 
 def _register_reflection_v1() -> None:

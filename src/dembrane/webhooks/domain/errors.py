@@ -104,8 +104,8 @@ class AlreadyExists(WebhooksError):
 
 
 class Unavailable(WebhooksError):
-    """The service cannot do this right now (its store is unreachable); trying again later
-    may work."""
+    """The service cannot do this right now (its store is unreachable, or it is shutting
+    down); trying again later may work."""
 
     reason = "STORE_UNAVAILABLE"
 
