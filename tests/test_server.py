@@ -380,54 +380,37 @@ async def test_a_second_process_delivering_from_one_sqlite_file_is_refused(
         assert await asyncio.wait_for(first.wait(), timeout=20) == 0
 
 
+_REST_TAKEN = "Cannot listen for REST on 127.0.0.1:{port}: the port is taken."
+
+
 @pytest.mark.parametrize(
-    ("variable", "sentence"),
+    ("command", "variable", "sentence"),
     [
-        ("WEBHOOKS_GRPC_PORT", "Cannot listen for gRPC on 127.0.0.1:{port}"),
-        ("WEBHOOKS_HTTP_PORT", "Cannot listen for REST on 127.0.0.1:{port}: the port is taken."),
+        ("serve", "WEBHOOKS_GRPC_PORT", "Cannot listen for gRPC on 127.0.0.1:{port}"),
+        ("serve", "WEBHOOKS_HTTP_PORT", _REST_TAKEN),
+        ("gateway", "WEBHOOKS_HTTP_PORT", _REST_TAKEN),
+        ("gateway", "WEBHOOKS_METRICS_PORT", "Cannot listen for metrics on 127.0.0.1:{port} (WE"),
     ],
-    ids=["grpc", "rest"],
+    ids=["grpc", "rest", "gateway-rest", "gateway-metrics"],
 )
 async def test_a_taken_port_stops_start_up_in_one_line(
-    tmp_path: Path, variable: str, sentence: str
+    tmp_path: Path, command: str, variable: str, sentence: str
 ) -> None:
-    """A gRPC or REST port in use ends start-up with exit status 1 and a sentence naming it,
-    before the dispatcher starts, with no traceback, no log line of gRPC's own, and nothing
-    left running (no 'Task was destroyed' from the sender processes)."""
+    """A port in use ends start-up (of `serve`, or of the standalone `gateway`) with exit
+    status 1 and a sentence naming it, before the dispatcher starts, with no traceback, no
+    log line of gRPC's own, and nothing left running (no 'Task was destroyed' from the
+    sender processes)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, stderr = await _run_to_exit(_serve_env(tmp_path, **{variable: str(port)}), "serve")
+        args = ("gateway", "--grpc-target", "127.0.0.1:1") if command == "gateway" else (command,)
+        code, stderr = await _run_to_exit(_serve_env(tmp_path, **{variable: str(port)}), *args)
     assert code == 1
     (last,) = [line for line in stderr.splitlines() if line.startswith("dembrane-webhooks: ")]
     assert sentence.format(port=port) in last
     for unwanted in ("Traceback", "add_port", "destroyed", "dispatcher started"):
         assert unwanted not in stderr
-
-
-@pytest.mark.parametrize(
-    ("variable", "sentence"),
-    [
-        ("WEBHOOKS_HTTP_PORT", "Cannot listen for REST on 127.0.0.1:{port}: the port is taken."),
-        ("WEBHOOKS_METRICS_PORT", "Cannot listen for metrics on 127.0.0.1:{port} (WEBHOOKS_"),
-    ],
-    ids=["rest", "metrics"],
-)
-async def test_a_taken_port_stops_the_standalone_gateway_in_one_line(
-    tmp_path: Path, variable: str, sentence: str
-) -> None:
-    """The standalone gateway meets a taken REST or metrics port as `serve` does: exit status
-    1 and one sentence naming the port, with no traceback."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        env = _serve_env(tmp_path, **{variable: str(port)})
-        code, stderr = await _run_to_exit(env, "gateway", "--grpc-target", "127.0.0.1:1")
-    assert code == 1
-    assert stderr.splitlines()[-1].startswith(f"dembrane-webhooks: {sentence.format(port=port)}")
-    assert "Traceback" not in stderr
 
 
 async def test_the_standalone_gateway_serves_metrics_on_their_own_port(tmp_path: Path) -> None:
