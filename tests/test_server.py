@@ -831,6 +831,32 @@ async def test_a_taken_metrics_port_names_its_setting(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.sqlite_only
+async def test_a_postgresql_server_that_never_answers_stops_start_up(tmp_path: Path) -> None:
+    """A PostgreSQL address that accepts connections but never answers (a black-holed or
+    frozen host) ends start-up after libpq's connect timeout with one line naming the
+    setting, instead of hanging for good."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never answers, never closes
+
+    silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    env = {**_serve_env(tmp_path), "WEBHOOKS_DATABASE_URL": f"postgresql://u:p@127.0.0.1:{port}/db"}
+    try:
+        code, stderr = await _run_to_exit(env, "serve")
+    finally:
+        for writer in held:
+            writer.close()
+        silent.close()
+    assert code == 1
+    assert stderr.splitlines()[-1] == (
+        "dembrane-webhooks: cannot use the database WEBHOOKS_DATABASE_URL names: "
+        "connection timeout expired"
+    )
+
+
 async def test_a_database_sqlite_cannot_open_names_the_setting(tmp_path: Path) -> None:
     """A SQLite URL naming a directory ends start-up with one line naming
     WEBHOOKS_DATABASE_URL and no traceback."""

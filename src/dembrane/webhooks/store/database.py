@@ -128,6 +128,20 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+#: libpq settings unless the URL gives its own: a server that accepts connections but never
+#: answers (a black-holed address, a frozen host) fails a connection attempt after 10 s
+#: rather than hanging start-up or a reconnect for good, and a server lost mid-transaction
+#: (a network partition) fails the transaction within 30 s rather than the kernel's 15 min.
+_PG_CONNECT: dict[str, int] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
+
 class Database:
     """One engine, a thread pool to use it from asyncio, and the schema's migrations.
 
@@ -173,6 +187,7 @@ class Database:
                 max_overflow=4,
                 pool_pre_ping=True,
                 hide_parameters=True,
+                connect_args={k: v for k, v in _PG_CONNECT.items() if k not in parsed.query},
             )
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
 
