@@ -312,7 +312,8 @@ async def test_sigterm_answers_every_call_it_holds_ok_or_unavailable(tmp_path: P
 
 async def test_a_call_arriving_while_the_server_stops_is_unavailable(tmp_path: Path) -> None:
     """While the server stops, a new call is refused with UNAVAILABLE, reason SHUTTING_DOWN
-    (which clients retry), and the call in flight still gets its answer."""
+    (which clients retry), over REST too (503), and the call in flight still gets its
+    answer."""
     running = Service(make_settings(tmp_path))
     await running.start()
     stopping: asyncio.Future[None] | None = None
@@ -354,6 +355,16 @@ async def test_a_call_arriving_while_the_server_stops_is_unavailable(tmp_path: P
                 )
             error = rich_error(caught.value)
             assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
+            # The gateway is still up: a REST call gets a 503 that says why, not a closed port.
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(
+                    f"{running.http_url}/api/projects/{world.paid_project}/webhooks",
+                    headers={"Authorization": owner[0][1]},
+                ) as reply,
+            ):
+                assert reply.status == 503
+                assert (await reply.json())["reason"] == "SHUTTING_DOWN"
             assert (await in_flight).success
         await channel.close()
     finally:

@@ -7,6 +7,7 @@ is ready on first start.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 from dataclasses import dataclass
@@ -113,10 +114,16 @@ class Service:
 
     async def stop(self) -> None:
         """Stop taking calls, let in-flight ones finish, then release the dispatcher's work."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_GRACE_SECONDS
+        if self.grpc is not None:
+            # The gateway stays up meanwhile: its new calls are refused by gRPC and answered
+            # 503 (reason SHUTTING_DOWN), rather than finding the port closed.
+            await self.grpc.drain(deadline)
         if self._gateway is not None:
             await self._gateway.cleanup()
         if self.grpc is not None:
-            await self.grpc.stop(SHUTDOWN_GRACE_SECONDS)
+            await self.grpc.stop(max(deadline - loop.time(), 0.0))
         if self.dispatcher is not None:
             await self.dispatcher.stop()
         if self._sender is not None:

@@ -108,12 +108,10 @@ class GrpcServer:
             for name in (*SERVICE_NAMES, ""):
                 await self.health.set(name, status)
 
-    async def stop(self, grace: float) -> None:
-        """Report NOT_SERVING and take no more calls (they get UNAVAILABLE), let those in
-        flight finish, then stop gRPC; after ``grace`` seconds in all, calls still running
-        are cancelled."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
+    async def drain(self, deadline: float) -> None:
+        """Report NOT_SERVING and take no more calls (they get UNAVAILABLE); return once
+        those in flight have finished and calls stopped arriving, or at ``deadline`` (the
+        loop's clock). The server still answers meanwhile; ``stop`` ends it."""
         self._watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._watch
@@ -121,6 +119,14 @@ class GrpcServer:
         # gRPC's shutdown would cancel the calls it holds but has not handed over yet; they
         # are handed over, and refused, before it begins.
         await self.admission.close(deadline)
+
+    async def stop(self, grace: float) -> None:
+        """``drain``, then stop gRPC; after ``grace`` seconds in all, calls still running
+        are cancelled."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.admission.open:
+            await self.drain(deadline)
         await self.server.stop(max(deadline - loop.time(), 0.0))
 
 
