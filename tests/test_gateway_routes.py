@@ -249,7 +249,7 @@ def test_parse_body_accepts_empty() -> None:
         (
             {"status": "paused"},
             400,
-            "The status field must be one of published, draft, archived, disabled.",
+            "The status field must be one of published, draft, archived.",
         ),
     ],
 )

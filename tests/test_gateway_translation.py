@@ -374,13 +374,13 @@ async def test_malformed_bodies_are_422(stack: Stack, raw: bytes, detail: str) -
     assert stack.service.calls == []
 
 
-# A status name the API does not know is a bad field value: 400, naming the choices.
+# A status name the API does not know is a bad field value: 400, naming the settable choices.
 async def test_unknown_status_is_400(stack: Stack) -> None:
     async with stack.http.patch(
         f"{stack.url}/api/projects/p1/webhooks/wh_1", json={"status": "paused"}
     ) as reply:
         assert reply.status == 400
-        detail = "The status field must be one of published, draft, archived, disabled."
+        detail = "The status field must be one of published, draft, archived."
         assert await reply.json() == {
             "detail": detail,
             "reason": "INVALID_ARGUMENT",
@@ -401,7 +401,7 @@ async def test_unknown_status_is_400(stack: Stack) -> None:
     assert stack.service.calls == []
 
 
-_WEBHOOK_STATUSES = "published, draft, archived, disabled"
+_WEBHOOK_STATUSES = "published, draft, archived"
 _INT32_HIGH = "at most 2147483647"
 _INT32_LOW = "at least -2147483648"
 

@@ -34,7 +34,9 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from dembrane.webhooks.domain.webhooks import SETTABLE_STATUSES, WebhookStatus
 from dembrane.webhooks.gateway.errors import RestError
+from dembrane.webhooks.v1 import webhook_pb2
 
 __all__ = [
     "FieldKind",
@@ -205,6 +207,15 @@ def enum_values(descriptor: EnumDescriptor) -> dict[str, int]:
     }
 
 
+def settable_enum_values(descriptor: EnumDescriptor) -> list[str]:
+    """The REST names a request may offer: a webhook's ``disabled`` is the service's to set
+    (offered, it is refused with that reason), so it is left out of what requests list."""
+    values = list(enum_values(descriptor))
+    if descriptor is webhook_pb2.WebhookStatus.DESCRIPTOR:
+        values = [v for v in values if WebhookStatus(v) in SETTABLE_STATUSES]
+    return values
+
+
 def _enum_name(descriptor: EnumDescriptor, number: int) -> str:
     for name, value in enum_values(descriptor).items():
         if value == number:
@@ -371,7 +382,7 @@ def _json_to_value(field: RestField, value: Any, label: str) -> Any:
         case FieldKind.ENUM:
             if not isinstance(value, str):
                 raise RestError(422, f"{label} must be a string.")
-            return _enum_number(field, value, label)
+            return _enum_number(field, value, label, body=True)
         case FieldKind.TIMESTAMP:
             if not isinstance(value, str):
                 raise RestError(422, f"{label} must be an ISO 8601 date-time string.")
@@ -401,11 +412,11 @@ def _int32(name: str, label: str, value: int) -> int:
     return value
 
 
-def _enum_number(field: RestField, value: str, label: str) -> int:
+def _enum_number(field: RestField, value: str, label: str, *, body: bool = False) -> int:
     values = enum_values(field.enum_type)
     number = values.get(value)
     if number is None:
-        choices = ", ".join(values)
+        choices = ", ".join(settable_enum_values(field.enum_type) if body else values)
         raise RestError(400, f"{label} must be one of {choices}.", field.name)
     return number
 

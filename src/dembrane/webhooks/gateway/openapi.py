@@ -14,10 +14,14 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor
 
 from dembrane.webhooks import __version__
-from dembrane.webhooks.domain.webhooks import SETTABLE_STATUSES, WebhookStatus
-from dembrane.webhooks.gateway.json_mapping import FieldKind, RestField, enum_values, rest_fields
+from dembrane.webhooks.gateway.json_mapping import (
+    FieldKind,
+    RestField,
+    enum_values,
+    rest_fields,
+    settable_enum_values,
+)
 from dembrane.webhooks.gateway.routes import Route
-from dembrane.webhooks.v1 import webhook_pb2
 
 __all__ = ["PAGE_TOKEN_HEADER", "build_openapi"]
 
@@ -265,11 +269,8 @@ class _DocumentBuilder:
             case FieldKind.NUMBER:
                 return {"type": "number"}
             case FieldKind.ENUM:
-                values = list(enum_values(field.enum_type))
-                if request and field.enum_type is webhook_pb2.WebhookStatus.DESCRIPTOR:
-                    # "disabled" is the service's to set: a request offering it always fails.
-                    values = [v for v in values if WebhookStatus(v) in SETTABLE_STATUSES]
-                return {"type": "string", "enum": values}
+                values = (settable_enum_values if request else enum_values)(field.enum_type)
+                return {"type": "string", "enum": list(values)}
             case FieldKind.TIMESTAMP:
                 return {"type": "string", "format": "date-time"}
             case FieldKind.DURATION_MS:
