@@ -72,6 +72,25 @@ def test_an_existing_database_upgrades_with_its_events(tmp_path: Path) -> None:
     database.close()
 
 
+def test_the_log_says_when_the_schema_was_created_or_migrated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Creating the schema and migrating it each leave one line naming the revisions, so an
+    empty database made where an existing one was expected shows in the log; a start that
+    changes nothing leaves none."""
+    caplog.set_level("INFO", logger="dembrane.webhooks.store.database")
+    database = Database(fresh_database_url(tmp_path))
+    database.migrate("0001")
+    database.migrate()
+    database.migrate()
+    database.close()
+    lines = [r.getMessage() for r in caplog.records if "schema" in r.getMessage()]
+    assert lines == [
+        "database: created the schema (revision 0001)",
+        "database: migrated the schema from revision 0001 to 0002",
+    ]
+
+
 def _index_names(database: Database, table: str) -> set[str]:
     return {str(index["name"]) for index in inspect(database.engine).get_indexes(table)}
 

@@ -237,6 +237,12 @@ class Database:
                 )
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
+            now = MigrationContext.configure(connection).get_current_revision()
+            if now != current:
+                if current is None:
+                    log.info("database: created the schema (revision %s)", now)
+                else:
+                    log.info("database: migrated the schema from revision %s to %s", current, now)
 
     @contextlib.contextmanager
     def _sqlite_migration_lock(self) -> Iterator[None]:
