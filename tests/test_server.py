@@ -26,6 +26,7 @@ from sqlalchemy.exc import OperationalError
 from dembrane.webhooks.api import server as server_module
 from dembrane.webhooks.auth import SCOPE_DIRECTORY, SCOPE_PUBLISH, mint_token
 from dembrane.webhooks.service import Parts, Service, StartupError
+from dembrane.webhooks.store.database import FILE_CHECK_SECONDS
 from dembrane.webhooks.v1 import (
     directory_service_pb2 as dpb,
 )
@@ -630,8 +631,9 @@ async def test_a_sqlite_file_removed_under_the_service_stops_it_writing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """When the SQLite file is removed while the service runs, publishing is refused as
-    UNAVAILABLE and health turns NOT_SERVING, instead of acknowledging events written into
-    the removed file, which are lost with it; the log says what happened."""
+    UNAVAILABLE (from the next look at the file, a fifth of a second at most) and health
+    turns NOT_SERVING, instead of acknowledging events written into the removed file, which
+    are lost with it; the log says what happened."""
     async with _watched_service(tmp_path, monkeypatch) as (service, stubs, tokens, world):
         assert service.resources is not None
         path = Path(service.resources.database.engine.url.database or "")
@@ -641,6 +643,7 @@ async def test_a_sqlite_file_removed_under_the_service_stops_it_writing(
         )
         for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
             name.unlink(missing_ok=True)
+        await asyncio.sleep(FILE_CHECK_SECONDS + 0.05)
         await _refuses_for_want_of_store(stubs, tokens, world)
         await _health_becomes(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     assert f"the SQLite file {path} was removed or replaced while the service ran" in caplog.text

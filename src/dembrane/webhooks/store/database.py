@@ -40,6 +40,10 @@ class SchemaError(RuntimeError):
     """The database's schema cannot be used by this version; the message says why."""
 
 
+#: How often transactions look whether the SQLite file is still the one opened.
+FILE_CHECK_SECONDS = 0.2
+
+
 class StoreUnavailable(Exception):
     """The store cannot be used, for a reason the service found itself (the message says
     which), rather than one the driver reported."""
@@ -159,6 +163,8 @@ class Database:
         #: The SQLite file (its path and device and inode when opened), watched so that a
         #: file removed or replaced under the running service stops it writing into the void.
         self._file: tuple[str, tuple[int, int]] | None = None
+        self._file_checked_at = float("-inf")
+        self._file_lost = False
         if self.is_sqlite:
             database = parsed.database or ""
             if database and database != ":memory:":
@@ -269,20 +275,32 @@ class Database:
 
     def _check_file(self) -> None:
         """Raise ``StoreUnavailable`` when the SQLite file opened at start is no longer at
-        its path: everything written from then on would be lost with the file."""
+        its path: everything written from then on would be lost with the file.
+
+        Looked at no more than every ``FILE_CHECK_SECONDS``: the ``stat`` lets go of the
+        interpreter lock, and winning it back on a busy process can cost a transaction
+        milliseconds; once found gone, the file counts as gone for good.
+        """
         if self._file is None:
             return
         path, identity = self._file
-        try:
-            now = os.stat(path)
-        except OSError:
-            now = None
-        if now is None or (now.st_dev, now.st_ino) != identity:
-            raise StoreUnavailable(
-                f"the SQLite file {Path(path).resolve()} was removed or replaced while the "
-                "service ran; nothing is written until the service is restarted on the "
-                "file it should use"
-            )
+        if not self._file_lost:
+            checked_at = time.monotonic()
+            if checked_at - self._file_checked_at < FILE_CHECK_SECONDS:
+                return
+            self._file_checked_at = checked_at
+            try:
+                now = os.stat(path)
+            except OSError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == identity:
+                return
+            self._file_lost = True
+        raise StoreUnavailable(
+            f"the SQLite file {Path(path).resolve()} was removed or replaced while the "
+            "service ran; nothing is written until the service is restarted on the "
+            "file it should use"
+        )
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(session, *args)`` in one transaction on the store's threads."""
