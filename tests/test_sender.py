@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 from collections.abc import AsyncIterator
@@ -145,6 +146,24 @@ async def test_timeout_is_an_outcome() -> None:
     assert outcome.status_code is None
     assert outcome.error == "No answer within 0.5 seconds."
     assert outcome.latency < 2.0
+
+
+async def test_a_timeout_of_five_seconds_ends_at_five_seconds() -> None:
+    """A request timeout of 5 s or more ends the attempt then, not up to a second later at
+    the next whole second of the loop's clock, where aiohttp would round it."""
+    async with (
+        Sender(connect_timeout=1.0, request_timeout=5.0, policy=LOOPBACK) as sender,
+        Receiver("s", default=Reply(200, delay=8.0)) as receiver,
+    ):
+        # Start just after a whole second of the loop's clock, where rounding would add most.
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(1.05 - loop.time() % 1)
+        outcomes = await asyncio.gather(
+            *(sender.send(_request(receiver.url, "s")) for _ in range(3))
+        )
+    for outcome in outcomes:
+        assert outcome.error == "No answer within 5 seconds."
+        assert 5.0 <= outcome.latency < 5.4
 
 
 async def test_unresolvable_host_is_an_outcome(sender: Sender) -> None:

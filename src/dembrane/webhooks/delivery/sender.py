@@ -179,7 +179,11 @@ class Sender:
         self._request_timeout = request_timeout
         self._policy = policy
         self._max_connections = max_connections
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout)
+        # aiohttp rounds timeouts of 5 s or more up to the loop clock's next whole second,
+        # which made a 5 s timeout end anywhere up to 6 s; ``inf`` keeps them exact.
+        self._timeout = aiohttp.ClientTimeout(
+            total=request_timeout, sock_connect=connect_timeout, ceil_threshold=math.inf
+        )
         self._user_agent = user_agent()
         self._session: aiohttp.ClientSession | None = None
         self._resolver: PolicyResolver | None = None
