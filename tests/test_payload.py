@@ -203,6 +203,19 @@ def test_report_body() -> None:
     assert body["dashboardUrl"] == f"{BASE}/projects/p1/report"
 
 
+def test_a_report_without_a_language_takes_its_projects() -> None:
+    """A report.generated event whose publisher left the language out carries the project's."""
+    event = EventData(
+        id="evt_3",
+        type="report.generated",
+        project_id="p1",
+        occurred_at=WHEN,
+        report=ReportData(id="r1", status="published", language="", date_created=WHEN),
+    )
+    body = _render(event)
+    assert body["report"]["language"] == PROJECT.language != ""
+
+
 def test_dashboard_url_defaults_to_the_conversation_page() -> None:
     """Without a publisher's link, the body links to the conversation's overview."""
     body = _render(_conversation_event("conversation.started"))

@@ -153,11 +153,12 @@ def _conversation_object(event_type: str, conversation: ConversationData) -> dic
     return body
 
 
-def _report_object(report: ReportData) -> dict[str, Any]:
+def _report_object(report: ReportData, project: ProjectInfo) -> dict[str, Any]:
     return {
         "id": report.id,
         "status": report.status,
-        "language": report.language,
+        # A report is written in its project's language unless the publisher says otherwise.
+        "language": report.language or project.language,
         "date_created": _iso_or_none(report.date_created),
     }
 
@@ -195,7 +196,7 @@ def render_body(event: EventData, project: ProjectInfo, dashboard_base_url: str)
             "conversation", f"A {event.type} event needs a conversation."
         )
     if event.report is not None:
-        body["report"] = _report_object(event.report)
+        body["report"] = _report_object(event.report, project)
     elif _needs_report(event.type):
         raise InvalidArgument.for_field("report", f"A {event.type} event needs a report.")
     return canonical_json(body)

@@ -192,7 +192,9 @@ class Report(_message.Message):
     status: _builtins.str
     """The report's status, for example `published`."""
     language: _builtins.str
-    """The report's language, for example `en`."""
+    """The report's language, for example `en`. When empty, the body carries the project's
+    language from the directory.
+    """
     @_builtins.property
     def date_created(self) -> _timestamp_pb2.Timestamp:
         """When the report was created."""
