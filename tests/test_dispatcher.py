@@ -393,7 +393,7 @@ async def test_requests_lost_with_a_killed_worker_are_not_blamed_on_the_receiver
 ) -> None:
     """Eight requests out to a slow receiver when their worker process is killed stay in the
     log without an answer, open no breaker, and go again soon rather than a slot of the
-    schedule later: each delivery succeeds at its second attempt."""
+    schedule later: each delivery succeeds at its second attempt, having used one slot."""
     caplog.set_level("WARNING", logger="dembrane.webhooks.delivery.dispatcher")
     async with store_engine(
         tmp_path, sender_processes=1, per_webhook_concurrency=8, retry_schedule=(3600.0,)
@@ -410,7 +410,7 @@ async def test_requests_lost_with_a_killed_worker_are_not_blamed_on_the_receiver
                 assert (breaker.failures, breaker.open_until) == (0, None)
             assert len(receiver.requests) == 16
         found = rows(resources)
-        assert [r.attempt_count for r in found] == [2] * 8
+        assert [r.attempt_count for r in found] == [1] * 8
         logged = resources.database.call(
             lambda s: [outbox.get_delivery(s, "wh", r.id) for r in found]
         )
@@ -440,7 +440,7 @@ async def test_a_lost_attempt_takes_no_slot_of_the_schedule_nor_starts_the_failu
                 os.kill(pid, signal.SIGKILL)
                 await until(
                     lambda: (
-                        rows(resources)[0].attempt_count == 2
+                        rows(resources)[0].attempt_count == 1
                         and rows(resources)[0].lease_owner is None
                     ),
                     30,
@@ -448,6 +448,9 @@ async def test_a_lost_attempt_takes_no_slot_of_the_schedule_nor_starts_the_failu
         (row,) = rows(resources)
         assert row.status == "pending"
         assert row.last_status_code == 500
+        numbers = resources.database.call(lambda s: outbox.get_delivery(s, "wh", row.id))
+        assert numbers is not None
+        assert [a.number for a in numbers[1]] == [1, 2]
         assert row.next_attempt_at is not None
         assert row.last_attempt_at is not None
         assert 60 <= row.next_attempt_at - row.last_attempt_at < 70
@@ -457,8 +460,9 @@ async def test_a_lost_attempt_takes_no_slot_of_the_schedule_nor_starts_the_failu
 
 
 async def test_a_delivery_lost_again_and_again_comes_to_an_end(tmp_path: Path) -> None:
-    """A delivery's first lost attempts go again after a short pause and take no slot; the
-    ones after take slots like failures, so a request that keeps killing its worker fails."""
+    """A delivery's first lost attempts go again after a short pause and take no slot (its
+    attempt_count stays, their numbers in the log go on); the ones after take slots like
+    failures, so a request that keeps killing its worker fails."""
     async with store_engine(tmp_path, retry_schedule=(60.0,), retry_jitter=0.0) as resources:
         dispatcher = Dispatcher(resources, retention=False)
         lane = _Lane(BreakerSettings())
@@ -480,15 +484,21 @@ async def test_a_delivery_lost_again_and_again_comes_to_an_end(tmp_path: Path) -
         )
         lost = AttemptOutcome(None, 0.1, "", "Lost.", None, datetime.now(UTC), lost=True)
         waits: list[int] = []
-        for count in range(LOST_RETRIES + 2):
+        counts: list[int] = []
+        numbers: list[int] = []
+        for _ in range(LOST_RETRIES + 2):
             before = time.time()
-            result = dispatcher._judge(lane, replace(claim, attempt_count=count), lost)
-            assert result.attempt_count == count + 1
+            result = dispatcher._judge(lane, claim, lost)
+            counts.append(result.attempt_count)
+            numbers.extend(a.number for a in result.attempts)
+            claim = replace(claim, attempt_count=result.attempt_count)
             if result.next_attempt_at is None:
                 assert result.status == outbox.DeliveryState.FAILED
                 break
             waits.append(round(result.next_attempt_at - before))
         assert waits == [round(LOST_RETRY_SECONDS)] * LOST_RETRIES + [60]
+        assert counts == [0] * LOST_RETRIES + [1, 2]
+        assert numbers == list(range(1, LOST_RETRIES + 3))
         assert (lane.breaker.failures, lane.breaker.open_until) == (0, None)
 
 

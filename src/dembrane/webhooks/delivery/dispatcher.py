@@ -787,9 +787,14 @@ class Dispatcher:
     def _judge(self, lane: _Lane, claim: DeliveryClaim, last: AttemptOutcome) -> DeliveryResult:
         """Turn an attempt's outcome into the delivery's new state."""
         now = time.time()
-        count = claim.attempt_count + 1
+        # ``attempt_count`` counts slots of the schedule; attempts lost for free take none, so
+        # this attempt's number in the log also counts the losses this dispatcher saw.
+        lost = self._lost.get(claim.delivery_id, 0)
+        free_loss = last.lost and lost < LOST_RETRIES
+        count = claim.attempt_count + (0 if free_loss else 1)
+        number = claim.attempt_count + lost + 1
         attempt = AttemptRecord(
-            number=count,
+            number=number,
             attempted_at=last.attempted_at.timestamp(),
             status_code=last.status_code,
             latency_ms=last.latency * 1000.0,
@@ -822,17 +827,15 @@ class Dispatcher:
             return result(DeliveryState.SUCCEEDED)
         if last.permanent_gone:
             lane.mark_gone(GONE_REASON)
-            self._log_given_up(claim, count, last)
+            self._log_given_up(claim, number, last)
             return result(DeliveryState.FAILED, disable=GONE_REASON)
-        lost = self._lost.get(claim.delivery_id, 0)
-        if last.lost and lost < LOST_RETRIES:
+        if free_loss:
             # The receiver may or may not have the request: it goes again soon, at least once.
             self._remember_lost(claim.delivery_id, lost + 1)
             return result(DeliveryState.PENDING, due=now + LOST_RETRY_SECONDS)
-        # The schedule counts the attempts made less those lost for free.
-        due = self._policy.next_attempt_at(count - lost, last, now)
+        due = self._policy.next_attempt_at(count, last, now)
         if due is None:
-            self._log_given_up(claim, count, last)
+            self._log_given_up(claim, number, last)
             return result(DeliveryState.FAILED)
         return result(DeliveryState.PENDING, due=due)
 
@@ -884,7 +887,7 @@ class Dispatcher:
         now, mono = time.time(), time.monotonic()
         elapsed = mono - lane.started.get(claim.delivery_id, mono)
         attempt = AttemptRecord(
-            number=claim.attempt_count + 1,
+            number=claim.attempt_count + self._lost.get(claim.delivery_id, 0) + 1,
             attempted_at=now - elapsed,
             status_code=None,
             latency_ms=elapsed * 1000.0,
