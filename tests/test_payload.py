@@ -109,13 +109,27 @@ process.stdin.on("end", () => process.stdout.write(JSON.stringify(sort(JSON.pars
 """
 
 
-@pytest.mark.parametrize("duration", [60.0, 0.0, 61.5, 3600.25, None])
+@pytest.mark.parametrize(
+    ("duration", "expected"),
+    [
+        (60.0, "60"),
+        (0.0, "0"),
+        (61.5, "61.5"),
+        (3600.25, "3600.25"),
+        (None, "null"),
+        (1e16, "10000000000000000"),
+        (123456789012345678.0, "123456789012345680"),
+        (-2.5e20, "-250000000000000000000"),
+        (1e21, "1e+21"),
+    ],
+)
 def test_rendered_body_re_serializes_to_itself_in_python_and_javascript(
-    duration: float | None,
+    duration: float | None, expected: str
 ) -> None:
-    """A whole-number duration is written without a fraction (60, not 60.0), so a receiver
-    that re-serializes the parsed body gets the signed bytes back in JavaScript (and Go,
-    whose JSON writer agrees) as well as in Python."""
+    """A whole-number duration is written without a fraction or exponent below 10^21 (60,
+    not 60.0; 10000000000000000, not 1e+16), so a receiver that re-serializes the parsed
+    body gets the signed bytes back in JavaScript (and Go, whose JSON writer agrees) as well
+    as in Python."""
     conversation = dataclasses.replace(CONVERSATION, duration=duration)
     event = _conversation_event("conversation.summarized", conversation=conversation)
     body = render_body(event, PROJECT, BASE)
@@ -127,7 +141,6 @@ def test_rendered_body_re_serializes_to_itself_in_python_and_javascript(
         [node, "-e", _NODE_CANONICAL], input=body, capture_output=True, check=True, timeout=60
     ).stdout
     assert rewritten == body
-    expected = "null" if duration is None else f"{duration:g}"
     assert f'"duration":{expected},'.encode() in body
 
 
@@ -220,6 +233,19 @@ def test_dashboard_url_defaults_to_the_conversation_page() -> None:
     """Without a publisher's link, the body links to the conversation's overview."""
     body = _render(_conversation_event("conversation.started"))
     assert body["dashboardUrl"] == f"{BASE}/projects/p1/conversation/c1/overview"
+
+
+def test_dashboard_url_escapes_the_ids_it_is_built_from() -> None:
+    """Ids with spaces, slashes, '?' or '#' stay inside their own path segment of the link."""
+    conversation = dataclasses.replace(CONVERSATION, id="conv 1/2?x#y")
+    event = dataclasses.replace(
+        _conversation_event("conversation.started", conversation=conversation),
+        project_id="p x/y",
+    )
+    body = _render(event)
+    assert body["dashboardUrl"] == (
+        f"{BASE}/projects/p%20x%2Fy/conversation/conv%201%2F2%3Fx%23y/overview"
+    )
 
 
 def test_dashboard_url_base_tolerates_a_trailing_slash() -> None:

@@ -11,7 +11,9 @@ import json
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 from dembrane.webhooks.domain.errors import InvalidArgument
 
@@ -120,12 +122,19 @@ def _needs_conversation(event_type: str) -> bool:
 
 
 def _json_number(value: float | None) -> float | int | None:
-    """``value`` as the body carries it: a whole number without a fraction (``60``, not
-    ``60.0``), as JavaScript's and Go's JSON writers put it. A receiver that re-serializes
-    the parsed body to check the signature then gets the bytes that were signed, whichever
-    of the three languages it is written in."""
-    if value is not None and value.is_integer() and abs(value) < 2**53:
+    """``value`` as the body carries it: a whole number below 10^21 in plain digits
+    without a fraction (``60``, not ``60.0``; ``10000000000000000``, not ``1e+16``), as
+    JavaScript's and Go's JSON writers put it. A receiver that re-serializes the parsed
+    body to check the signature then gets the bytes that were signed, whichever of the
+    three languages it is written in."""
+    if value is None or not value.is_integer():
+        return value
+    if abs(value) < 2**53:
         return int(value)
+    if abs(value) < 1e21:
+        # The shortest digits that read back as ``value``, padded with zeros, as JavaScript
+        # writes them (the float's exact value may have other trailing digits).
+        return int(Decimal(repr(value)))
     return value
 
 
@@ -168,9 +177,10 @@ def dashboard_url(event: EventData, dashboard_base_url: str) -> str:
     if event.dashboard_url:
         return event.dashboard_url
     base = dashboard_base_url.rstrip("/")
-    project = f"{base}/projects/{event.project_id}"
+    # Ids are path segments: any character that would end or leave one is escaped.
+    project = f"{base}/projects/{quote(event.project_id, safe='')}"
     if event.conversation is not None:
-        return f"{project}/conversation/{event.conversation.id}/overview"
+        return f"{project}/conversation/{quote(event.conversation.id, safe='')}/overview"
     if event.report is not None:
         return f"{project}/report"
     return f"{project}/overview"
