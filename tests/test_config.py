@@ -7,6 +7,7 @@ import ipaddress
 import pytest
 
 from dembrane.webhooks.config import DEFAULT_RETRY_SCHEDULE, ConfigError, Settings
+from dembrane.webhooks.store.database import normalize_url
 
 
 def test_defaults_are_the_contracts() -> None:
@@ -264,6 +265,34 @@ def test_a_database_url_whose_port_is_no_number_is_a_sentence() -> None:
     assert "pw" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+asyncpg://u:pw@h/db",
+        "postgresql+pg8000://u:pw@h/db",
+        "postgresql+bogus://u:pw@h/db",
+        "sqlite+aiosqlite:///var/x.db",
+        "sqlite+pysqlcipher:///var/x.db",
+    ],
+)
+def test_a_database_url_naming_a_driver_the_service_lacks_is_a_sentence(url: str) -> None:
+    """A driver the service does not connect with is refused with one sentence naming it
+    (it used to be a traceback of a missing module at start), without the password."""
+    with pytest.raises(ConfigError, match="names the driver") as caught:
+        Settings.from_env({"WEBHOOKS_DATABASE_URL": url})
+    assert "pw" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql+psycopg2://u@h/db", "postgresql+psycopg://u@h/db", "sqlite+pysqlite:///x.db"],
+)
+def test_a_database_url_naming_a_driver_it_serves_is_taken(url: str) -> None:
+    """psycopg2 URLs, common elsewhere, are served by psycopg 3 (same libpq parameters)."""
+    assert Settings.from_env({"WEBHOOKS_DATABASE_URL": url}).database_url == url
+    assert normalize_url(url).startswith(("postgresql+psycopg://", "sqlite"))
+
+
 def test_a_misspelt_variable_is_warned_about_with_a_guess() -> None:
     """A WEBHOOKS_ variable no setting reads is named in a warning, with the setting it most
     resembles; the test suite's own WEBHOOKS_TEST_ variables are not."""
@@ -363,10 +392,23 @@ def test_a_bracketed_ipv6_bind_address_is_taken_without_brackets(raw: str) -> No
     ],
 )
 def test_two_listeners_on_one_port_are_refused(env: dict[str, str]) -> None:
-    """The gRPC, REST and metrics ports must differ (0, for a free port, aside)."""
+    """The gRPC, REST and metrics ports that serve opens must differ (0, for a free port,
+    aside)."""
     with pytest.raises(ConfigError, match="must differ"):
-        Settings.from_env(env)
-    assert Settings.from_env({"WEBHOOKS_GRPC_PORT": "0", "WEBHOOKS_HTTP_PORT": "0"}).http_port == 0
+        Settings.from_env(env).check_ports(grpc=True, http=True)
+    free = Settings.from_env({"WEBHOOKS_GRPC_PORT": "0", "WEBHOOKS_HTTP_PORT": "0"})
+    free.check_ports(grpc=True, http=True)
+
+
+def test_ports_a_command_does_not_open_may_be_shared() -> None:
+    """A worker (metrics only) may serve metrics on the REST port's default, and a gateway
+    (REST and metrics) on the gRPC port's: neither listens on the other port."""
+    worker = Settings.from_env({"WEBHOOKS_METRICS_PORT": "8080"})
+    worker.check_ports(grpc=False, http=False)
+    gateway = Settings.from_env({"WEBHOOKS_METRICS_PORT": "50051"})
+    gateway.check_ports(grpc=False, http=True)
+    with pytest.raises(ConfigError, match="WEBHOOKS_HTTP_PORT and WEBHOOKS_METRICS_PORT"):
+        worker.check_ports(grpc=False, http=True)
 
 
 def test_a_variable_missing_the_s_of_the_prefix_is_warned_about() -> None:

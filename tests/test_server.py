@@ -797,6 +797,21 @@ async def test_a_database_path_that_cannot_be_made_stops_start_up_naming_the_set
         assert "Traceback" not in stderr
 
 
+async def test_only_the_ports_a_command_listens_on_must_differ(tmp_path: Path) -> None:
+    """The same port for REST and metrics stops serve (both listen) with one line and status
+    2, while migrate (which listens on neither) runs."""
+    env = _serve_env(tmp_path)
+    env["WEBHOOKS_METRICS_PORT"] = env["WEBHOOKS_HTTP_PORT"]
+    code, stderr = await _run_to_exit(env, "serve")
+    assert code == 2
+    assert stderr.strip().endswith(
+        "WEBHOOKS_HTTP_PORT and WEBHOOKS_METRICS_PORT must differ; "
+        f"both are {env['WEBHOOKS_HTTP_PORT']}."
+    )
+    code, stderr = await _run_to_exit(env, "migrate")
+    assert code == 0, stderr
+
+
 @pytest.mark.parametrize("target", ["nonsense", "127.0.0.1:99999", ":50051", "host:"])
 async def test_gateway_refuses_a_grpc_target_that_is_no_host_and_port(
     tmp_path: Path, target: str

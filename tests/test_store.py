@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from dembrane.webhooks.domain.access import Tier
 from dembrane.webhooks.store import directory
@@ -96,6 +96,48 @@ def test_a_new_sqlite_file_and_its_journal_are_private(
         database.close()
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:pw@db.internal:6432/hooks", "PostgreSQL db.internal:6432/hooks"),
+        ("postgresql://u@/hooks?host=/run/pg&port=5433", "PostgreSQL /run/pg:5433/hooks"),
+        ("postgresql://u@/hooks", "PostgreSQL localhost/hooks"),
+    ],
+)
+def test_the_start_up_line_names_the_server_without_credentials(url: str, shown: str) -> None:
+    """A PostgreSQL database is named by its host (a Unix socket's folder too, given as a
+    query parameter) and port, never with the user or password."""
+    database = Database(url)
+    try:
+        assert database.describe() == shown
+    finally:
+        database.close()
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("kind", ["folder", "other data"])
+def test_a_database_path_that_holds_no_database_keeps_its_mode(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A URL naming a folder, or a file of other data, fails to open without its mode being
+    narrowed: a mistyped URL (sqlite://// is the root folder) must change nothing."""
+    path = tmp_path / "shared"
+    if kind == "folder":
+        path.mkdir()
+        path.chmod(0o755)
+    else:
+        path.write_text("not a database\n")
+        path.chmod(0o644)
+    database = Database(f"sqlite:///{path}")
+    try:
+        with pytest.raises(SQLAlchemyError):
+            database.migrate()
+    finally:
+        database.close()
+    assert stat.S_IMODE(path.stat().st_mode) == (0o755 if kind == "folder" else 0o644)
+    assert "was readable by others" not in caplog.text
 
 
 @pytest.mark.sqlite_only

@@ -166,6 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _failed(error)
         log.info("database: %s is up to date", database.describe())
         return 0
+    try:
+        # Only the listeners this command opens must not share a port.
+        if args.command == "gateway":
+            settings.check_ports(grpc=False, http=True)
+        elif args.command == "worker":
+            settings.check_ports(grpc=False, http=False)
+        elif args.command == "serve":
+            settings.check_ports(grpc=True, http=not args.no_gateway)
+    except ConfigError as error:
+        print(f"dembrane-webhooks: {error}", file=sys.stderr)
+        return 2
     if args.command == "gateway":
         problem = _target_problem(args.grpc_target)
         if problem is not None:

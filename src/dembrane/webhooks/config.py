@@ -102,6 +102,23 @@ class Settings:
     # WEBHOOKS_* variables in the environment that no setting reads (misspelt, most likely).
     unknown_variables: tuple[str, ...] = field(default=(), compare=False)
 
+    def check_ports(self, *, grpc: bool, http: bool, metrics: bool = True) -> None:
+        """Raise ``ConfigError`` when two of the ports a command listens on are the same.
+
+        Only the listeners the command opens count: a ``worker`` serving metrics on the REST
+        port's default, 8080, takes nothing from anyone. Port 0 (a free port) never clashes.
+        """
+        ports = {
+            "WEBHOOKS_GRPC_PORT": self.grpc_port if grpc else 0,
+            "WEBHOOKS_HTTP_PORT": self.http_port if http else 0,
+            "WEBHOOKS_METRICS_PORT": self.metrics_port if metrics else 0,
+        }
+        named = [(name, port) for name, port in ports.items() if port]
+        for index, (name, port) in enumerate(named):
+            for other, other_port in named[index + 1 :]:
+                if port == other_port:
+                    raise ConfigError(f"{name} and {other} must differ; both are {port}.")
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Build the settings from ``env`` (the process environment by default)."""
@@ -117,16 +134,6 @@ class Settings:
         )
         if unknown:
             settings = replace(settings, unknown_variables=tuple(unknown))
-        ports = {
-            "WEBHOOKS_GRPC_PORT": settings.grpc_port,
-            "WEBHOOKS_HTTP_PORT": settings.http_port,
-            "WEBHOOKS_METRICS_PORT": settings.metrics_port,
-        }
-        named = [(name, port) for name, port in ports.items() if port]
-        for index, (name, port) in enumerate(named):
-            for other, other_port in named[index + 1 :]:
-                if port == other_port:
-                    raise ConfigError(f"{name} and {other} must differ; both are {port}.")
         if settings.lease_seconds < settings.request_timeout + MIN_LEASE_OVER_REQUEST:
             raise ConfigError(
                 f"WEBHOOKS_LEASE_SECONDS ({settings.lease_seconds:g}) must be at least "
@@ -278,6 +285,16 @@ def _shown(number: float) -> str:
     return str(int(number)) if number == int(number) else f"{number:g}"
 
 
+#: The drivers a database URL may name, by its scheme: the ones the service connects with
+#: ("" for none). ``psycopg2`` URLs, common elsewhere, take the same libpq parameters and are
+#: served by psycopg 3.
+_DRIVERS: dict[str, tuple[str, ...]] = {
+    "sqlite": ("", "pysqlite"),
+    "postgresql": ("", "psycopg", "psycopg2"),
+    "postgres": ("", "psycopg", "psycopg2"),
+}
+
+
 class _Reader:
     """Parses environment values, naming the variable in every error."""
 
@@ -379,6 +396,17 @@ class _Reader:
             raise ConfigError(
                 f"{name} is not a URL the service can read; it must look like sqlite:///path "
                 "or postgresql://user@host:port/db, the port a number."
+            )
+        driver = url.drivername.partition("+")[2].lower()
+        if driver not in _DRIVERS[scheme]:
+            example, connector = (
+                ("sqlite:///path", "Python's sqlite3")
+                if scheme == "sqlite"
+                else ("postgresql://user@host:port/db", "psycopg 3")
+            )
+            raise ConfigError(
+                f"{name} names the driver {driver!r}, which the service does not use; leave it "
+                f"out ({example}): the service connects with {connector} itself."
             )
         if scheme != "sqlite":
             return value

@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -125,9 +126,16 @@ class OutageLog:
 
 
 def normalize_url(url: str) -> str:
-    """Accept ``postgresql://`` and pick the psycopg 3 driver the service ships with."""
+    """Accept ``postgresql://`` (and ``postgresql+psycopg2://``, whose parameters are
+    libpq's too) and pick the psycopg 3 driver the service ships with."""
     parsed = make_url(url)
-    if parsed.drivername in ("postgresql", "postgres"):
+    if parsed.drivername in (
+        "postgresql",
+        "postgres",
+        "postgresql+psycopg2",
+        "postgres+psycopg2",
+        "postgres+psycopg",
+    ):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed.render_as_string(hide_password=False)
 
@@ -203,8 +211,12 @@ class Database:
         parsed = make_url(self.url)
         if self.is_sqlite:
             return f"SQLite file {Path(parsed.database or '').resolve()}"
-        port = f":{parsed.port}" if parsed.port else ""
-        return f"PostgreSQL {parsed.host or 'localhost'}{port}/{parsed.database or ''}"
+        # libpq also takes the host and port as query parameters (a Unix socket's folder).
+        query = parsed.query
+        host = parsed.host or _first(query.get("host")) or "localhost"
+        port_value = parsed.port or _first(query.get("port"))
+        port = f":{port_value}" if port_value else ""
+        return f"PostgreSQL {host}{port}/{parsed.database or ''}"
 
     def migrate(self, revision: str = "head") -> None:
         """Bring the schema to ``revision``, the newest by default (creates it on first start).
@@ -344,16 +356,29 @@ class Database:
         self.engine.dispose()
 
 
+def _first(value: str | tuple[str, ...] | None) -> str | None:
+    """A URL query parameter's value (the first, when it is given more than once)."""
+    if isinstance(value, tuple):
+        return value[0] if value else None
+    return value
+
+
 def _create_private(path: str) -> None:
     """Make the SQLite file and its journals readable by their owner only: the database
     holds every signing secret. A new file is created so (SQLite gives its journal files
     the database's mode); an existing one that others may read is narrowed, with a warning.
-    A path that cannot be created is left for SQLite to report."""
+    A path that cannot be created, or that holds something other than a SQLite database (a
+    folder, a device, a file of other data), is left as it is for SQLite to report."""
     with contextlib.suppress(OSError):
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    if not _is_sqlite_file(path):
+        return
     for name in (path, f"{path}-wal", f"{path}-shm"):
         try:
-            mode = os.stat(name).st_mode & 0o777
+            status = os.stat(name)
+            if not stat.S_ISREG(status.st_mode):
+                continue
+            mode = status.st_mode & 0o777
             if mode & 0o077:
                 os.chmod(name, mode & 0o700)
                 log.warning(
@@ -361,6 +386,22 @@ def _create_private(path: str) -> None:
                 )
         except OSError:
             continue
+
+
+#: The first bytes of every SQLite database file.
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _is_sqlite_file(path: str) -> bool:
+    """Whether ``path`` is a regular file that is empty (new) or a SQLite database."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as file:
+            start = file.read(len(_SQLITE_HEADER))
+    except OSError:
+        return False
+    return start in (b"", _SQLITE_HEADER)
 
 
 def open_lock_file(path: str) -> IO[bytes]:
