@@ -41,6 +41,7 @@ from dembrane.webhooks.delivery.sender import AttemptOutcome, RequestSender, Sen
 from dembrane.webhooks.delivery.targets import TargetPolicy
 from dembrane.webhooks.domain.access import Tier
 from dembrane.webhooks.domain.payload import ConversationData, EventData
+from dembrane.webhooks.metrics import STATS
 from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.service import Service
 from dembrane.webhooks.store import directory, outbox
@@ -393,8 +394,10 @@ async def test_requests_lost_with_a_killed_worker_are_not_blamed_on_the_receiver
 ) -> None:
     """Eight requests out to a slow receiver when their worker process is killed stay in the
     log without an answer, open no breaker, and go again soon rather than a slot of the
-    schedule later: each delivery succeeds at its second attempt, having used one slot."""
+    schedule later: each delivery succeeds at its second attempt, having used one slot. The
+    metrics count them as lost, apart from the receiver's successes and failures."""
     caplog.set_level("WARNING", logger="dembrane.webhooks.delivery.dispatcher")
+    before = (STATS.attempts_lost, STATS.attempts_success, STATS.attempts_failure)
     async with store_engine(
         tmp_path, sender_processes=1, per_webhook_concurrency=8, retry_schedule=(3600.0,)
     ) as resources:
@@ -411,6 +414,8 @@ async def test_requests_lost_with_a_killed_worker_are_not_blamed_on_the_receiver
             assert len(receiver.requests) == 16
         found = rows(resources)
         assert [r.attempt_count for r in found] == [1] * 8
+        after = (STATS.attempts_lost, STATS.attempts_success, STATS.attempts_failure)
+        assert [a - b for a, b in zip(after, before, strict=True)] == [8, 8, 0]
         logged = resources.database.call(
             lambda s: [outbox.get_delivery(s, "wh", r.id) for r in found]
         )

@@ -166,6 +166,39 @@ async def test_a_timeout_of_five_seconds_ends_at_five_seconds() -> None:
         assert 5.0 <= outcome.latency < 5.4
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
+        b"INJECTED 2026-11-29 11:00:00,000 CRITICAL dembrane.webhooks: fake\r\n\r\n",
+        b"HTTP/1.1 2OO OK\r\nContent-Length: 0\r\n\r\n",
+    ],
+)
+async def test_an_answer_that_is_not_http_is_described_on_one_line(
+    sender: Sender, answer: bytes
+) -> None:
+    """aiohttp's parser errors quote the receiver's bytes over several lines; the attempt's
+    error keeps them on one line, so no receiver can add lines of its own to the log."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(reply, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        outcome = await sender.send(_request(f"http://127.0.0.1:{port}/hook"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert not outcome.success
+    assert outcome.error.startswith("The receiver's answer is not valid HTTP")
+    assert outcome.error.isprintable()
+    assert len(outcome.error) <= 500
+
+
 async def test_unresolvable_host_is_an_outcome(sender: Sender) -> None:
     """A host that does not resolve gives no status and says so."""
     outcome = await sender.send(_request("https://no-such-host.invalid/hook"))

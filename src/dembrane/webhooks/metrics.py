@@ -47,6 +47,8 @@ class Stats:
         self.deliveries_queued = 0
         self.attempts_success = 0
         self.attempts_failure = 0
+        #: Requests whose outcome the service lost itself (no answer to time or count).
+        self.attempts_lost = 0
         self.finished = {"succeeded": 0, "failed": 0, "skipped": 0}
         self.in_flight = 0
         # One count per bucket of ANSWER_BUCKETS, plus one for answers slower than all.
@@ -91,11 +93,14 @@ class _StatsCollector(Collector):
         )
         attempts = CounterMetricFamily(
             "webhooks_delivery_attempts",
-            "HTTP requests made to receivers, by result.",
+            "HTTP requests made to receivers, by result: success, failure, or lost (a sender "
+            "process of the service stopped, or stopping cut the request off, so the receiver "
+            "may or may not have it).",
             labels=["result"],
         )
         attempts.add_metric(["success"], stats.attempts_success)
         attempts.add_metric(["failure"], stats.attempts_failure)
+        attempts.add_metric(["lost"], stats.attempts_lost)
         yield attempts
         finished = CounterMetricFamily(
             "webhooks_deliveries_finished",

@@ -803,8 +803,10 @@ class Dispatcher:
             success=last.success,
             lost=last.lost,
         )
-        if not last.lost:
+        if last.lost:
             # A lost attempt tells nothing of the receiver: its breaker and latency stay.
+            metrics.STATS.attempts_lost += 1
+        else:
             metrics.STATS.attempt(last.success, last.latency)
             lane.observe(last.latency)
             self._update_breaker(lane, claim, last, now)
@@ -896,6 +898,7 @@ class Dispatcher:
             success=False,
             lost=True,
         )
+        metrics.STATS.attempts_lost += 1
         return DeliveryResult(
             delivery_id=claim.delivery_id,
             webhook_id=claim.webhook_id,

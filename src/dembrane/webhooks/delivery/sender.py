@@ -27,7 +27,7 @@ from dembrane.webhooks.delivery.targets import (
     TargetPolicy,
     literal_refusal,
 )
-from dembrane.webhooks.domain.text import printable
+from dembrane.webhooks.domain.text import one_line, printable
 
 __all__ = [
     "RESPONSE_BODY_LIMIT",
@@ -300,7 +300,7 @@ class Sender:
                     response.headers.get("Retry-After") if status in _RETRY_AFTER_STATUSES else None
                 )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            reason = self._describe_failure(exc, host, url.port)
+            reason = one_line(self._describe_failure(exc, host, url.port))
             if status is not None:
                 reason = f"The receiver answered with status {status}, then: {reason}"
             return self._failed(attempted_at, started, reason)

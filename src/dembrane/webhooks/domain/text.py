@@ -11,7 +11,13 @@ from __future__ import annotations
 import re
 import unicodedata
 
-__all__ = ["has_control_characters", "has_direction_controls", "is_invisible", "printable"]
+__all__ = [
+    "has_control_characters",
+    "has_direction_controls",
+    "is_invisible",
+    "one_line",
+    "printable",
+]
 
 # C0 and C1 control characters and DEL (Unicode category Cc).
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -50,3 +56,20 @@ def printable(text: str) -> str:
     """``text`` with each NUL replaced by U+FFFD, for storing text that others wrote (a
     receiver's answer) on a database that cannot hold NUL."""
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+#: The longest one-line text ``one_line`` keeps.
+MAX_LINE_CHARS = 500
+# Runs of white space, control characters and direction controls.
+_BREAKS = re.compile("[\\s\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]+")
+
+
+def one_line(text: str, limit: int = MAX_LINE_CHARS) -> str:
+    """``text`` on one line for a log and an error field: each run of white space and
+    control characters becomes one space, and the rest is cut to ``limit`` characters.
+
+    Errors quote what others sent (a receiver's bad status line or header bytes); each must
+    stay one record in a line-based log, where no receiver may start a line of its own.
+    """
+    flat = _BREAKS.sub(" ", text).strip()
+    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "\u2026"
