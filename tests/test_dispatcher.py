@@ -31,13 +31,19 @@ from dembrane.webhooks.delivery.dispatcher import (
     LANE_HOLD_FACTOR,
     LOST_RETRIES,
     LOST_RETRY_SECONDS,
+    UNSTORABLE_ERROR,
     BreakerSettings,
     CircuitBreaker,
     Dispatcher,
     _Lane,
 )
 from dembrane.webhooks.delivery.pool import SenderPool
-from dembrane.webhooks.delivery.sender import AttemptOutcome, RequestSender, Sender
+from dembrane.webhooks.delivery.sender import (
+    AttemptOutcome,
+    OutboundRequest,
+    RequestSender,
+    Sender,
+)
 from dembrane.webhooks.delivery.targets import TargetPolicy
 from dembrane.webhooks.domain.access import Tier
 from dembrane.webhooks.domain.payload import ConversationData, EventData
@@ -736,6 +742,42 @@ async def test_an_outcome_that_cannot_be_written_does_not_hold_back_the_others(
     assert left.status == "pending"
     assert left.lease_owner is not None
     assert f"could not record the outcome of delivery {poisoned}" in caplog.text
+
+
+async def test_outcomes_whose_text_the_store_refuses_are_recorded_without_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attempts whose error text no database takes (a lone surrogate, as undecodable header
+    bytes come out of aiohttp) are recorded with a note in its place, and the outcomes
+    written with them in one batch are recorded too, rather than all held back."""
+    async with store_engine(tmp_path, retry_schedule=(3600.0,)) as resources:
+        async with Receiver(SECRET, default=500) as receiver:
+            add_webhook(resources, "wh", receiver.url)
+            store_publish(resources, *[f"e{i}" for i in range(6)])
+            poisoned = {r.id for r in rows(resources) if r.event_id in ("e1", "e2", "e3")}
+            real_send = resources.sender.send
+
+            async def send(req: OutboundRequest, *, timestamp: int | None = None) -> object:
+                outcome = await real_send(req, timestamp=timestamp)
+                if req.delivery_id in poisoned:
+                    return replace(outcome, error="A redirect to \udcff\udcfe.")
+                return outcome
+
+            resources.sender.send = send  # type: ignore[method-assign,assignment]
+            async with dispatching(resources):
+                await until(
+                    lambda: all(
+                        r.attempt_count == 1 and r.lease_owner is None for r in rows(resources)
+                    ),
+                    within=30,
+                )
+        found = rows(resources)
+        assert all(r.status == "pending" and r.last_status_code == 500 for r in found)
+        assert {r.last_error for r in found if r.id in poisoned} == {UNSTORABLE_ERROR}
+        assert {r.last_error for r in found if r.id not in poisoned} == {
+            "The receiver answered with status 500."
+        }
+    assert "could not record the outcome" not in caplog.text
 
 
 def most_started_within(receivers: list[Receiver], window: float) -> int:

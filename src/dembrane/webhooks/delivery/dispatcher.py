@@ -40,7 +40,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlmodel import Session
 
@@ -103,6 +103,8 @@ LOST_RETRIES = 3
 LOST_REMEMBERED = 10_000
 
 GONE_REASON = "The receiver answered 410 Gone, so the service disabled the webhook."
+#: An attempt's error when the store refused the text that described it.
+UNSTORABLE_ERROR = "The attempt failed; its description could not be stored."
 CUT_OFF_ERROR = "The service stopped before the receiver answered; the delivery is sent again."
 
 
@@ -1025,11 +1027,13 @@ class Dispatcher:
         self, results: list[DeliveryResult], releases: list[Release], holds: dict[str, float]
     ) -> bool:
         """Write each outcome and release in a transaction of its own; False, with nothing
-        written, when the first ones all fail: then the store is failing, not an outcome,
-        and the caller tries the whole batch again later.
+        written, when the store is failing rather than an outcome (it is unavailable, or the
+        first ones all fail alike): the caller then tries the whole batch again later.
 
-        Once one was written, one that fails on its own is given up: its delivery keeps its
-        lease and is sent again once the lease runs out, as after a crash.
+        An outcome the store refuses on its own is written again without the texts that came
+        from the receiver, so its attempt still counts; one that fails even so is given up:
+        its delivery keeps its lease and is sent again once the lease runs out, as after a
+        crash.
         """
         singles: list[tuple[str, list[DeliveryResult], list[Release]]] = [
             (result.delivery_id, [result], []) for result in results
@@ -1037,10 +1041,21 @@ class Dispatcher:
         singles += [(release.delivery_id, [], [release]) for release in releases]
         written = False
         failed: list[str] = []
-        for delivery_id, some_results, some_releases in singles:
+        for index, (delivery_id, some_results, some_releases) in enumerate(singles):
             try:
                 await self._record(some_results, some_releases, {})
-            except Exception:
+            except Exception as error:
+                if store_unavailable(error):
+                    if not written:
+                        return False
+                    # The rest waits for the store, as a batch does.
+                    for _, later_results, later_releases in singles[index:]:
+                        self._results.extend(later_results)
+                        self._releases.extend(later_releases)
+                    break
+                if some_results and await self._record_stripped(some_results[0]):
+                    written = True
+                    continue
                 failed.append(delivery_id)
                 if not written and len(failed) >= SPLIT_AFTER_FAILURES:
                     return False
@@ -1060,4 +1075,28 @@ class Dispatcher:
             except Exception:
                 # Hold-backs only spare an unwell receiver early retries.
                 log.exception("could not record %d hold-backs", len(holds))
+        return True
+
+    async def _record_stripped(self, result: DeliveryResult) -> bool:
+        """Write ``result`` with its error texts and answer bodies replaced by a note (what
+        a receiver sent is all an outcome holds that the store might refuse); whether it
+        was written."""
+        log.warning(
+            "the store refused the outcome of delivery %s; recording it without the receiver's "
+            "texts",
+            result.delivery_id,
+        )
+        stripped = replace(
+            result,
+            last_error=UNSTORABLE_ERROR if result.last_error else "",
+            attempts=tuple(
+                replace(a, error=UNSTORABLE_ERROR if a.error else "", response_body="")
+                for a in result.attempts
+            ),
+        )
+        try:
+            await self._record([stripped], [], {})
+        except Exception:
+            log.exception("could not record the outcome of delivery %s", result.delivery_id)
+            return False
         return True

@@ -64,12 +64,18 @@ MAX_LINE_CHARS = 500
 _BREAKS = re.compile("[\\s\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]+")
 
 
+# Lone surrogates: how undecodable bytes of a header come out of aiohttp. No database and
+# no UTF-8 writer takes them.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
 def one_line(text: str, limit: int = MAX_LINE_CHARS) -> str:
     """``text`` on one line for a log and an error field: each run of white space and
-    control characters becomes one space, and the rest is cut to ``limit`` characters.
+    control characters becomes one space, each lone surrogate U+FFFD, and the rest is cut to
+    ``limit`` characters.
 
     Errors quote what others sent (a receiver's bad status line or header bytes); each must
     stay one record in a line-based log, where no receiver may start a line of its own.
     """
-    flat = _BREAKS.sub(" ", text).strip()
+    flat = _BREAKS.sub(" ", _SURROGATES.sub("\ufffd", text)).strip()
     return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "\u2026"
