@@ -172,13 +172,16 @@ async def test_a_timeout_of_five_seconds_ends_at_five_seconds() -> None:
         b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
         b"INJECTED 2026-11-29 11:00:00,000 CRITICAL dembrane.webhooks: fake\r\n\r\n",
         b"HTTP/1.1 2OO OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 302 Found\r\nLocation: \xff\xfe\x80http://x/\r\nContent-Length: 0\r\n\r\n",
     ],
 )
 async def test_an_answer_that_is_not_http_is_described_on_one_line(
     sender: Sender, answer: bytes
 ) -> None:
-    """aiohttp's parser errors quote the receiver's bytes over several lines; the attempt's
-    error keeps them on one line, so no receiver can add lines of its own to the log."""
+    """aiohttp's parser errors quote the receiver's bytes over several lines, and a header's
+    undecodable bytes come out as lone surrogates; the attempt's error keeps them on one line
+    of text any database takes, so no receiver can add lines to the log or stop it being
+    written."""
 
     async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -194,8 +197,11 @@ async def test_an_answer_that_is_not_http_is_described_on_one_line(
         server.close()
         await server.wait_closed()
     assert not outcome.success
-    assert outcome.error.startswith("The receiver's answer is not valid HTTP")
+    assert outcome.error.startswith(
+        ("The receiver's answer is not valid HTTP", "The receiver answered with a redirect to")
+    )
     assert outcome.error.isprintable()
+    outcome.error.encode("utf-8")  # no lone surrogates
     assert len(outcome.error) <= 500
 
 
@@ -292,6 +298,14 @@ def test_parse_retry_after_values() -> None:
     assert parse_retry_after("later", now) is None
     assert parse_retry_after("", now) is None
     assert parse_retry_after(None, now) is None
+    assert parse_retry_after("2.5", now) == 2.5
+
+
+@pytest.mark.parametrize("value", ["\u0661\u0662\u0660", "1e3", "1_0", "+5", "\uff15"])
+def test_retry_after_seconds_must_be_ascii_digits(value: str) -> None:
+    """Retry-After's seconds are ASCII digits: other scripts' digits, exponents, signs and
+    underscores (which float() would take) are ignored like any unreadable value."""
+    assert parse_retry_after(value, datetime(2026, 11, 28, 12, 0, tzinfo=UTC)) is None
 
 
 async def test_gone_is_marked_permanent(sender: Sender) -> None:

@@ -115,13 +115,12 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     value = value.strip()
     if not value:
         return None
-    try:
+    # Seconds are ASCII digits (a fraction tolerated); float() would also take other
+    # scripts' digits, exponents and underscores.
+    if value.isascii() and value.replace(".", "", 1).isdigit():
         seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        if math.isfinite(seconds) and seconds >= 0:
-            return seconds
+        return seconds if math.isfinite(seconds) else None
+    if value[0].isdigit() or value[0] in "+-.":
         return None
     try:
         when = parsedate_to_datetime(value)
@@ -309,8 +308,12 @@ class Sender:
         if 200 <= status < 300:
             error = ""
         elif 300 <= status < 400:
+            # The header is the receiver's text: undecodable bytes, line breaks and all.
             error = (
-                f"The receiver answered with a redirect to {location[:500]}, which is not followed."
+                one_line(
+                    f"The receiver answered with a redirect to {location[:500]}, which is not "
+                    "followed."
+                )
                 if location
                 else f"The receiver answered with a redirect (status {status}), "
                 "which is not followed."
