@@ -12,6 +12,11 @@ A slow or dead receiver must not hold the dispatcher's capacity:
   (at least a second) is stalled: it hands the rows it holds back to the store, due again
   later, and takes no new ones, so it keeps no more than its own requests in flight and the
   other lanes get the claims; a healthy lane, however busy, never hands anything back;
+* requests to receivers not known to answer (a lane with no answer yet, whose last requests
+  failed, or that is stalled) hold at most ``SUSPECT_SHARE`` of ``max_concurrency``
+  together; a new lane's first request may go beyond that while ``RESERVE_SHARE`` of the
+  slots stays free, so a new webhook's first delivery seldom waits for dead ones, and
+  however many webhooks hang, the ones that answer keep slots;
 * a circuit breaker per webhook opens after consecutive failures (no answer, 5xx, 429): the
   webhook's rows in the store are pushed to the cool-down's end in one statement, and rows
   that come up meanwhile go back to the store, unsent and without using an attempt, until a
@@ -76,6 +81,14 @@ LANE_CHECK_SECONDS = 0.25
 #: A lane is stalled when its oldest request has run this long, and STALL_FACTOR times the
 #: receiver's usual latency.
 STALL_SECONDS = 1.0
+#: The share of ``max_concurrency`` that requests to webhooks not known to answer may hold
+#: together (a lane that never answered, whose last requests failed, or that is stalled):
+#: the rest stays for receivers that answer, however many dead ones there are.
+SUSPECT_SHARE = 0.5
+#: The share of ``max_concurrency`` kept from new webhooks' first requests (which count as
+#: not known to answer but are let past ``SUSPECT_SHARE``, so a new webhook is not kept
+#: waiting by dead ones): however many new webhooks hang, this much stays for the others.
+RESERVE_SHARE = 0.25
 STALL_FACTOR = 4.0
 #: The shortest pause for a row handed back by a stalled lane.
 MIN_DEFER_SECONDS = 1.0
@@ -281,6 +294,16 @@ class _Lane:
     def cap(self, per_webhook: int, now: float) -> int:
         return 1 if self.breaker.is_half_open(now) else per_webhook
 
+    def suspect(self, mono: float) -> bool:
+        """Whether the receiver is not known to answer: no answer yet, its last requests
+        failed, or its oldest request has run far longer than it usually takes."""
+        return self.latency is None or self.breaker.failures > 0 or self.stalled(mono)
+
+    @property
+    def untried(self) -> bool:
+        """Whether the lane has yet to make its first request (none answered, none out)."""
+        return self.latency is None and self.in_flight == 0 and self.breaker.failures == 0
+
     @property
     def idle(self) -> bool:
         return not self.waiting and self.in_flight == 0 and self.breaker.open_until is None
@@ -293,7 +316,8 @@ class Dispatcher:
     concurrency, within 16 to 500); ``drain_timeout`` how long ``stop()`` lets requests in
     flight finish before cancelling them; ``idle_timeout`` the longest sleep without a
     wake-up. On SQLite, which one dispatcher uses alone, start-up makes rows leased by a
-    previous process due at once (``release_leases_at_start``).
+    previous process due at once (``release_leases_at_start``). ``suspect_share`` is the
+    share of the slots that receivers not known to answer may hold (``SUSPECT_SHARE``).
     """
 
     def __init__(
@@ -307,6 +331,7 @@ class Dispatcher:
         idle_timeout: float = MAX_IDLE_SECONDS,
         release_leases_at_start: bool | None = None,
         retention: bool = True,
+        suspect_share: float = SUSPECT_SHARE,
     ) -> None:
         settings: Settings = resources.settings
         self._r = resources
@@ -354,6 +379,12 @@ class Dispatcher:
         self._lanes: dict[str, _Lane] = {}
         self._ready: deque[str] = deque()
         self._ready_set: set[str] = set()
+        #: Requests in flight to receivers not known to answer, and their cap.
+        self._suspect: set[str] = set()
+        self._suspect_max = max(1, int(self._max * suspect_share))
+        self._untried_max = self._max - int(self._max * RESERVE_SHARE)
+        #: Lanes with rows that wait for one of those requests to end.
+        self._parked: dict[str, None] = {}
         self._held = 0
         #: Room promised to leases that publishing transactions are writing for us.
         self._reserved = 0
@@ -536,18 +567,27 @@ class Dispatcher:
         )
 
     def _excluded(self, now: float, mono: float) -> dict[str, float]:
-        """The webhooks whose rows the next claim leaves in the store (``holds_back``).
+        """The webhooks whose rows the next claim leaves in the store (``holds_back``, and
+        receivers not known to answer while those have all their slots).
 
         Each with the ``updated_at`` its lane saw: once a person changes the webhook, its
         rows are claimed again, so the lane learns of a new address or status.
         """
         excluded: dict[str, float] = {}
         cool_down_ends: float | None = None
+        # Receivers not known to answer have all the slots they may have: rows claimed for
+        # them would only wait.
+        suspects_full = len(self._suspect) >= self._suspect_max
         for webhook_id, lane in self._lanes.items():
             if lane.idle:
                 continue
             lane.full = self._quota_bound and lane.held >= self._lane_limit
-            if not lane.full and not lane.holds_back(now, mono):
+            if not (
+                lane.full
+                or lane.holds_back(now, mono)
+                or webhook_id in self._parked
+                or (suspects_full and lane.suspect(mono))
+            ):
                 continue
             excluded[webhook_id] = lane.updated_at
             open_until = lane.breaker.open_until
@@ -662,7 +702,10 @@ class Dispatcher:
                 continue
             if self._empty_if_unsendable(lane, now):
                 continue
-            if lane.stalled(mono):
+            if lane.stalled(mono) or webhook_id in self._parked:
+                # Stalled, or waiting for slots that receivers not known to answer may use:
+                # its rows would take the room other lanes' claims need.
+                self._parked.pop(webhook_id, None)
                 position = 0
                 while lane.waiting:
                     held = lane.waiting.popleft()
@@ -684,7 +727,7 @@ class Dispatcher:
         """Start requests while slots are free, one lane after another in turn."""
         if self._stopping:
             return
-        now = time.time()
+        now, mono = time.time(), time.monotonic()
         while self._in_flight < self._max and self._ready:
             webhook_id = self._ready.popleft()
             self._ready_set.discard(webhook_id)
@@ -697,6 +740,14 @@ class Dispatcher:
                 now
             ):
                 # The lane is at its cap; it becomes ready again when a request ends.
+                continue
+            if lane.suspect(mono) and (
+                self._in_flight >= self._untried_max
+                if lane.untried
+                else len(self._suspect) >= self._suspect_max
+            ):
+                # Ready again when a request ends.
+                self._parked[webhook_id] = None
                 continue
             held = lane.waiting.popleft()
             if time.monotonic() - held.claimed_at > self._start_within:
@@ -736,7 +787,10 @@ class Dispatcher:
         self._in_flight += 1
         metrics.STATS.in_flight += 1
         lane.breaker.started(now)
-        lane.started[claim.delivery_id] = time.monotonic()
+        mono = time.monotonic()
+        if lane.suspect(mono):
+            self._suspect.add(claim.delivery_id)
+        lane.started[claim.delivery_id] = mono
         task = asyncio.create_task(self._deliver(lane, claim))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -769,6 +823,11 @@ class Dispatcher:
             lane.in_flight -= 1
             lane.started.pop(claim.delivery_id, None)
             lane.last_used = time.monotonic()
+            self._suspect.discard(claim.delivery_id)
+            if self._parked:
+                for parked in self._parked:
+                    self._mark_ready(parked)
+                self._parked.clear()
             self._in_flight -= 1
             metrics.STATS.in_flight -= 1
             self._held -= 1
