@@ -383,8 +383,10 @@ class Dispatcher:
         self._suspect: set[str] = set()
         self._suspect_max = max(1, int(self._max * suspect_share))
         self._untried_max = self._max - int(self._max * RESERVE_SHARE)
-        #: Lanes with rows that wait for one of those requests to end.
+        #: Lanes with rows that wait for one of those requests to end, to be made ready
+        #: again when one does; and since when (monotonic) each has not started one.
         self._parked: dict[str, None] = {}
+        self._parked_since: dict[str, float] = {}
         self._held = 0
         #: Room promised to leases that publishing transactions are writing for us.
         self._reserved = 0
@@ -585,7 +587,7 @@ class Dispatcher:
             if not (
                 lane.full
                 or lane.holds_back(now, mono)
-                or webhook_id in self._parked
+                or webhook_id in self._parked_since
                 or (suspects_full and lane.suspect(mono))
             ):
                 continue
@@ -695,6 +697,7 @@ class Dispatcher:
         stale_after = min(self._lease / 2, self._start_within)
         for webhook_id, lane in list(self._lanes.items()):
             if lane.idle:
+                self._parked_since.pop(webhook_id, None)
                 if mono - lane.last_used > LANE_IDLE_SECONDS:
                     del self._lanes[webhook_id]
                 continue
@@ -702,10 +705,14 @@ class Dispatcher:
                 continue
             if self._empty_if_unsendable(lane, now):
                 continue
-            if lane.stalled(mono) or webhook_id in self._parked:
-                # Stalled, or waiting for slots that receivers not known to answer may use:
-                # its rows would take the room other lanes' claims need.
+            parked_since = self._parked_since.get(webhook_id)
+            if lane.stalled(mono) or (
+                parked_since is not None and mono - parked_since > STALL_SECONDS
+            ):
+                # Stalled, or kept waiting for the slots receivers not known to answer may
+                # use: its rows would take the room other lanes' claims need.
                 self._parked.pop(webhook_id, None)
+                self._parked_since.pop(webhook_id, None)
                 position = 0
                 while lane.waiting:
                     held = lane.waiting.popleft()
@@ -748,6 +755,7 @@ class Dispatcher:
             ):
                 # Ready again when a request ends.
                 self._parked[webhook_id] = None
+                self._parked_since.setdefault(webhook_id, mono)
                 continue
             held = lane.waiting.popleft()
             if time.monotonic() - held.claimed_at > self._start_within:
@@ -787,6 +795,8 @@ class Dispatcher:
         self._in_flight += 1
         metrics.STATS.in_flight += 1
         lane.breaker.started(now)
+        if self._parked_since:
+            self._parked_since.pop(claim.webhook_id, None)
         mono = time.monotonic()
         if lane.suspect(mono):
             self._suspect.add(claim.delivery_id)
