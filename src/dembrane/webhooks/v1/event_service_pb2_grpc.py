@@ -64,7 +64,9 @@ class EventServiceServicer:
 
     def PublishEvents(self, request, context):
         """PublishEvents stores up to 500 events in one transaction and queues their deliveries.
-        When any event is invalid the whole call fails and nothing is stored.
+        When any event is invalid the whole call fails and nothing is stored. A request message
+        may be at most 64 MiB (as for every call); gRPC itself refuses a bigger one with
+        RESOURCE_EXHAUSTED and no error details, so split batches of large events by size.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,7 +40,9 @@ class EventServiceStub:
     """PublishEvent stores one event and queues its deliveries."""
     PublishEvents: _grpc.UnaryUnaryMultiCallable[_event_service_pb2.PublishEventsRequest, _event_service_pb2.PublishEventsResponse]
     """PublishEvents stores up to 500 events in one transaction and queues their deliveries.
-    When any event is invalid the whole call fails and nothing is stored.
+    When any event is invalid the whole call fails and nothing is stored. A request message
+    may be at most 64 MiB (as for every call); gRPC itself refuses a bigger one with
+    RESOURCE_EXHAUSTED and no error details, so split batches of large events by size.
     """
 
 @_typing.type_check_only
@@ -55,7 +57,9 @@ class EventServiceAsyncStub(EventServiceStub):
     """PublishEvent stores one event and queues its deliveries."""
     PublishEvents: _aio.UnaryUnaryMultiCallable[_event_service_pb2.PublishEventsRequest, _event_service_pb2.PublishEventsResponse]  # type: ignore[assignment]
     """PublishEvents stores up to 500 events in one transaction and queues their deliveries.
-    When any event is invalid the whole call fails and nothing is stored.
+    When any event is invalid the whole call fails and nothing is stored. A request message
+    may be at most 64 MiB (as for every call); gRPC itself refuses a bigger one with
+    RESOURCE_EXHAUSTED and no error details, so split batches of large events by size.
     """
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -79,7 +83,9 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_event_service_pb2.PublishEventsResponse, _abc.Awaitable[_event_service_pb2.PublishEventsResponse]]:
         """PublishEvents stores up to 500 events in one transaction and queues their deliveries.
-        When any event is invalid the whole call fails and nothing is stored.
+        When any event is invalid the whole call fails and nothing is stored. A request message
+        may be at most 64 MiB (as for every call); gRPC itself refuses a bigger one with
+        RESOURCE_EXHAUSTED and no error details, so split batches of large events by size.
         """
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
