@@ -11,6 +11,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2, json_format
 
+from dembrane.webhooks.api.convert import seconds, timestamp
 from dembrane.webhooks.config import Settings
 from dembrane.webhooks.v1 import webhook_pb2
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
@@ -620,20 +621,38 @@ async def test_a_stranger_learns_nothing_from_a_bad_update_or_rotation(
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_a_grace_period_whose_parts_differ_in_sign_is_refused(
-    stubs: Stubs, tokens: Tokens, world: World
+@pytest.mark.parametrize(
+    ("seconds", "nanos"), [(10, -500), (0, 1_500_000_000), (0, 2_147_483_647), (0, -1_000_000_000)]
+)
+async def test_a_grace_period_that_is_no_valid_duration_is_refused(
+    stubs: Stubs, tokens: Tokens, world: World, seconds: int, nanos: int
 ) -> None:
-    """A Duration with positive seconds and negative nanos is not a valid duration."""
+    """A Duration whose seconds and nanos differ in sign, or whose nanos make a second or
+    more, is not a valid duration (rather than read as some other length)."""
     created = await create(stubs, tokens)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stubs.webhooks.RotateWebhookSecret(
             pb.RotateWebhookSecretRequest(
                 project_id="p-paid",
                 webhook_id=created.webhook.id,
-                grace_period=duration_pb2.Duration(seconds=10, nanos=-500),
+                grace_period=duration_pb2.Duration(seconds=seconds, nanos=nanos),
             ),
             metadata=admin(tokens),
         )
     assert rich_error(caught.value).violations == {
         "grace_period": "The grace period is not a valid duration."
     }
+
+
+async def test_times_are_given_to_the_microsecond_the_store_keeps(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """A stored time reads the same over gRPC as over REST (whole microseconds, no float
+    noise in the nanos), and never later than stored, so it may start a range that
+    includes what it was read from."""
+    created = await create(stubs, tokens)
+    assert created.webhook.create_time.nanos % 1000 == 0
+    stored = 1764418612.928662
+    assert timestamp(stored).ToMicroseconds() == 1764418612928662
+    assert seconds(timestamp(stored)) <= stored
+    assert timestamp(-0.5).ToMicroseconds() == -500_000

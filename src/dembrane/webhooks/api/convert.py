@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dembrane.webhooks.domain.errors import InvalidArgument
@@ -20,9 +22,12 @@ _PB_TO_STATUS = {value: key for key, value in _STATUS_TO_PB.items()}
 
 
 def timestamp(seconds: float) -> Timestamp:
-    """A protobuf timestamp for Unix seconds."""
+    """A protobuf timestamp for Unix seconds, to the microsecond the store keeps (as the
+    REST gateway shows it). Nanoseconds from the float would carry its rounding noise
+    (``.928662528``), and whole microseconds are rounded down, so a time read here and
+    passed back as a range's start still includes what it was read from."""
     ts = Timestamp()
-    ts.FromNanoseconds(round(seconds * 1e9))
+    ts.FromMicroseconds(math.floor(seconds * 1_000_000))
     return ts
 
 

@@ -311,8 +311,13 @@ class WebhookServicer(webhook_service_pb2_grpc.WebhookServiceServicer):
         if request.HasField("grace_period"):
             period = request.grace_period
             grace = period.seconds + period.nanos / 1e9
-            if (period.seconds < 0 < period.nanos) or (period.nanos < 0 < period.seconds):
-                # google.protobuf.Duration: seconds and nanos must not differ in sign.
+            if (
+                (period.seconds < 0 < period.nanos)
+                or (period.nanos < 0 < period.seconds)
+                or not -1_000_000_000 < period.nanos < 1_000_000_000
+            ):
+                # google.protobuf.Duration: seconds and nanos must not differ in sign, and
+                # nanos must stay within a second.
                 errors.add("grace_period", "The grace period is not a valid duration.")
             elif grace < 0 or grace > MAX_GRACE_SECONDS:
                 errors.add("grace_period", "The grace period must be between 0 and 7 days.")
