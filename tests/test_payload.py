@@ -196,16 +196,19 @@ def test_timestamps_are_utc_whatever_zone_they_come_in() -> None:
     assert zoned["timestamp"] == "2026-01-01T23:00:00.000000+00:00"
 
 
-def test_report_body() -> None:
-    """A report.generated body carries the report object and no conversation."""
-    event = EventData(
+def _report_event(language: str) -> EventData:
+    return EventData(
         id="evt_2",
         type="report.generated",
         project_id="p1",
         occurred_at=WHEN,
-        report=ReportData(id="r1", status="published", language="nl", date_created=WHEN),
+        report=ReportData(id="r1", status="published", language=language, date_created=WHEN),
     )
-    body = _render(event)
+
+
+def test_report_body() -> None:
+    """A report.generated body carries the report object and no conversation."""
+    body = _render(_report_event("nl"))
     assert "conversation" not in body
     assert body["report"] == {
         "id": "r1",
@@ -218,14 +221,7 @@ def test_report_body() -> None:
 
 def test_a_report_without_a_language_takes_its_projects() -> None:
     """A report.generated event whose publisher left the language out carries the project's."""
-    event = EventData(
-        id="evt_3",
-        type="report.generated",
-        project_id="p1",
-        occurred_at=WHEN,
-        report=ReportData(id="r1", status="published", language="", date_created=WHEN),
-    )
-    body = _render(event)
+    body = _render(_report_event(""))
     assert body["report"]["language"] == PROJECT.language != ""
 
 
