@@ -81,6 +81,7 @@ LANE_CHECK_SECONDS = 0.25
 #: A lane is stalled when its oldest request has run this long, and STALL_FACTOR times the
 #: receiver's usual latency.
 STALL_SECONDS = 1.0
+STALL_FACTOR = 4.0
 #: The share of ``max_concurrency`` that requests to webhooks not known to answer may hold
 #: together (a lane that never answered, whose last requests failed, or that is stalled):
 #: the rest stays for receivers that answer, however many dead ones there are.
@@ -89,7 +90,6 @@ SUSPECT_SHARE = 0.5
 #: not known to answer but are let past ``SUSPECT_SHARE``, so a new webhook is not kept
 #: waiting by dead ones): however many new webhooks hang, this much stays for the others.
 RESERVE_SHARE = 0.25
-STALL_FACTOR = 4.0
 #: The shortest pause for a row handed back by a stalled lane.
 MIN_DEFER_SECONDS = 1.0
 #: Outcomes are written together: a flush waits this long for more unless it has enough.
@@ -383,10 +383,9 @@ class Dispatcher:
         self._suspect: set[str] = set()
         self._suspect_max = max(1, int(self._max * suspect_share))
         self._untried_max = self._max - int(self._max * RESERVE_SHARE)
-        #: Lanes with rows that wait for one of those requests to end, to be made ready
-        #: again when one does; and since when (monotonic) each has not started one.
-        self._parked: dict[str, None] = {}
-        self._parked_since: dict[str, float] = {}
+        #: Lanes kept from starting by that cap, made ready again whenever a request ends,
+        #: and since when (monotonic) each has waited.
+        self._parked: dict[str, float] = {}
         self._held = 0
         #: Room promised to leases that publishing transactions are writing for us.
         self._reserved = 0
@@ -587,7 +586,7 @@ class Dispatcher:
             if not (
                 lane.full
                 or lane.holds_back(now, mono)
-                or webhook_id in self._parked_since
+                or webhook_id in self._parked
                 or (suspects_full and lane.suspect(mono))
             ):
                 continue
@@ -697,7 +696,7 @@ class Dispatcher:
         stale_after = min(self._lease / 2, self._start_within)
         for webhook_id, lane in list(self._lanes.items()):
             if lane.idle:
-                self._parked_since.pop(webhook_id, None)
+                self._parked.pop(webhook_id, None)
                 if mono - lane.last_used > LANE_IDLE_SECONDS:
                     del self._lanes[webhook_id]
                 continue
@@ -705,14 +704,13 @@ class Dispatcher:
                 continue
             if self._empty_if_unsendable(lane, now):
                 continue
-            parked_since = self._parked_since.get(webhook_id)
+            parked_since = self._parked.get(webhook_id)
             if lane.stalled(mono) or (
                 parked_since is not None and mono - parked_since > STALL_SECONDS
             ):
                 # Stalled, or kept waiting for the slots receivers not known to answer may
                 # use: its rows would take the room other lanes' claims need.
                 self._parked.pop(webhook_id, None)
-                self._parked_since.pop(webhook_id, None)
                 position = 0
                 while lane.waiting:
                     held = lane.waiting.popleft()
@@ -754,8 +752,7 @@ class Dispatcher:
                 else len(self._suspect) >= self._suspect_max
             ):
                 # Ready again when a request ends.
-                self._parked[webhook_id] = None
-                self._parked_since.setdefault(webhook_id, mono)
+                self._parked.setdefault(webhook_id, mono)
                 continue
             held = lane.waiting.popleft()
             if time.monotonic() - held.claimed_at > self._start_within:
@@ -795,8 +792,8 @@ class Dispatcher:
         self._in_flight += 1
         metrics.STATS.in_flight += 1
         lane.breaker.started(now)
-        if self._parked_since:
-            self._parked_since.pop(claim.webhook_id, None)
+        if self._parked:
+            self._parked.pop(claim.webhook_id, None)
         mono = time.monotonic()
         if lane.suspect(mono):
             self._suspect.add(claim.delivery_id)
@@ -834,10 +831,8 @@ class Dispatcher:
             lane.started.pop(claim.delivery_id, None)
             lane.last_used = time.monotonic()
             self._suspect.discard(claim.delivery_id)
-            if self._parked:
-                for parked in self._parked:
-                    self._mark_ready(parked)
-                self._parked.clear()
+            for parked in self._parked:
+                self._mark_ready(parked)
             self._in_flight -= 1
             metrics.STATS.in_flight -= 1
             self._held -= 1
