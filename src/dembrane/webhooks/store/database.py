@@ -129,13 +129,8 @@ def normalize_url(url: str) -> str:
     """Accept ``postgresql://`` (and ``postgresql+psycopg2://``, whose parameters are
     libpq's too) and pick the psycopg 3 driver the service ships with."""
     parsed = make_url(url)
-    if parsed.drivername in (
-        "postgresql",
-        "postgres",
-        "postgresql+psycopg2",
-        "postgres+psycopg2",
-        "postgres+psycopg",
-    ):
+    if parsed.drivername.partition("+")[0] in ("postgresql", "postgres"):
+        # Settings refuse the drivers psycopg 3 does not stand in for.
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed.render_as_string(hide_password=False)
 
