@@ -57,7 +57,6 @@ SCENARIOS: dict[str, Scenario] = {
 #: The scenarios whose figures another one takes as its baseline.
 NEEDS: dict[str, tuple[str, ...]] = {
     "throughput": ("ceiling",),
-    "isolation": ("throughput",),
     "backlog": ("ceiling",),
 }
 

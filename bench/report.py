@@ -209,10 +209,10 @@ publish, commit, claim, sign, POST, record.
    webhooks' deliveries per second against scenario 2. The service runs with the product's
    per-webhook cap (`WEBHOOKS_PER_WEBHOOK_CONCURRENCY=8`), as a deployment would. A control
    run with the same 100 webhooks, none hanging, separates the cost of the hanging from the
-   cost of spreading the work over many webhooks. The pair runs three times; the table shows
-   the round with the median healthy rate, set against the median of scenario 2's three
-   rates (which need not be the rate of the round shown for scenario 2), and the notes give
-   every round.
+   cost of spreading the work over many webhooks. Each of three rounds runs scenario 2
+   again just before the hanging run and the control just after it, so the ratio compares
+   runs a few seconds apart (the machine's speed drifts by a quarter within minutes); the
+   table shows the round with the median ratio, and the notes give every round.
 6. **Backlog.** 1,000,000 due deliveries (10,000 events to 100 webhooks) are written
    straight into the store, against 1,000. The *claim time* is `store.outbox.claim_due`
    as the dispatcher calls it (its batch size, in its own transaction), median of repeated
