@@ -15,11 +15,12 @@ import grpc
 import pytest
 from sqlmodel import Session
 
+from dembrane.webhooks.api.event_service import event_from_pb
 from dembrane.webhooks.auth import SCOPE_DIRECTORY, SCOPE_PUBLISH
-from dembrane.webhooks.config import DEFAULT_MAX_EVENT_BYTES
+from dembrane.webhooks.config import DEFAULT_MAX_EVENT_BYTES, Settings
 from dembrane.webhooks.domain.access import Tier
-from dembrane.webhooks.domain.errors import FailedPrecondition
-from dembrane.webhooks.domain.payload import ConversationData, EventData
+from dembrane.webhooks.domain.errors import ErrorCollector, FailedPrecondition
+from dembrane.webhooks.domain.payload import ConversationData, EventData, ProjectInfo, render_body
 from dembrane.webhooks.service import Service
 from dembrane.webhooks.store import directory, outbox
 from dembrane.webhooks.store.database import Database
@@ -461,6 +462,41 @@ async def test_an_event_whose_body_exceeds_the_limit_is_refused(
     assert list(rich_error(caught.value).violations) == ["event"]
     (result,) = await publish(stubs, tokens, near)
     assert result.event_id == "evt-near"
+    assert not result.duplicate
+
+
+async def test_the_size_limit_counts_the_projects_name(
+    stubs: Stubs, tokens: Tokens, world: World, settings: Settings
+) -> None:
+    """An event whose body fits the limit without its project's name, but not with that
+    long, escaped name, is refused: the limit holds for the body as it is sent."""
+    limit = DEFAULT_MAX_EVENT_BYTES
+    await stubs.directory.UpsertProject(
+        dpb.UpsertProjectRequest(
+            project_id="p-emoji",
+            workspace_id=world.paid_workspace,
+            name="\U0001f600" * 200,  # 12 bytes each once escaped: 2,400 in the body
+            language="nl",
+        ),
+        metadata=tokens.bearer(tokens.service(SCOPE_DIRECTORY)),
+    )
+    events = {}
+    for project_id in ("p-emoji", world.paid_project):
+        event = conversation_event(f"evt-{project_id}", "conversation.transcribed", project_id)
+        event.conversation.transcript = ""
+        errors = ErrorCollector()
+        data = event_from_pb(event, "event", datetime.now(UTC), errors)
+        nameless = render_body(data, ProjectInfo(project_id, "", ""), settings.dashboard_base_url)
+        # Without any name or language the body is 1,000 bytes under the limit.
+        event.conversation.transcript = "a" * (limit - 1000 - len(nameless))
+        events[project_id] = event
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await publish(stubs, tokens, events["p-emoji"])
+    error = rich_error(caught.value)
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{limit - 1000 + 2400 + len('nl'):,} bytes" in error.violations["events[0]"]
+    (result,) = await publish(stubs, tokens, events[world.paid_project])
+    assert result.event_id == f"evt-{world.paid_project}"
     assert not result.duplicate
 
 

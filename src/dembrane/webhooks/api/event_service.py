@@ -17,6 +17,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dembrane.webhooks import metrics
+from dembrane.webhooks.api.directory_service import LANGUAGE_MAX, NAME_MAX
 from dembrane.webhooks.config import Settings
 from dembrane.webhooks.domain.errors import ErrorCollector
 from dembrane.webhooks.domain.ids import new_id
@@ -30,7 +31,8 @@ from dembrane.webhooks.domain.payload import (
 )
 from dembrane.webhooks.domain.text import has_control_characters
 from dembrane.webhooks.resources import Resources
-from dembrane.webhooks.store import outbox
+from dembrane.webhooks.store import directory, outbox
+from dembrane.webhooks.store.database import Database
 from dembrane.webhooks.store.publish_queue import PublishQueue
 from dembrane.webhooks.v1 import event_pb2, event_service_pb2_grpc
 from dembrane.webhooks.v1 import event_service_pb2 as pb
@@ -49,6 +51,9 @@ _KNOWN_TYPES = ", ".join(sorted(SUBSCRIBABLE_EVENT_TYPES))
 #: and the dashboard link add less than this to a body.
 _JSON_GROWTH = 6
 _BODY_OVERHEAD = 16 * 1024
+#: The most a project's name and language can add to a body: each character escaped as a
+#: surrogate pair (12 bytes), the language twice (a report falls back to it).
+_PROJECT_ROOM = 12 * (NAME_MAX + 2 * LANGUAGE_MAX)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
@@ -194,18 +199,19 @@ def event_from_pb(
     )
 
 
-def _check_sizes(
+async def _check_sizes(
     messages: Sequence[event_pb2.Event],
     events: Sequence[EventData],
     fields: Sequence[str],
     settings: Settings,
+    database: Database,
     errors: ErrorCollector,
 ) -> None:
     """Refuse the call when an event's body would be larger than ``max_event_bytes``.
 
-    The body is rendered only for an event whose encoded size could reach the limit; the
-    project's name and language are not counted (the directory bounds them to a few hundred
-    bytes).
+    The body is rendered only for an event whose encoded size could reach the limit, first
+    without its project's name and language; only when those could still tip it over the
+    limit is the project read, so a call of ordinary events costs no extra read.
     """
     limit = settings.max_event_bytes
     for message, event, field in zip(messages, events, fields, strict=True):
@@ -213,6 +219,11 @@ def _check_sizes(
             continue
         project = ProjectInfo(id=event.project_id, name="", language="")
         size = len(render_body(event, project, settings.dashboard_base_url))
+        if size <= limit < size + _PROJECT_ROOM:
+            known = await database.run(directory.project_info, event.project_id)
+            # An unknown project fails the call further on, with its own sentence.
+            if known is not None:
+                size = len(render_body(event, known, settings.dashboard_base_url))
         if size > limit:
             errors.add(
                 field,
@@ -236,6 +247,7 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
 
     def __init__(self, resources: Resources) -> None:
         self._settings = resources.settings
+        self._db = resources.database
         self._queue = PublishQueue(
             resources.database,
             resources.settings.dashboard_base_url,
@@ -262,7 +274,7 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
             errors.raise_if_any()
         event = event_from_pb(request.event, "event", datetime.now(UTC), errors)
         errors.raise_if_any()
-        _check_sizes([request.event], [event], ["event"], self._settings, errors)
+        await _check_sizes([request.event], [event], ["event"], self._settings, self._db, errors)
         (outcome,) = await self._publish([event])
         return pb.PublishEventResponse(result=_result_pb(outcome))
 
@@ -281,6 +293,6 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
             for message, field in zip(request.events, fields, strict=True)
         ]
         errors.raise_if_any()
-        _check_sizes(request.events, events, fields, self._settings, errors)
+        await _check_sizes(request.events, events, fields, self._settings, self._db, errors)
         outcomes = await self._publish(events)
         return pb.PublishEventsResponse(results=[_result_pb(o) for o in outcomes])

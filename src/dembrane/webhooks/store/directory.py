@@ -7,6 +7,7 @@ from sqlmodel import Session, col, select
 
 from dembrane.webhooks.domain.access import MANAGING_ROLES, WEBHOOK_TIER, ProjectAccess, Tier
 from dembrane.webhooks.domain.errors import FailedPrecondition
+from dembrane.webhooks.domain.payload import ProjectInfo
 from dembrane.webhooks.store.tables import MembershipRow, ProjectRow, WebhookRow, WorkspaceRow
 
 
@@ -22,6 +23,12 @@ def upsert_workspace(
         return True
     row.name, row.tier, row.updated_at = name, int(tier), now
     return False
+
+
+def project_info(session: Session, project_id: str) -> ProjectInfo | None:
+    """What an event's body says of its project, or ``None`` for an unknown project."""
+    row = session.get(ProjectRow, project_id)
+    return None if row is None else ProjectInfo(row.id, row.name, row.language)
 
 
 def upsert_project(
