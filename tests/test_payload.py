@@ -121,15 +121,19 @@ process.stdin.on("end", () => process.stdout.write(JSON.stringify(sort(JSON.pars
         (123456789012345678.0, "123456789012345680"),
         (-2.5e20, "-250000000000000000000"),
         (1e21, "1e+21"),
+        (0.00001, "0"),
+        (-0.0004, "0"),
+        (0.01234, "0.012"),
+        (12.3456789, "12.346"),
     ],
 )
 def test_rendered_body_re_serializes_to_itself_in_python_and_javascript(
     duration: float | None, expected: str
 ) -> None:
-    """A whole-number duration is written without a fraction or exponent below 10^21 (60,
-    not 60.0; 10000000000000000, not 1e+16), so a receiver that re-serializes the parsed
-    body gets the signed bytes back in JavaScript (and Go, whose JSON writer agrees) as well
-    as in Python."""
+    """A duration is written to the millisecond, and a whole number without a fraction or
+    exponent below 10^21 (60, not 60.0; 10000000000000000, not 1e+16), so a receiver that
+    re-serializes the parsed body gets the signed bytes back in JavaScript (and Go, whose
+    JSON writer agrees) as well as in Python."""
     conversation = dataclasses.replace(CONVERSATION, duration=duration)
     event = _conversation_event("conversation.summarized", conversation=conversation)
     body = render_body(event, PROJECT, BASE)

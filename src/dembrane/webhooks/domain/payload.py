@@ -122,11 +122,15 @@ def _needs_conversation(event_type: str) -> bool:
 
 
 def _json_number(value: float | None) -> float | int | None:
-    """``value`` as the body carries it: a whole number below 10^21 in plain digits
-    without a fraction (``60``, not ``60.0``; ``10000000000000000``, not ``1e+16``), as
-    JavaScript's and Go's JSON writers put it. A receiver that re-serializes the parsed
-    body to check the signature then gets the bytes that were signed, whichever of the
-    three languages it is written in."""
+    """``value`` (seconds) as the body carries it: to the millisecond, and a whole number
+    below 10^21 in plain digits without a fraction (``60``, not ``60.0``;
+    ``10000000000000000``, not ``1e+16``), as JavaScript's and Go's JSON writers put it.
+    A receiver that re-serializes the parsed body to check the signature then gets the
+    bytes that were signed, whichever of the three languages it is written in. Below a
+    ten-thousandth the three write a number differently (``1e-05`` in Python, ``0.00001``
+    in JavaScript and Go), which the rounding rules out."""
+    if value is not None:
+        value = round(value, 3)
     if value is None or not value.is_integer():
         return value
     if abs(value) < 2**53:

@@ -28,7 +28,9 @@ class UpsertWorkspaceRequest(_message.Message):
     workspace_id: _builtins.str
     """The workspace's identifier, at most 128 characters. Required."""
     name: _builtins.str
-    """The workspace's name, at most 200 characters."""
+    """The workspace's name, at most 200 characters, with no control characters (tabs,
+    line breaks and DEL included).
+    """
     tier: _builtins.str
     """The workspace's tier: `free`, `innovator`, `changemaker` or `guardian`. Required.
     Webhooks deliver only at `changemaker` and above.
@@ -85,9 +87,13 @@ class UpsertProjectRequest(_message.Message):
     workspace_id: _builtins.str
     """The workspace the project belongs to; it must have been upserted before. Required."""
     name: _builtins.str
-    """The project's name, at most 200 characters; it appears in the body's `project` object."""
+    """The project's name, at most 200 characters, with no control characters (tabs, line
+    breaks and DEL included); it appears in the body's `project` object.
+    """
     language: _builtins.str
-    """The project's language, for example `en` or `nl`, at most 16 characters."""
+    """The project's language, for example `en` or `nl`, at most 16 characters, with no
+    control characters.
+    """
     def __init__(
         self,
         *,

@@ -103,7 +103,7 @@ class Conversation(_message.Message):
     participant_name: _builtins.str
     """The participant's name, when known."""
     duration: _builtins.float
-    """The recording's duration in seconds, when known."""
+    """The recording's duration in seconds, when known. Bodies carry it to the millisecond."""
     source: _builtins.str
     """Where the conversation came from, for example `PORTAL_AUDIO` or `DASHBOARD_UPLOAD`."""
     is_finished: _builtins.bool
