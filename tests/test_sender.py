@@ -111,6 +111,19 @@ async def test_error_status_keeps_exactly_the_first_20_kb(sender: Sender) -> Non
     assert outcome.error == "The receiver answered with status 500."
 
 
+async def test_the_url_goes_out_as_its_owner_wrote_it(sender: Sender) -> None:
+    """Escapes in a webhook URL's path and query reach the receiver as written (``%3B`` is
+    not turned into ``;``, nor ``a%2Fb`` into ``a/b``); only what a URL cannot carry is
+    escaped, and the fragment stays behind."""
+    async with Receiver("s") as receiver:
+        written = "/enc/at%40/%3B/x?k1=a%2Fb&k2=a%3Fb&k3=%2C%3A%21%2A&plain=1"
+        outcome = await sender.send(_request(f"{receiver.base_url}{written}#fragment", "s"))
+        odd = await sender.send(_request(f"{receiver.base_url}/caf\u00e9/50%?q=\u00e9", "s"))
+    assert outcome.success
+    assert odd.success
+    assert [r.path for r in receiver.requests] == [written, "/caf%C3%A9/50%25?q=%C3%A9"]
+
+
 async def test_redirect_is_not_followed(sender: Sender) -> None:
     """A 3xx is a failed attempt and the redirect target is never requested."""
     async with Receiver("s") as receiver:

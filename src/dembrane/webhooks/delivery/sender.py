@@ -26,6 +26,7 @@ from dembrane.webhooks.delivery.targets import (
     TargetBlockedError,
     TargetPolicy,
     literal_refusal,
+    request_url,
 )
 from dembrane.webhooks.domain.text import one_line, printable
 
@@ -245,7 +246,7 @@ class Sender:
             return cache[raw]
         except KeyError:
             pass
-        url = URL(raw)
+        url = request_url(raw)
         if len(cache) >= _URL_CACHE_SIZE:
             cache.clear()
         cache[raw] = url

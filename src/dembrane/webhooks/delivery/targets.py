@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import re
 import socket
+import urllib.parse
 from collections.abc import Sequence
 
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -32,6 +33,7 @@ __all__ = [
     "TargetRefused",
     "check_target",
     "literal_refusal",
+    "request_url",
     "validate_url_syntax",
 ]
 
@@ -162,6 +164,35 @@ def _parse_ip(text: str) -> IPAddress | None:
 
 def _refusal_sentence(subject: str, ip: IPAddress | str, kind: str) -> str:
     return f"{subject} {ip}, {kind}; webhooks must target public addresses."
+
+
+# What may stand in a URL's path and query as written: RFC 3986's unreserved and reserved
+# characters, and percent-escapes. Anything else (non-ASCII, a lone ``%``) is escaped.
+_NOT_IN_URI = re.compile(r"[^A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]|%(?![0-9A-Fa-f]{2})")
+
+
+def _escape_stray(part: str) -> str:
+    return _NOT_IN_URI.sub(lambda m: urllib.parse.quote(m.group(), safe=""), part)
+
+
+def request_url(url: str) -> URL:
+    """The URL a request to the webhook ``url`` goes to, its path and query as their owner
+    wrote them.
+
+    yarl decodes every escape and encodes again, so ``%3B`` would go out as ``;`` and
+    ``a%2Fb`` in a query as ``a/b``: a different URL to a receiver that routes on it or
+    checks it. Only characters a URL cannot carry are escaped here; the fragment is not
+    sent. Raises ``ValueError`` for a URL yarl cannot read.
+    """
+    parsed = URL(url)
+    parts = urllib.parse.urlsplit(url)
+    return URL.build(
+        scheme=parsed.scheme,
+        authority=parsed.raw_authority,
+        path=_escape_stray(parts.path) or "/",
+        query_string=_escape_stray(parts.query),
+        encoded=True,
+    )
 
 
 def validate_url_syntax(url: str) -> str | None:
