@@ -19,10 +19,11 @@ from typing import Any
 import aiohttp
 import grpc
 import jsonschema_rs
+import jwt
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from dembrane.webhooks.auth import SCOPE_PUBLISH
+from dembrane.webhooks.auth import MAX_AUTHORIZATION_LENGTH, SCOPE_PUBLISH
 from dembrane.webhooks.config import Settings
 from dembrane.webhooks.gateway.routes import ROUTES, Route
 from dembrane.webhooks.service import Service
@@ -756,3 +757,40 @@ async def test_a_request_that_is_not_valid_http_logs_one_line_without_a_tracebac
     assert records, "the refusal is logged"
     assert all(r.levelname == "INFO" and r.exc_info is None for r in records)
     assert "is not valid HTTP" in records[0].getMessage()
+
+
+def _values_around_the_limit(secret: str, user: str) -> tuple[str, str]:
+    """The longest authorization value of a valid token within the limit, and the shortest
+    beyond it (a JWT cannot have every length, so neither need be at the limit exactly)."""
+    expires = int(time.time()) + 600
+
+    def value(pad: int) -> str:
+        claims = {"sub": user, "exp": expires, "pad": "x" * pad}
+        return "Bearer " + jwt.encode(claims, secret, algorithm="HS256")
+
+    pad = MAX_AUTHORIZATION_LENGTH * 3 // 4 - 200
+    while len(value(pad + 1)) <= MAX_AUTHORIZATION_LENGTH:
+        pad += 1
+    within, beyond = value(pad), value(pad + 1)
+    assert len(within) > MAX_AUTHORIZATION_LENGTH - 8
+    assert len(beyond) > MAX_AUTHORIZATION_LENGTH
+    return within, beyond
+
+
+async def test_rest_and_grpc_take_the_same_longest_authorization(
+    rest: Rest, stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """A valid token just within the documented limit works over REST and gRPC, and one just
+    beyond it is an invalid session over both."""
+    within, beyond = _values_around_the_limit(tokens.secret, world.admin)
+    url = f"{rest.url}/api/projects/{world.paid_project}/webhooks"
+    request = spb.ListWebhooksRequest(project_id=world.paid_project)
+    async with rest.http.get(url, headers={"Authorization": within}) as reply:
+        assert reply.status == 200, await reply.text()
+    await stubs.webhooks.ListWebhooks(request, metadata=(("authorization", within),))
+    async with rest.http.get(url, headers={"Authorization": beyond}) as reply:
+        assert reply.status == 401
+        assert (await reply.json())["detail"] == "Invalid session"
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stubs.webhooks.ListWebhooks(request, metadata=(("authorization", beyond),))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED

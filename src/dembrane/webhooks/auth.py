@@ -29,6 +29,13 @@ SCOPE_DIRECTORY = "webhooks:directory"
 # What every authentication failure says: the caller learns nothing about why.
 INVALID_SESSION = "Invalid session"
 
+#: The longest ``authorization`` value (``Bearer `` and the token) the service takes, over
+#: gRPC and REST alike. gRPC refuses a call whose metadata passes 8 KiB (its default soft
+#: limit, counted over every entry, the path and user agent included), so a longer value
+#: would work on some calls and not on others; 7 KiB leaves room for the rest of the call's
+#: metadata, and is far above any real JWT.
+MAX_AUTHORIZATION_LENGTH = 7168
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -72,7 +79,7 @@ class TokenVerifier:
 
     def verify_header(self, authorization: str | None) -> Principal:
         """Turn an ``authorization`` value (``Bearer <JWT>``) into a principal."""
-        if not authorization:
+        if not authorization or len(authorization.strip()) > MAX_AUTHORIZATION_LENGTH:
             raise Unauthenticated(INVALID_SESSION)
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():

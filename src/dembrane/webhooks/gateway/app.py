@@ -29,6 +29,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dembrane.webhooks import metrics
+from dembrane.webhooks.auth import MAX_AUTHORIZATION_LENGTH
 from dembrane.webhooks.config import LISTEN_PROBLEMS, url_host
 from dembrane.webhooks.gateway.errors import (
     ErrorAnswer,
@@ -94,9 +95,6 @@ _ACCEPT_ENCODING = {"Accept-Encoding": "gzip, deflate, identity"}
 # The Test action waits for the receiver (30 s by default) before it answers.
 DEFAULT_RPC_TIMEOUT = 60.0
 _HEALTH_TIMEOUT = 5.0
-
-# Far above any real JWT, well below gRPC's default 8 KiB metadata limit.
-_MAX_AUTHORIZATION = 4096
 
 _CORS_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 _CORS_HEADERS = "Authorization, Content-Type"
@@ -363,12 +361,13 @@ async def _remaining_pages(
 
 def _authorization(request: web.Request) -> str | None:
     value = request.headers.get("Authorization", "").strip()
-    # gRPC metadata must be printable ASCII and fit the server's metadata limit; anything else
+    # gRPC metadata must be printable ASCII, and the server takes no value over its limit
+    # (shared with it, so that a token works the same way over REST and gRPC); anything else
     # could not be a valid token anyway, and sending nothing lets the server answer 401 as it
     # does for a missing header.
     if (
         not value
-        or len(value) > _MAX_AUTHORIZATION
+        or len(value) > MAX_AUTHORIZATION_LENGTH
         or not (value.isascii() and value.isprintable())
     ):
         return None
