@@ -739,6 +739,42 @@ async def test_cors_for_the_configured_origin(rest: Rest, tokens: Tokens, world:
         assert "Access-Control-Allow-Origin" not in reply.headers
 
 
+# Requests the HTTP parser refuses, each with a valid token in a header it cannot parse.
+UNPARSEABLE = {
+    "control byte": b"Authorization: Bearer {token}\x01\r\n",
+    "folded line": b"Authorization: Bearer\r\n {token}\r\n",
+    "header over 8 kB": b"Authorization: Bearer {token}" + b"a" * 9000 + b"\r\n",
+}
+
+
+async def _exchange(service: Service, head: bytes, token: str) -> bytes:
+    """Send a GET with ``head`` (``{token}`` replaced) among its headers; the whole answer."""
+    port = int(service.http_url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        request = b"GET /api/projects/p-paid/webhooks HTTP/1.1\r\nHost: x\r\n"
+        writer.write(request + head.replace(b"{token}", token.encode()) + b"\r\n")
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)  # the refusal closes the connection
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("head", UNPARSEABLE.values(), ids=UNPARSEABLE.keys())
+async def test_a_token_in_an_unparseable_request_stays_out_of_the_log(
+    service: Service, tokens: Tokens, caplog: pytest.LogCaptureFixture, head: bytes
+) -> None:
+    """A valid token in a header the HTTP parser refuses appears in no log line at any level."""
+    caplog.set_level("DEBUG")
+    token = tokens.staff()
+    await _exchange(service, head, token)
+    await asyncio.sleep(0.1)
+    assert any("is not valid HTTP" in r.getMessage() for r in caplog.records)
+    logged = caplog.text + "".join(r.getMessage() for r in caplog.records)
+    # The first characters suffice: a header over 8 kB was quoted cut to 100.
+    assert token[:40] not in logged
+
+
 async def test_a_request_that_is_not_valid_http_logs_one_line_without_a_traceback(
     service: Service, caplog: pytest.LogCaptureFixture
 ) -> None:

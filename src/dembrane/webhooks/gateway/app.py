@@ -20,7 +20,15 @@ from typing import Any
 
 import grpc
 from aiohttp import hdrs, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    PayloadEncodingError,
+)
 from aiohttp.typedefs import Middleware
 from aiohttp.web_log import AccessLogger
 from aiohttp.web_request import BaseRequest
@@ -62,18 +70,42 @@ __all__ = ["MAX_BODY_BYTES", "bound_port", "create_app", "run_gateway"]
 _log = logging.getLogger(__name__)
 
 
+# What is wrong with a request aiohttp cannot parse, by the kind of its error, the most
+# specific first. aiohttp's own messages quote the offending bytes (a header line, bearer
+# token and all), so nothing the gateway logs or answers about such a request uses them.
+_PARSE_FAULTS: tuple[tuple[type[HttpProcessingError], str], ...] = (
+    (LineTooLong, "A line of the request head (the request line or a header) is too long."),
+    (BadHttpMethod, "The request line names no valid HTTP method."),
+    (BadStatusLine, "The request line is malformed."),
+    (InvalidURLError, "The request target is not a valid URL."),
+    (InvalidHeader, "A request header has an invalid name or value."),
+    (PayloadEncodingError, "The request body is not framed as its headers say."),
+)
+_PARSE_FAULT = "The request is not valid HTTP/1.1."
+
+
+def _parse_fault(error: HttpProcessingError) -> str:
+    """A fixed sentence for what is wrong with an unparseable request, quoting none of it."""
+    return next((fault for kind, fault in _PARSE_FAULTS if isinstance(error, kind)), _PARSE_FAULT)
+
+
 class _MalformedRequestFilter(logging.Filter):
     """aiohttp logs a request it cannot parse (a header over 8 kB, a broken chunk) at ERROR
-    with a traceback, before any handler runs; it is the client's fault, so one INFO line."""
+    with a traceback, before any handler runs; it is the client's fault, so one INFO line.
+
+    The line names the kind of fault, never aiohttp's message: that quotes the bytes at fault,
+    which may be an ``Authorization`` header with a valid token in it.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, HttpProcessingError):
             remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-            record.msg = "refused a request from %s that is not valid HTTP: %s"
-            record.args = (remote, error.message)
+            record.msg = "refused a request from %s that is not valid HTTP (%s): %s"
+            record.args = (remote, type(error).__name__, _parse_fault(error))
             record.exc_info = record.exc_text = None
-            record.levelno, record.levelname = logging.INFO, "INFO"
+            level = min(record.levelno, logging.INFO)  # aiohttp logs some at DEBUG already
+            record.levelno, record.levelname = level, logging.getLevelName(level)
         return True
 
 
