@@ -9,6 +9,7 @@ error table of section 3 are driven over REST for every route they apply to.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -773,6 +774,25 @@ async def test_a_token_in_an_unparseable_request_stays_out_of_the_log(
     logged = caplog.text + "".join(r.getMessage() for r in caplog.records)
     # The first characters suffice: a header over 8 kB was quoted cut to 100.
     assert token[:40] not in logged
+
+
+@pytest.mark.parametrize("head", UNPARSEABLE.values(), ids=UNPARSEABLE.keys())
+async def test_an_unparseable_request_is_answered_in_json_quoting_nothing(
+    service: Service, tokens: Tokens, head: bytes
+) -> None:
+    """The parser's refusal is a JSON 400 error body with a fixed sentence, not the
+    parser's message with the token in it."""
+    token = tokens.staff()
+    answer = await _exchange(service, head, token)
+    head_part, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head_part.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in header_lines)
+    assert status_line.split(" ")[1] == "400", status_line
+    assert headers["Content-Type"].startswith("application/json")
+    refusal = json.loads(body)
+    assert set(refusal) == {"detail", "reason"}
+    assert refusal["reason"] == "INVALID_ARGUMENT"
+    assert token[:40] not in answer.decode("latin-1")
 
 
 async def test_a_request_that_is_not_valid_http_logs_one_line_without_a_traceback(

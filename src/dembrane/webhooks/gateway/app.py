@@ -128,6 +128,8 @@ _ACCEPT_ENCODING = {"Accept-Encoding": "gzip, deflate, identity"}
 DEFAULT_RPC_TIMEOUT = 60.0
 _HEALTH_TIMEOUT = 5.0
 
+_INTERNAL_ERROR = "Internal error"
+
 _CORS_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 _CORS_HEADERS = "Authorization, Content-Type"
 _CORS_MAX_AGE = "600"
@@ -250,12 +252,58 @@ class _AccessLog(AccessLogger):
 _QUIET_PATHS = frozenset({"/healthz", "/metrics"})
 
 
+class _JsonRefusalHandler(web.RequestHandler):
+    """aiohttp's connection handler, answering what it refuses on its own in the gateway's JSON.
+
+    A request aiohttp cannot parse never reaches the application or its middlewares: aiohttp
+    answers it from ``handle_error`` with a plain-text 400 whose body is the parser's message,
+    and that quotes the bytes at fault (a bearer token, for one). aiohttp has no setting for
+    that answer, so this subclass replaces it with ``{"detail", "reason"}`` and a fixed
+    sentence.
+    """
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's own still logs the failure (see _MalformedRequestFilter) and raises when
+        # part of an answer is out already; only the answer it builds is discarded.
+        super().handle_error(request, status, exc, None)
+        detail = _parse_fault(exc) if isinstance(exc, HttpProcessingError) else _INTERNAL_ERROR
+        response = _error_response(local_answer(status, detail))
+        response.force_close()
+        return response
+
+
+class _JsonRefusalServer(web.Server):
+    """aiohttp's server, with :class:`_JsonRefusalHandler` for every connection."""
+
+    def __call__(self) -> web.RequestHandler:
+        return _JsonRefusalHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _GatewayRunner(web.AppRunner):
+    """aiohttp's runner for the app, serving through :class:`_JsonRefusalServer`.
+
+    aiohttp takes no connection handler class as a setting: the server it builds for the app
+    (after the app's startup) creates its own, so that server is given the subclass above.
+    """
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonRefusalServer
+        return server
+
+
 async def run_gateway(app: web.Application, host: str, port: int) -> web.AppRunner:
     """Start serving ``app`` on ``host:port`` (port 0 picks a free one); see :func:`bound_port`.
 
     The caller stops it with ``await runner.cleanup()``.
     """
-    runner = web.AppRunner(app, handle_signals=False, access_log_class=_AccessLog)
+    runner = _GatewayRunner(app, handle_signals=False, access_log_class=_AccessLog)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
@@ -502,7 +550,7 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
             request.path,
             frames,
         )
-        return _error_response(local_answer(500, "Internal error"))
+        return _error_response(local_answer(500, _INTERNAL_ERROR))
 
 
 def _cors_middleware(origins: Sequence[str]) -> Middleware:
