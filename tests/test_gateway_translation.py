@@ -176,16 +176,46 @@ async def test_every_route_reaches_its_rpc(stack: Stack, route: Route) -> None:
         assert call.request.delivery_id == "dl_1"
 
 
-# Without an Authorization header nothing is forwarded, and the server's 401 comes through.
-async def test_missing_authorization_is_not_invented(stack: Stack) -> None:
-    stack.service.errors["ListWebhooks"] = (grpc.StatusCode.UNAUTHENTICATED, "no token", [])
+# Without an Authorization header the gateway answers the server's 401 itself, calling nothing.
+async def test_missing_authorization_is_refused_without_a_call(stack: Stack) -> None:
     async with (
         aiohttp.ClientSession() as anonymous,
         anonymous.get(f"{stack.url}/api/projects/p1/webhooks") as reply,
     ):
         assert reply.status == 401
-        assert await reply.json() == {"detail": "Invalid session"}
-    assert stack.last("ListWebhooks").authorization is None
+        assert await reply.json() == {"detail": "Invalid session", "reason": "UNAUTHENTICATED"}
+    assert stack.service.calls == []
+
+
+# Requests wrong in some other way too, each answered 400, 413, 415 or 422 with a token.
+FLAWED_REQUESTS = {
+    "malformed body": ("POST", "/api/projects/p1/webhooks", {"data": b"{not json"}),
+    "bad query value": ("GET", "/api/projects/p1/webhooks?page_size=many", {}),
+    "unknown coding": (
+        "POST",
+        "/api/projects/p1/webhooks",
+        {"data": b"{}", "headers": {"Content-Encoding": "br"}},
+    ),
+    "body over 1 MiB": ("POST", "/api/projects/p1/webhooks", {"data": b"x" * (1024 * 1024 + 1)}),
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "extra"), FLAWED_REQUESTS.values(), ids=FLAWED_REQUESTS.keys()
+)
+async def test_no_credentials_is_401_before_anything_else(
+    stack: Stack, method: str, path: str, extra: dict[str, Any]
+) -> None:
+    """A request without an Authorization header is answered 401 whatever else is wrong
+    with it, and the server is not called."""
+    async with aiohttp.ClientSession() as anonymous:
+        async with anonymous.request(method, stack.url + path, **extra) as reply:
+            assert reply.status == 401
+            assert (await reply.json())["detail"] == "Invalid session"
+        # The same request with a token is refused for its other fault.
+        async with stack.http.request(method, stack.url + path, **extra) as reply:
+            assert reply.status in (400, 413, 415, 422)
+    assert stack.service.calls == []
 
 
 def _info(reason: str) -> error_details_pb2.ErrorInfo:
@@ -929,7 +959,7 @@ async def test_unreachable_server() -> None:
     runner = await run_gateway(app, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{bound_port(runner)}"
     try:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers={"Authorization": TOKEN}) as http:
             async with http.get(f"{url}/api/projects/p1/webhooks") as reply:
                 assert reply.status == 503
                 assert await reply.json() == {

@@ -40,6 +40,7 @@ from dembrane.webhooks import metrics
 from dembrane.webhooks.auth import MAX_AUTHORIZATION_LENGTH
 from dembrane.webhooks.config import LISTEN_PROBLEMS, url_host
 from dembrane.webhooks.gateway.errors import (
+    INVALID_SESSION,
     ErrorAnswer,
     RestError,
     answer_for_rpc_error,
@@ -195,6 +196,8 @@ class _Upstream:
 
 _UPSTREAM = web.AppKey("upstream", _Upstream)
 _DOCUMENT = web.AppKey("openapi_document", bytes)
+# The resources of the API's routes: every one of them needs a bearer token.
+_API_RESOURCES = web.AppKey("api_resources", frozenset)
 
 
 def create_app(
@@ -233,6 +236,7 @@ def create_app(
         if route.http_method == "GET":
             # HEAD answers as GET would, without the body (aiohttp leaves it out).
             resources[route.path].add_route("HEAD", handler)
+    app[_API_RESOURCES] = frozenset(resources.values())
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/api/openapi.json", _openapi_document)
@@ -439,12 +443,26 @@ async def _remaining_pages(
     return answer
 
 
+def _lacks_credentials(request: web.Request) -> bool:
+    """Whether the request is for an API route and carries no Authorization header the
+    server could take.
+
+    Such a request is answered 401 before its size, encoding, body or query is looked at: a
+    caller without credentials learns nothing about the rest of its request, and a request
+    that is wrong in several ways gets the same first answer whichever it is.
+    """
+    route = request.match_info.route
+    if route.resource not in request.app[_API_RESOURCES]:
+        return False
+    return _authorization(request) is None
+
+
 def _authorization(request: web.Request) -> str | None:
     value = request.headers.get("Authorization", "").strip()
     # gRPC metadata must be printable ASCII, and the server takes no value over its limit
     # (shared with it, so that a token works the same way over REST and gRPC); anything else
-    # could not be a valid token anyway, and sending nothing lets the server answer 401 as it
-    # does for a missing header.
+    # could not be a valid token anyway, and the gateway answers 401 for it itself, as the
+    # server does for a missing header (see _lacks_credentials).
     if (
         not value
         or len(value) > MAX_AUTHORIZATION_LENGTH
@@ -516,6 +534,8 @@ def _error_response(answer: ErrorAnswer, headers: dict[str, str] | None = None) 
 @web.middleware
 async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes ``{"detail": ...}``; nothing a caller sends leads to a traceback."""
+    if _lacks_credentials(request):
+        return _error_response(local_answer(401, INVALID_SESSION))
     length = request.content_length
     if length is not None and length > MAX_BODY_BYTES:
         return _error_response(local_answer(413, _BODY_TOO_LARGE))

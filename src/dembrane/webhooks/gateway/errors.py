@@ -97,6 +97,7 @@ class ErrorAnswer:
 # on ``reason`` whichever side refused the request.
 _LOCAL_REASONS: dict[int, str] = {
     400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
     413: "PAYLOAD_TOO_LARGE",
