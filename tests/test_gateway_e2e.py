@@ -850,3 +850,25 @@ async def test_rest_and_grpc_take_the_same_longest_authorization(
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stubs.webhooks.ListWebhooks(request, metadata=(("authorization", beyond),))
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_several_authorization_headers_are_an_invalid_session(
+    rest: Rest, stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """Two Authorization headers (REST) or authorization entries (gRPC) are refused as an
+    invalid session, whichever comes first and whether or not both are valid."""
+    member, admin = tokens.user(world.member), tokens.user(world.admin)
+    url = f"{rest.url}/api/projects/{world.paid_project}/webhooks"
+    request = spb.ListWebhooksRequest(project_id=world.paid_project)
+    for first, second in ((member, admin), (admin, "bad"), (admin, admin)):
+        pair = [("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")]
+        async with rest.http.get(url, headers=pair) as reply:
+            assert reply.status == 401
+            body = await reply.json()
+        assert (body["detail"], body["reason"]) == ("Invalid session", "UNAUTHENTICATED")
+        assert body["field_violations"][0]["field"] == "Authorization"
+        assert "more than one" in body["field_violations"][0]["description"]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stubs.webhooks.ListWebhooks(request, metadata=[(k.lower(), v) for k, v in pair])
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "more than one" in (refused.value.details() or "")

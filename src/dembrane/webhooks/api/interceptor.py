@@ -22,8 +22,19 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from dembrane.webhooks.api.errors import internal_status, to_status
-from dembrane.webhooks.auth import SCOPE_DIRECTORY, SCOPE_PUBLISH, Principal, TokenVerifier
-from dembrane.webhooks.domain.errors import InvalidArgument, Unavailable, WebhooksError
+from dembrane.webhooks.auth import (
+    INVALID_SESSION,
+    SCOPE_DIRECTORY,
+    SCOPE_PUBLISH,
+    Principal,
+    TokenVerifier,
+)
+from dembrane.webhooks.domain.errors import (
+    InvalidArgument,
+    Unauthenticated,
+    Unavailable,
+    WebhooksError,
+)
 from dembrane.webhooks.store.database import OutageLog, store_unavailable
 
 log = logging.getLogger(__name__)
@@ -40,6 +51,10 @@ _SHUTTING_DOWN = Unavailable(
 SETTLE_SECONDS = 1.0
 QUIET_LOOKS = 5
 LOOK_SECONDS = 0.01
+
+_SEVERAL_AUTHORIZATIONS = (
+    f"{INVALID_SESSION}: the call carries more than one authorization entry; send exactly one."
+)
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 SERVICE_SCOPES = {
@@ -156,12 +171,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 await cast(Any, context).abort_with_status(to_status(_SHUTTING_DOWN))
             admission.take()
             try:
-                authorization = None
-                for key, value in context.invocation_metadata() or ():
-                    if key == "authorization":
-                        authorization = value if isinstance(value, str) else value.decode()
-                        break
-                principal = verifier.verify_header(authorization)
+                principal = verifier.verify_header(_authorization(context))
                 if scope is not None:
                     principal.require_scope(scope)
                 _principal.set(principal)
@@ -183,6 +193,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 admission.done()
 
         return wrapped
+
+
+def _authorization(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The call's one ``authorization`` entry, if any.
+
+    Several entries are refused rather than one picked: a proxy or client library that adds
+    its own would otherwise decide, unseen, whose call this is.
+    """
+    values = [
+        value if isinstance(value, str) else value.decode()
+        for key, value in context.invocation_metadata() or ()
+        if key == "authorization"
+    ]
+    if len(values) > 1:
+        raise Unauthenticated(_SEVERAL_AUTHORIZATIONS)
+    return values[0] if values else None
 
 
 def _decode(deserialize: Callable[[bytes], Any], raw: bytes, method: str) -> Any:

@@ -15,7 +15,7 @@ import logging
 import traceback
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -130,6 +130,9 @@ DEFAULT_RPC_TIMEOUT = 60.0
 _HEALTH_TIMEOUT = 5.0
 
 _INTERNAL_ERROR = "Internal error"
+_SEVERAL_AUTHORIZATIONS = (
+    "The request carries more than one Authorization header; send exactly one."
+)
 
 _CORS_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 _CORS_HEADERS = "Authorization, Content-Type"
@@ -443,18 +446,23 @@ async def _remaining_pages(
     return answer
 
 
-def _lacks_credentials(request: web.Request) -> bool:
-    """Whether the request is for an API route and carries no Authorization header the
-    server could take.
+def _credentials_refusal(request: web.Request) -> ErrorAnswer | None:
+    """The 401 for a request to an API route without exactly one Authorization header the
+    server could take; None for any other request.
 
-    Such a request is answered 401 before its size, encoding, body or query is looked at: a
+    Such a request is answered before its size, encoding, body or query is looked at: a
     caller without credentials learns nothing about the rest of its request, and a request
-    that is wrong in several ways gets the same first answer whichever it is.
+    that is wrong in several ways gets the same first answer whichever it is. Several
+    headers are refused rather than one picked: a proxy or client library that adds its own
+    would otherwise decide, unseen, whose request this is.
     """
     route = request.match_info.route
     if route.resource not in request.app[_API_RESOURCES]:
-        return False
-    return _authorization(request) is None
+        return None
+    refusal = local_answer(401, INVALID_SESSION)
+    if len(request.headers.getall(hdrs.AUTHORIZATION, ())) > 1:
+        return replace(refusal, field_violations=((hdrs.AUTHORIZATION, _SEVERAL_AUTHORIZATIONS),))
+    return refusal if _authorization(request) is None else None
 
 
 def _authorization(request: web.Request) -> str | None:
@@ -534,8 +542,9 @@ def _error_response(answer: ErrorAnswer, headers: dict[str, str] | None = None) 
 @web.middleware
 async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes ``{"detail": ...}``; nothing a caller sends leads to a traceback."""
-    if _lacks_credentials(request):
-        return _error_response(local_answer(401, INVALID_SESSION))
+    refusal = _credentials_refusal(request)
+    if refusal is not None:
+        return _error_response(refusal)
     length = request.content_length
     if length is not None and length > MAX_BODY_BYTES:
         return _error_response(local_answer(413, _BODY_TOO_LARGE))
