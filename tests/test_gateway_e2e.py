@@ -789,6 +789,7 @@ async def test_an_unparseable_request_is_answered_in_json_quoting_nothing(
     headers = dict(line.split(": ", 1) for line in header_lines)
     assert status_line.split(" ")[1] == "400", status_line
     assert headers["Content-Type"].startswith("application/json")
+    assert headers["Cache-Control"] == "no-store"
     refusal = json.loads(body)
     assert set(refusal) == {"detail", "reason"}
     assert refusal["reason"] == "INVALID_ARGUMENT"
@@ -872,3 +873,30 @@ async def test_several_authorization_headers_are_an_invalid_session(
             await stubs.webhooks.ListWebhooks(request, metadata=[(k.lower(), v) for k, v in pair])
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "more than one" in (refused.value.details() or "")
+
+
+async def test_api_answers_are_never_stored_by_caches(
+    rest: Rest, tokens: Tokens, world: World, receiver: Receiver
+) -> None:
+    """Every API answer, those with a signing secret and errors included, and the health
+    probe carry Cache-Control: no-store; the OpenAPI document may be cached."""
+    admin, project = tokens.user(world.admin), world.paid_project
+    created = await _create(rest, admin, project, receiver.url)
+    assert created.body["secret"].startswith("whsec_")
+    ids = {"project_id": project, "webhook_id": created.body["id"]}
+    answers = [
+        created,
+        await rest.call("GetWebhookSecret", admin, **ids),
+        await rest.call("RotateWebhookSecret", admin, body={}, **ids),
+        await rest.call("ListWebhooks", admin, project_id=project),
+        await rest.call("DeleteWebhook", admin, **ids),
+        await rest.call("GetWebhook", admin, **ids),  # 404 now
+        await rest.call("ListWebhooks", None, project_id=project),  # 401
+    ]
+    assert [a.status for a in answers] == [201, 200, 200, 200, 204, 404, 401]
+    for answer in answers:
+        assert answer.headers.get("Cache-Control") == "no-store", answer
+    async with rest.http.get(f"{rest.url}/healthz") as reply:
+        assert reply.headers.get("Cache-Control") == "no-store"
+    async with rest.http.get(f"{rest.url}/api/openapi.json") as reply:
+        assert "no-store" not in reply.headers.get("Cache-Control", "")

@@ -130,6 +130,8 @@ DEFAULT_RPC_TIMEOUT = 60.0
 _HEALTH_TIMEOUT = 5.0
 
 _INTERNAL_ERROR = "Internal error"
+_NO_STORE = "no-store"
+_DOCUMENT_CACHING = "public, max-age=300"
 _SEVERAL_AUTHORIZATIONS = (
     "The request carries more than one Authorization header; send exactly one."
 )
@@ -216,7 +218,7 @@ def create_app(
     ``channel`` is given, which then stays the caller's to close. ``cors_origins`` lists the
     browser origins allowed to call the API (``*`` allows any).
     """
-    middlewares: list[Middleware] = [_error_middleware]
+    middlewares: list[Middleware] = [_no_store_middleware, _error_middleware]
     if cors_origins:
         middlewares.insert(0, _cors_middleware(cors_origins))
     app = web.Application(
@@ -280,7 +282,7 @@ class _JsonRefusalHandler(web.RequestHandler):
         # part of an answer is out already; only the answer it builds is discarded.
         super().handle_error(request, status, exc, None)
         detail = _parse_fault(exc) if isinstance(exc, HttpProcessingError) else _INTERNAL_ERROR
-        response = _error_response(local_answer(status, detail))
+        response = _error_response(local_answer(status, detail), {hdrs.CACHE_CONTROL: _NO_STORE})
         response.force_close()
         return response
 
@@ -529,7 +531,11 @@ async def _metrics(request: web.Request) -> web.StreamResponse:
 
 
 async def _openapi_document(request: web.Request) -> web.StreamResponse:
-    return web.Response(body=request.app[_DOCUMENT], content_type="application/json")
+    """The OpenAPI document: the same for every caller and free of secrets, so caches may
+    keep it for a while (it changes only with a release)."""
+    response = web.Response(body=request.app[_DOCUMENT], content_type="application/json")
+    response.headers[hdrs.CACHE_CONTROL] = _DOCUMENT_CACHING
+    return response
 
 
 # --- middlewares ----------------------------------------------------------------------------
@@ -537,6 +543,19 @@ async def _openapi_document(request: web.Request) -> web.StreamResponse:
 
 def _error_response(answer: ErrorAnswer, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(answer.body(), status=answer.status, headers=headers)
+
+
+@web.middleware
+async def _no_store_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """``Cache-Control: no-store`` on every answer whose route does not say otherwise.
+
+    API answers are the caller's own, and some carry a signing secret (a created webhook's,
+    the secret route's, a rotation's): no cache, shared or private, may keep them. Health
+    and metrics must be read live anyway.
+    """
+    response = await handler(request)
+    response.headers.setdefault(hdrs.CACHE_CONTROL, _NO_STORE)
+    return response
 
 
 @web.middleware
