@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -573,6 +574,62 @@ async def test_retention_deletes_old_events_and_attempts_in_batches(tmp_path: Pa
     assert _ids(database, AttemptRow) == 1
     again = await purge_expired(database, 30 * DAY, now=now)
     assert (again.events, again.attempts) == (0, 0)
+    database.close()
+
+
+async def test_retention_keeps_the_attempts_of_a_delivery_still_retrying(
+    tmp_path: Path,
+) -> None:
+    """An old attempt of a delivery that is still pending stays in the log, so its attempts
+    match its count until it is done; once it is done, it goes with its event."""
+    database = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    database.migrate()
+    now = time.time()
+    _seed_history(database, now)
+    old = now - 40 * DAY
+    event = EventData(
+        "old-retrying",
+        "conversation.started",
+        "p",
+        datetime.fromtimestamp(old, UTC),
+        ConversationData("c"),
+    )
+    database.call(
+        lambda s: outbox.publish_events(s, [event], now=old, dashboard_base_url="https://d")
+    )
+    (claim,) = database.call(lambda s: outbox.claim_due(s, "me", now, 60, 100))
+    failed = outbox.AttemptRecord(1, old, 500, 3.0, "no", "HTTP 500", False)
+    retrying = outbox.DeliveryResult(
+        claim.delivery_id,
+        claim.webhook_id,
+        outbox.DeliveryState.PENDING,
+        attempt_count=1,
+        next_attempt_at=now + 60,
+        attempts=(failed,),
+    )
+    database.call(lambda s: outbox.record_results(s, "me", [retrying], [], now, 5 * DAY))
+
+    await purge_expired(database, 30 * DAY, now=now)
+    (delivery, attempts) = database.call(
+        lambda s: outbox.get_delivery(s, claim.webhook_id, claim.delivery_id)
+    )
+    assert delivery.status == outbox.DeliveryState.PENDING.value
+    assert [a.number for a in attempts] == [1]
+
+    done = dataclasses.replace(
+        retrying,
+        status=outbox.DeliveryState.FAILED,
+        attempt_count=2,
+        next_attempt_at=None,
+        attempts=(dataclasses.replace(failed, number=2, attempted_at=old + 1),),
+    )
+    database.call(lambda s: outbox.claim_due(s, "me", now + 61, 60, 100))
+    database.call(lambda s: outbox.record_results(s, "me", [done], [], now, 5 * DAY))
+    counts = await purge_expired(database, 30 * DAY, now=now)
+    assert counts.attempts == 2
+    assert (
+        database.call(lambda s: outbox.get_delivery(s, claim.webhook_id, claim.delivery_id)) is None
+    )
     database.close()
 
 

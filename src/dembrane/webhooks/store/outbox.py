@@ -1309,11 +1309,17 @@ def _track_failures(
 
 
 def delete_expired_attempts(session: Session, cutoff: float, limit: int) -> int:
-    """Delete at most ``limit`` attempts made before ``cutoff``; return how many went."""
+    """Delete at most ``limit`` attempts made before ``cutoff``; return how many went.
+
+    The attempts of a delivery still pending stay, however old: its log must show every
+    attempt its count says it made until it is done, and its event goes with them later.
+    """
     result = session.execute(
         text(
-            "DELETE FROM attempts WHERE id IN "
-            "(SELECT id FROM attempts WHERE attempted_at < :cutoff LIMIT :limit)"
+            "DELETE FROM attempts WHERE id IN ("
+            " SELECT a.id FROM attempts a WHERE a.attempted_at < :cutoff AND NOT EXISTS ("
+            "  SELECT 1 FROM deliveries d WHERE d.id = a.delivery_id AND d.status = 'pending')"
+            " LIMIT :limit)"
         ),
         {"cutoff": cutoff, "limit": limit},
     )
