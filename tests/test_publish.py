@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from sqlmodel import Session
 
 from dembrane.webhooks.api.event_service import event_from_pb
@@ -24,7 +26,7 @@ from dembrane.webhooks.domain.payload import ConversationData, EventData, Projec
 from dembrane.webhooks.service import Service
 from dembrane.webhooks.store import directory, outbox
 from dembrane.webhooks.store.database import Database
-from dembrane.webhooks.store.tables import WebhookRow
+from dembrane.webhooks.store.tables import DeliveryRow, WebhookRow
 from dembrane.webhooks.v1 import directory_service_pb2 as dpb
 from dembrane.webhooks.v1 import event_pb2, webhook_pb2
 from dembrane.webhooks.v1 import event_service_pb2 as epb
@@ -614,6 +616,57 @@ async def test_deliveries_pending_at_a_downgrade_are_skipped_when_due(tmp_path: 
         )
     finally:
         await service.stop()
+
+
+async def test_a_new_url_ends_the_hold_of_the_old_receivers_breaker(
+    service: Service, stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """Deliveries the breaker held back after the old address kept failing are due the
+    moment an admin points the webhook at a new address, and go there: the cool-down was
+    about the old receiver."""
+    assert service.resources is not None
+    database = service.resources.database
+    async with Receiver(SECRET, default=500) as broken, Receiver(SECRET) as fixed:
+        webhook_id = await create_webhook(stubs, tokens, broken.url, ["conversation.started"])
+        ids = [f"evt-{i}" for i in range(8)]
+        await publish(stubs, tokens, *[conversation_event(i) for i in ids])
+
+        async def rows() -> list[DeliveryRow]:
+            found = [await database.run(outbox.deliveries_of_event, i) for i in ids]
+            return [row for group in found for row in group]
+
+        for _ in range(500):
+            now = time.time()
+            held = [
+                r
+                for r in await rows()
+                if r.status == "pending"
+                and r.lease_owner is None
+                and (r.next_attempt_at or 0) > now + 1
+            ]
+            if held:
+                break
+            await asyncio.sleep(0.01)
+        assert held, "the breaker never held a delivery back"
+
+        await stubs.webhooks.UpdateWebhook(
+            pb.UpdateWebhookRequest(
+                project_id=world.paid_project,
+                webhook_id=webhook_id,
+                url=fixed.url,
+                update_mask=field_mask_pb2.FieldMask(paths=["url"]),
+            ),
+            metadata=tokens.bearer(tokens.user(world.owner)),
+        )
+        changed = time.time()
+        waiting = {r.id: r for r in await rows() if r.status == "pending"}
+        assert all(
+            r.lease_owner is not None or (r.next_attempt_at or 0) <= changed
+            for r in waiting.values()
+        )
+        await fixed.wait_for(len(held), within=10)
+        delivered = {r.headers["x-dembrane-delivery"] for r in fixed.requests}
+        assert {r.id for r in held} <= delivered
 
 
 def test_publish_refuses_unknown_projects_before_writing(tmp_path: Path) -> None:

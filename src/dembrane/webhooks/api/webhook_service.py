@@ -44,7 +44,7 @@ from dembrane.webhooks.domain.webhooks import (
     signing_secrets,
 )
 from dembrane.webhooks.resources import Resources
-from dembrane.webhooks.store import directory, webhooks
+from dembrane.webhooks.store import directory, outbox, webhooks
 from dembrane.webhooks.store.tables import ProjectRow, WebhookRow
 from dembrane.webhooks.v1 import webhook_pb2, webhook_service_pb2_grpc
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
@@ -196,18 +196,26 @@ class WebhookServicer(webhook_service_pb2_grpc.WebhookServiceServicer):
             changes["url"] = await self._check_url(request.url, errors)
         errors.raise_if_any()
 
-        def work(session: Session, row: WebhookRow) -> WebhookRow:
+        def work(session: Session, row: WebhookRow) -> tuple[WebhookRow, int]:
             if row.status == "archived" and changes.get("status", "archived") != "archived":
                 webhooks.check_room(
                     session, row.project_id, self._r.settings.max_webhooks_per_project
                 )
+            moved = any(
+                key in changes and changes[key] != getattr(row, key) for key in ("url", "status")
+            )
             for key, value in changes.items():
                 setattr(row, key, value)
             row.updated_at = time.time()
             session.add(row)
-            return row
+            resumed = webhooks.resume_pending(session, row.id, row.updated_at) if moved else 0
+            if resumed:
+                outbox.announce_due(session)
+            return row, resumed
 
-        row = await self._webhook(request.project_id, request.webhook_id, work)
+        row, resumed = await self._webhook(request.project_id, request.webhook_id, work)
+        if resumed:
+            self._r.wake_dispatcher()
         return pb.UpdateWebhookResponse(webhook=webhook_to_pb(row))
 
     async def DeleteWebhook(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from sqlalchemy import delete, func, tuple_
+from sqlalchemy import delete, func, text, tuple_
 from sqlmodel import Session, col, select
 
 from dembrane.webhooks.domain.errors import FailedPrecondition
@@ -96,3 +96,22 @@ def delete_webhook(session: Session, webhook_id: str) -> None:
     """Delete a webhook; its deliveries and their attempts cascade."""
     session.execute(delete(DeliveryRow).where(col(DeliveryRow.webhook_id) == webhook_id))
     session.execute(delete(WebhookRow).where(col(WebhookRow.id) == webhook_id))
+
+
+def resume_pending(session: Session, webhook_id: str, now: float) -> int:
+    """Make the webhook's waiting deliveries due at ``now``; return how many were waiting.
+
+    For a change of the webhook's address or status: deliveries its breaker held back, or
+    that wait for a retry, were scheduled after what the old receiver did. They now go to
+    the new address at once (or, for a webhook no longer published, end at once as the
+    change says) rather than after a cool-down of up to minutes. Rows leased to a
+    dispatcher are in its hands and stay as they are.
+    """
+    result = session.execute(
+        text(
+            "UPDATE deliveries SET next_attempt_at = :now WHERE webhook_id = :webhook_id "
+            "AND status = 'pending' AND lease_owner IS NULL AND next_attempt_at > :now"
+        ),
+        {"now": now, "webhook_id": webhook_id},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
