@@ -404,7 +404,8 @@ async def test_malformed_bodies_are_422(stack: Stack, raw: bytes, detail: str) -
     assert stack.service.calls == []
 
 
-# A status name the API does not know is a bad field value: 400, naming the settable choices.
+# A status name the API does not know is a bad field value: 400, naming the settable choices
+# (and, for a name in the wrong case, the one it was meant to be).
 async def test_unknown_status_is_400(stack: Stack) -> None:
     async with stack.http.patch(
         f"{stack.url}/api/projects/p1/webhooks/wh_1", json={"status": "paused"}
@@ -416,6 +417,13 @@ async def test_unknown_status_is_400(stack: Stack) -> None:
             "reason": "INVALID_ARGUMENT",
             "field_violations": [{"field": "status", "description": detail}],
         }
+    async with stack.http.patch(
+        f"{stack.url}/api/projects/p1/webhooks/wh_1", json={"status": "DRAFT"}
+    ) as reply:
+        assert reply.status == 400
+        assert (await reply.json())["detail"] == (
+            "The status field must be one of published, draft, archived (in lower case: draft)."
+        )
     async with stack.http.get(
         f"{stack.url}/api/projects/p1/webhooks/wh_1/deliveries", params={"status": "late"}
     ) as reply:

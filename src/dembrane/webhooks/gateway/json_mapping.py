@@ -417,7 +417,10 @@ def _enum_number(field: RestField, value: str, label: str, *, body: bool = False
     number = values.get(value)
     if number is None:
         choices = ", ".join(settable_enum_values(field.enum_type) if body else values)
-        raise RestError(400, f"{label} must be one of {choices}.", field.name)
+        # "DISABLED" for "disabled": say what is wrong rather than list what looks the same.
+        lower = value.lower()
+        case = f" (in lower case: {lower})" if lower != value and lower in values else ""
+        raise RestError(400, f"{label} must be one of {choices}{case}.", field.name)
     return number
 
 
