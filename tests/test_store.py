@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from dembrane.webhooks.domain.access import Tier
 from dembrane.webhooks.store import directory
-from dembrane.webhooks.store.database import Database, OutageLog
+from dembrane.webhooks.store.database import WAL_SIZE_LIMIT, Database, OutageLog
 from dembrane.webhooks.store.tables import WebhookRow
 
 from harness import fresh_database_url
@@ -96,6 +96,16 @@ def test_a_new_sqlite_file_and_its_journal_are_private(
         database.close()
     finally:
         os.umask(old)
+
+
+def test_sqlite_connections_cap_the_write_ahead_log(tmp_path: Path) -> None:
+    """Every connection caps the WAL a checkpoint leaves behind, so one large deletion does
+    not keep its size on disk for as long as the service runs."""
+    database = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    database.migrate()
+    limit = database.call(lambda s: s.execute(text("PRAGMA journal_size_limit")).scalar())
+    assert limit == WAL_SIZE_LIMIT
+    database.close()
 
 
 @pytest.mark.parametrize(

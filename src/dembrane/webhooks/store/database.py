@@ -404,11 +404,17 @@ def open_lock_file(path: str) -> IO[bytes]:
     return os.fdopen(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600), "ab")
 
 
+#: The size a checkpoint truncates SQLite's write-ahead log to.
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+
 def _sqlite_pragmas(synchronous: str, dbapi_connection: Any, _record: Any) -> None:
     # WAL lets readers run beside the writer; FULL makes every commit durable before a
-    # publish call returns; foreign keys make deletes cascade.
+    # publish call returns; foreign keys make deletes cascade. A checkpoint cuts the WAL
+    # back to 64 MiB: it otherwise keeps the size of the largest transaction ever written.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     cursor.execute(f"PRAGMA synchronous={synchronous}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
