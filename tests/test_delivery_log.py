@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,7 +22,7 @@ from dembrane.webhooks.config import Settings
 from dembrane.webhooks.delivery.retention import RetentionTask, purge_expired
 from dembrane.webhooks.domain.access import Tier
 from dembrane.webhooks.domain.payload import ConversationData, EventData
-from dembrane.webhooks.store import directory, outbox
+from dembrane.webhooks.store import directory, outbox, webhooks
 from dembrane.webhooks.store.database import Database
 from dembrane.webhooks.store.tables import AttemptRow, DeliveryRow, EventRow, WebhookRow
 from dembrane.webhooks.v1 import event_pb2, webhook_pb2
@@ -649,6 +650,55 @@ async def test_the_retention_task_runs_in_the_background(tmp_path: Path) -> None
     finally:
         await task.stop()
         database.close()
+
+
+class _CountingBatches(Database):
+    """The real store, noting how many rows each batch of a deletion removed."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.batches: list[int] = []
+        self.began = asyncio.Event()
+
+    async def run_relaxed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        result = await super().run_relaxed(fn, *args)
+        if fn is webhooks.delete_some_deliveries:
+            self.batches.append(result)
+            self.began.set()
+        return result
+
+
+async def test_a_long_history_is_deleted_in_short_transactions(tmp_path: Path) -> None:
+    """Deleting a webhook removes its deliveries and attempts a batch per transaction, so
+    that other writes go on in between, and then the webhook; nothing of it is left."""
+    database = _CountingBatches(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    database.migrate()
+    now = time.time()
+    _seed_history(database, now)
+    more = [
+        EventData(
+            f"more-{i}", "conversation.started", "p", datetime.now(UTC), ConversationData("c")
+        )
+        for i in range(346)
+    ]
+    database.call(lambda s: outbox.publish_events(s, more, now=now, dashboard_base_url="https://d"))
+    assert _ids(database, DeliveryRow) == 350
+
+    deletion = asyncio.create_task(
+        webhooks.delete_gradually(
+            database, ["wh"], lambda s: webhooks.delete_webhook(s, "wh"), batch=100
+        )
+    )
+    await database.began.wait()
+    # A write asked for now runs before the deletion has taken its last batch.
+    batches_before = await database.run(lambda _s: len(database.batches))
+    await deletion
+
+    assert batches_before < 4
+    assert database.batches == [100, 100, 100, 50]
+    assert (_ids(database, DeliveryRow), _ids(database, AttemptRow)) == (0, 0)
+    assert _ids(database, WebhookRow) == 0
+    database.close()
 
 
 class TestKeptForever:

@@ -11,7 +11,7 @@ from dembrane.webhooks.domain.errors import ErrorCollector
 from dembrane.webhooks.domain.text import has_control_characters
 from dembrane.webhooks.domain.webhooks import require
 from dembrane.webhooks.resources import Resources
-from dembrane.webhooks.store import directory
+from dembrane.webhooks.store import directory, webhooks
 from dembrane.webhooks.v1 import directory_service_pb2 as pb
 from dembrane.webhooks.v1 import directory_service_pb2_grpc
 
@@ -94,5 +94,10 @@ class DirectoryServicer(directory_service_pb2_grpc.DirectoryServiceServicer):
         self, request: pb.DeleteProjectRequest, context: Context
     ) -> pb.DeleteProjectResponse:
         project_id = require(request.project_id, "project_id", "project id")
-        count = await self._db.run(directory.delete_project, project_id)
+        webhook_ids = await self._db.run(directory.project_webhook_ids, project_id)
+        count = await webhooks.delete_gradually(
+            self._db,
+            webhook_ids,
+            lambda session: directory.delete_project(session, project_id),
+        )
         return pb.DeleteProjectResponse(deleted_webhook_count=count)

@@ -221,10 +221,13 @@ class WebhookServicer(webhook_service_pb2_grpc.WebhookServiceServicer):
     async def DeleteWebhook(
         self, request: pb.DeleteWebhookRequest, context: Context
     ) -> pb.DeleteWebhookResponse:
-        await self._webhook(
-            request.project_id,
-            request.webhook_id,
-            lambda session, row: webhooks.delete_webhook(session, row.id),
+        webhook_id = await self._webhook(
+            request.project_id, request.webhook_id, lambda _session, row: row.id
+        )
+        await webhooks.delete_gradually(
+            self._r.database,
+            [webhook_id],
+            lambda session: webhooks.delete_webhook(session, webhook_id),
         )
         return pb.DeleteWebhookResponse()
 

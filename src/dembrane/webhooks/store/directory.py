@@ -79,6 +79,11 @@ def set_membership(
         row.role, row.updated_at = role, now
 
 
+def project_webhook_ids(session: Session, project_id: str) -> list[str]:
+    """The ids of the project's webhooks."""
+    return list(session.exec(select(WebhookRow.id).where(col(WebhookRow.project_id) == project_id)))
+
+
 def delete_project(session: Session, project_id: str) -> int:
     """Delete a project and its webhooks (their pending deliveries go with them)."""
     ids = session.exec(select(WebhookRow.id).where(col(WebhookRow.project_id) == project_id)).all()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, text, tuple_
 from sqlmodel import Session, col, select
 
 from dembrane.webhooks.domain.errors import FailedPrecondition
 from dembrane.webhooks.domain.paging import Cursor
+from dembrane.webhooks.store.database import Database
 from dembrane.webhooks.store.tables import DeliveryRow, ProjectRow, WebhookRow
 
 
@@ -90,6 +93,63 @@ def copyable_webhooks(
         .limit(limit)
     )
     return list(session.scalars(query))
+
+
+T = TypeVar("T")
+
+#: Deliveries one transaction of a deletion removes, their attempts with them: milliseconds
+#: of the store's time, so publishing and delivering go on between the batches.
+DELETE_BATCH = 1000
+
+# Deletions under way, kept referenced so that none is collected before it ends.
+_DELETIONS: set[asyncio.Task[Any]] = set()
+
+
+def delete_some_deliveries(session: Session, webhook_id: str, limit: int) -> int:
+    """Delete at most ``limit`` of the webhook's deliveries (their attempts cascade)."""
+    result = session.execute(
+        text(
+            "DELETE FROM deliveries WHERE id IN "
+            "(SELECT id FROM deliveries WHERE webhook_id = :webhook_id LIMIT :limit)"
+        ),
+        {"webhook_id": webhook_id, "limit": limit},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def delete_gradually(
+    database: Database,
+    webhook_ids: Sequence[str],
+    last: Callable[[Session], T],
+    *,
+    batch: int = DELETE_BATCH,
+) -> T:
+    """Delete the webhooks' deliveries a batch per transaction, then run ``last`` (which
+    deletes the webhooks themselves, or their project) in one more.
+
+    A webhook's history can be millions of rows; deleted in one statement, it held every
+    other write of a SQLite store (publishing included) for seconds. The deletion goes on
+    to its end even if the caller stops waiting, so that it never stops half done.
+    """
+
+    async def run() -> T:
+        for webhook_id in webhook_ids:
+            while await database.run_relaxed(delete_some_deliveries, webhook_id, batch) >= batch:
+                pass
+        return await database.run(last)
+
+    task = asyncio.create_task(run(), name="webhooks-delete")
+    _DELETIONS.add(task)
+    task.add_done_callback(_deletion_done)
+    return await asyncio.shield(task)
+
+
+def _deletion_done(task: asyncio.Task[Any]) -> None:
+    _DELETIONS.discard(task)
+    # A caller still waiting gets the failure through the shield; a caller gone has its
+    # answer already, and the rows left are deleted when the deletion is asked for again.
+    if not task.cancelled():
+        task.exception()
 
 
 def delete_webhook(session: Session, webhook_id: str) -> None:
