@@ -354,6 +354,36 @@ async def test_copyable(rest: Rest, tokens: Tokens, world: World, receiver: Rece
     ]
 
 
+# The copyable list pages like the webhook list: whole without page_size or page_token
+# (beyond gRPC's page of 50), a page at a time with them, leaving no webhook out.
+async def test_the_copyable_list_pages_and_is_whole_unpaged(
+    rest: Rest, tokens: Tokens, world: World, receiver: Receiver
+) -> None:
+    admin = tokens.user(world.owner)
+    ids = [
+        (await _create(rest, admin, world.paid_project_2, receiver.url)).body["id"]
+        for _ in range(53)
+    ]
+    whole = await rest.call("ListCopyableWebhooks", admin, project_id=world.paid_project)
+    assert whole.status == 200
+    assert "X-Next-Page-Token" not in whole.headers
+    assert [w["id"] for w in whole.body] == ids[::-1]
+    pages: list[str] = []
+    query = {"page_size": "20"}
+    while True:
+        page = await rest.call(
+            "ListCopyableWebhooks", admin, query=query, project_id=world.paid_project
+        )
+        assert page.status == 200
+        assert len(page.body) <= 20
+        pages += [w["id"] for w in page.body]
+        token = page.headers.get("X-Next-Page-Token")
+        if not token:
+            break
+        query = {"page_size": "20", "page_token": token}
+    assert pages == ids[::-1]
+
+
 # The Test answer of section 5: success, an error status with the body, a failed connection.
 async def test_test_action(rest: Rest, tokens: Tokens, world: World, receiver: Receiver) -> None:
     admin = tokens.user(world.admin)

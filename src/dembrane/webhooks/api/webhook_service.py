@@ -268,12 +268,20 @@ class WebhookServicer(webhook_service_pb2_grpc.WebhookServiceServicer):
         self, request: pb.ListCopyableWebhooksRequest, context: Context
     ) -> pb.ListCopyableWebhooksResponse:
         principal = current_principal()
+        limit = page_size(request.page_size)
+        listing = f"ListCopyableWebhooks {request.project_id} {principal.user_id}"
+        after = decode_token(request.page_token, listing)
 
         def work(session: Session, granted: rules.ProjectAccess) -> pb.ListCopyableWebhooksResponse:
             names = directory.managed_project_names(session, principal.user_id)
             names.pop(granted.project_id, None)
-            rows = webhooks.copyable_webhooks(session, sorted(names))
+            rows = webhooks.copyable_webhooks(session, sorted(names), limit, after)
+            token = ""
+            if len(rows) > limit:
+                rows = rows[:limit]
+                token = encode_token(Cursor(rows[-1].created_at, rows[-1].id), listing)
             return pb.ListCopyableWebhooksResponse(
+                next_page_token=token,
                 webhooks=[
                     webhook_pb2.CopyableWebhook(
                         id=r.id,
@@ -284,7 +292,7 @@ class WebhookServicer(webhook_service_pb2_grpc.WebhookServiceServicer):
                         project_name=names[r.project_id],
                     )
                     for r in rows
-                ]
+                ],
             )
 
         return await self._managed(request.project_id, work)

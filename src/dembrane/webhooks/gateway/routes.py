@@ -57,7 +57,7 @@ _OMIT: dict[str, frozenset[str]] = {
 
 # Lists answered whole when the caller asks for no page (neither page_size nor page_token):
 # the integrations tab reads a project's webhooks as one array and knows no paging.
-_WHOLE_UNLESS_PAGED: frozenset[str] = frozenset({"ListWebhooks"})
+_WHOLE_UNLESS_PAGED: frozenset[str] = frozenset({"ListWebhooks", "ListCopyableWebhooks"})
 
 # Body keys a request needs, for the OpenAPI document; the server checks them either way.
 _REQUIRED_BODY_KEYS: dict[str, tuple[str, ...]] = {

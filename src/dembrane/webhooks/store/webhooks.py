@@ -78,19 +78,23 @@ def list_webhooks(
 
 
 def copyable_webhooks(
-    session: Session, project_ids: Sequence[str], limit: int = 500
+    session: Session, project_ids: Sequence[str], limit: int, after: Cursor | None
 ) -> list[WebhookRow]:
-    """Published webhooks of the given projects, newest first."""
+    """A page of the published webhooks of the given projects, newest first (one extra row
+    tells of a next page)."""
     if not project_ids:
         return []
-    query = (
-        select(WebhookRow)
-        .where(
-            col(WebhookRow.project_id).in_(list(project_ids)),
-            col(WebhookRow.status) == "published",
+    query = select(WebhookRow).where(
+        col(WebhookRow.project_id).in_(list(project_ids)),
+        col(WebhookRow.status) == "published",
+    )
+    if after is not None:
+        query = query.where(
+            tuple_(col(WebhookRow.created_at), col(WebhookRow.id))
+            < tuple_(after.created_at, after.id)
         )
-        .order_by(col(WebhookRow.created_at).desc(), col(WebhookRow.id).desc())
-        .limit(limit)
+    query = query.order_by(col(WebhookRow.created_at).desc(), col(WebhookRow.id).desc()).limit(
+        limit + 1
     )
     return list(session.scalars(query))
 

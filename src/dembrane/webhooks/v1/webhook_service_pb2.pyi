@@ -412,16 +412,24 @@ class ListCopyableWebhooksRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """The project that would receive the clones; its own webhooks are left out. Required."""
+    page_size: _builtins.int
+    """How many webhooks to return at most: 50 when zero, never more than 200."""
+    page_token: _builtins.str
+    """The `next_page_token` of a previous call, to continue from there; empty for the first page."""
     def __init__(
         self,
         *,
         project_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "project_id", b"project_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -429,11 +437,14 @@ Global___ListCopyableWebhooksRequest: _TypeAlias = ListCopyableWebhooksRequest  
 
 @_typing.final
 class ListCopyableWebhooksResponse(_message.Message):
-    """ListCopyableWebhooksResponse lists the webhooks that can be cloned."""
+    """ListCopyableWebhooksResponse is one page of the webhooks that can be cloned."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     WEBHOOKS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token for the next page; empty when this is the last one."""
     @_builtins.property
     def webhooks(self) -> _containers.RepeatedCompositeFieldContainer[_webhook_pb2.CopyableWebhook]:
         """The published webhooks of the caller's other manageable projects, newest first."""
@@ -442,10 +453,11 @@ class ListCopyableWebhooksResponse(_message.Message):
         self,
         *,
         webhooks: _abc.Iterable[_webhook_pb2.CopyableWebhook] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhooks", b"webhooks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "webhooks", b"webhooks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
