@@ -16,9 +16,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import update
 from sqlmodel import Session, select
 
+from dembrane.webhooks import metrics
 from dembrane.webhooks.api import delivery_log
 from dembrane.webhooks.auth import SCOPE_PUBLISH
 from dembrane.webhooks.config import Settings
+from dembrane.webhooks.delivery.backlog import BacklogWatch
 from dembrane.webhooks.delivery.retention import RetentionTask, purge_expired
 from dembrane.webhooks.domain.access import Tier
 from dembrane.webhooks.domain.payload import ConversationData, EventData
@@ -699,6 +701,39 @@ async def test_a_long_history_is_deleted_in_short_transactions(tmp_path: Path) -
     assert (_ids(database, DeliveryRow), _ids(database, AttemptRow)) == (0, 0)
     assert _ids(database, WebhookRow) == 0
     database.close()
+
+
+async def test_metrics_show_the_backlog_the_store_holds(tmp_path: Path) -> None:
+    """/metrics reads the backlog from the store: every pending delivery, leased ones
+    included, and how long the one due longest has waited."""
+    database = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    database.migrate()
+    now = time.time()
+    _seed_history(database, now)  # one delivery pending, leased far ahead
+    late = [
+        EventData(
+            f"late-{i}", "conversation.started", "p", datetime.now(UTC), ConversationData("c")
+        )
+        for i in range(2)
+    ]
+    database.call(
+        lambda s: outbox.publish_events(s, late, now=now - 100, dashboard_base_url="https://d")
+    )
+    watch = BacklogWatch(database, interval=3600)
+    metrics.STATS.pending = None
+    watch.start()
+    try:
+        for _ in range(500):
+            if metrics.STATS.pending is not None:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await watch.stop()
+        database.close()
+    text = metrics.exposition().decode()
+    assert "webhooks_deliveries_pending 3.0" in text
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("webhooks_oldest_due_delivery_s")]
+    assert 100 <= float(line.split()[1]) < 130
 
 
 class TestKeptForever:

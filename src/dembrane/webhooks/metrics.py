@@ -51,6 +51,9 @@ class Stats:
         self.attempts_lost = 0
         self.finished = {"succeeded": 0, "failed": 0, "skipped": 0}
         self.in_flight = 0
+        #: The store's backlog when last read (None before the first reading).
+        self.pending: int | None = None
+        self.oldest_due_seconds = 0.0
         # One count per bucket of ANSWER_BUCKETS, plus one for answers slower than all.
         self._answer_counts = [0] * (len(ANSWER_BUCKETS) + 1)
         self._answer_sum = 0.0
@@ -63,6 +66,12 @@ class Stats:
             self.attempts_failure += 1
         self._answer_counts[bisect.bisect_left(ANSWER_BUCKETS, seconds)] += 1
         self._answer_sum += seconds
+
+    def backlog(self, pending: int, oldest_due_seconds: float) -> None:
+        """The store's backlog as just read: deliveries pending, and how long the
+        longest-waiting due one has been due."""
+        self.pending = pending
+        self.oldest_due_seconds = max(0.0, oldest_due_seconds)
 
     def answer_buckets(self) -> tuple[list[tuple[str, float]], float]:
         """Cumulative ``(le, count)`` pairs ending with ``+Inf``, and the sum of seconds."""
@@ -122,6 +131,19 @@ class _StatsCollector(Collector):
             "Requests to receivers under way in this process's dispatcher.",
             value=stats.in_flight,
         )
+        if stats.pending is not None:
+            yield GaugeMetricFamily(
+                "webhooks_deliveries_pending",
+                "Deliveries in the store waiting to be sent or sent again (all replicas'), "
+                "as last read (every 15 s).",
+                value=stats.pending,
+            )
+            yield GaugeMetricFamily(
+                "webhooks_oldest_due_delivery_seconds",
+                "How long the delivery that has waited longest since it came due has waited "
+                "(0 when none is due), as last read (every 15 s).",
+                value=stats.oldest_due_seconds,
+            )
 
 
 REGISTRY.register(_StatsCollector())

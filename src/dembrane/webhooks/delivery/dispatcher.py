@@ -51,6 +51,7 @@ from sqlmodel import Session
 
 from dembrane.webhooks import metrics
 from dembrane.webhooks.config import LEASE_MARGIN_SECONDS, Settings
+from dembrane.webhooks.delivery.backlog import BacklogWatch
 from dembrane.webhooks.delivery.retention import RetentionTask
 from dembrane.webhooks.delivery.retry import RetryPolicy, trips_breaker
 from dembrane.webhooks.delivery.sender import AttemptOutcome, OutboundRequest
@@ -365,6 +366,7 @@ class Dispatcher:
         self._release_at_start = (
             self._db.is_sqlite if release_leases_at_start is None else release_leases_at_start
         )
+        self._backlog = BacklogWatch(self._db)
         self._retention = (
             RetentionTask(self._db, settings.retention_days)
             if retention and settings.retention_days > 0
@@ -424,6 +426,7 @@ class Dispatcher:
         self._claim_task = asyncio.create_task(self._claim_loop(), name="webhooks-claim")
         if self._retention is not None:
             self._retention.start()
+        self._backlog.start()
         if self._listener is not None:
             self._listener.start()
         self._r.claimer = self
@@ -443,6 +446,7 @@ class Dispatcher:
             await claim_task
         if self._retention is not None:
             await self._retention.stop()
+        await self._backlog.stop()
         if self._listener is not None:
             await self._listener.stop()
 

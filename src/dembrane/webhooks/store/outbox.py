@@ -1305,6 +1305,19 @@ def _track_failures(
             effects.disabled[webhook_id] = reason
 
 
+# -- the backlog ----------------------------------------------------------------------------
+
+
+def backlog(session: Session, now: float) -> tuple[int, float | None]:
+    """How many deliveries are pending, and since when the longest-waiting due one has been
+    due (``None`` when none is due: leased rows come due only when their lease runs out)."""
+    count, earliest = session.execute(
+        text("SELECT count(*), min(next_attempt_at) FROM deliveries WHERE status = 'pending'")
+    ).one()
+    due = None if earliest is None or float(earliest) > now else float(earliest)
+    return int(count), due
+
+
 # -- retention ----------------------------------------------------------------------------
 
 
