@@ -997,6 +997,31 @@ async def test_an_open_breaker_holds_deliveries_back_without_using_attempts(
         assert "webhook wh keeps failing (last: The receiver answered with status 500)" in line
 
 
+async def test_an_outage_is_logged_once_and_its_end_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A breaker that opens again after a failed probe says nothing more at WARNING, so a
+    receiver behind many webhooks does not flood the log; its recovery is one INFO line."""
+    caplog.set_level("DEBUG", logger="dembrane.webhooks.delivery.dispatcher")
+    async with (
+        store_engine(tmp_path, retry_schedule=(0, 0, 0, 0)) as resources,
+        Receiver(SECRET, replies=[500, 500, 500], default=200) as receiver,
+    ):
+        add_webhook(resources, "wh", receiver.url)
+        store_publish(resources, "e1")
+        breaker = BreakerSettings(failure_threshold=1, open_seconds=0.1)
+        async with dispatching(resources, breaker=breaker):
+            await receiver.wait_for(4, within=10)
+            await until(lambda: rows(resources)[0].status == "succeeded")
+    said = [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if "keeps failing" in r.getMessage() or "answers again" in r.getMessage()
+    ]
+    assert [level for level, _ in said] == ["WARNING", "DEBUG", "DEBUG", "INFO"]
+    assert said[-1][1] == "webhook wh answers again; its held deliveries go out"
+
+
 def test_the_breaker_opens_probes_and_closes() -> None:
     """Closed until N failures, open for a cool-down, then one probe; success closes it."""
     breaker = CircuitBreaker(BreakerSettings(failure_threshold=3, open_seconds=10))

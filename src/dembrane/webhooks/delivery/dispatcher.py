@@ -918,8 +918,13 @@ class Dispatcher:
         was_open_until = lane.breaker.open_until
         lane.breaker.record(alive=last.success or not trips_breaker(last), now=now)
         open_until = lane.breaker.open_until
+        if open_until is None and was_open_until is not None:
+            log.info("webhook %s answers again; its held deliveries go out", claim.webhook_id)
         if open_until is not None and open_until != was_open_until:
-            log.warning(
+            # Said once per outage: a probe failing again is the same news, and a receiver
+            # behind hundreds of webhooks would otherwise fill the log with it.
+            log.log(
+                logging.WARNING if lane.breaker.openings == 1 else logging.DEBUG,
                 "webhook %s keeps failing (last: %s); holding its deliveries back for %.0f s",
                 claim.webhook_id,
                 last.error.rstrip(".") or f"status {last.status_code}",
