@@ -8,6 +8,7 @@ a real SQLite store directly, seeding rows through the store's own functions.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import signal
@@ -50,7 +51,7 @@ from dembrane.webhooks.domain.payload import ConversationData, EventData
 from dembrane.webhooks.metrics import STATS
 from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.service import Service
-from dembrane.webhooks.store import directory, outbox
+from dembrane.webhooks.store import directory, outbox, webhooks
 from dembrane.webhooks.store.database import Database
 from dembrane.webhooks.store.tables import DeliveryRow, WebhookRow
 from dembrane.webhooks.v1 import (
@@ -570,8 +571,15 @@ async def test_a_crashed_dispatchers_rows_come_due_when_its_lease_runs_out(
         effects = resources.database.call(
             lambda s: outbox.record_results(s, "ghost", [late], [], time.time(), 86400)
         )
-        assert effects.stale == 1
+        assert (effects.stale, effects.gone) == (1, 0)
         assert all(r.status == "succeeded" and r.attempt_count == 1 for r in rows(resources))
+        # A report on a delivery deleted with its webhook is told apart from a lost lease.
+        resources.database.call(lambda s: webhooks.delete_webhook(s, "wh"))
+        gone = dataclasses.replace(late, delivery_id=claimed[1].delivery_id)
+        effects = resources.database.call(
+            lambda s: outbox.record_results(s, "ghost", [gone], [], time.time(), 86400)
+        )
+        assert (effects.stale, effects.gone) == (0, 1)
 
 
 @pytest.mark.sqlite_only

@@ -1077,10 +1077,13 @@ class Dispatcher:
         )
         if effects.stale:
             log.warning(
-                "%d outcomes were not recorded: their delivery was deleted meanwhile, or its "
-                "lease had passed to another dispatcher",
+                "%d outcomes were not recorded: their delivery's lease had passed to another "
+                "dispatcher",
                 effects.stale,
             )
+        if effects.gone:
+            # Deleted with their webhook or project while they were under way: as asked.
+            log.debug("%d outcomes of deleted deliveries were not recorded", effects.gone)
         for webhook_id, reason in effects.disabled.items():
             log.warning("disabled webhook %s: %s", webhook_id, reason)
             lane = self._lanes.get(webhook_id)

@@ -987,8 +987,10 @@ class RecordEffects:
 
     #: Webhooks this batch disabled, with the reason stored on them.
     disabled: dict[str, str] = field(default_factory=dict)
-    #: Results and releases whose row was no longer leased to the caller, so were dropped.
+    #: Results and releases dropped because their row was leased to another dispatcher.
     stale: int = 0
+    #: Results and releases dropped because their row was deleted (with its webhook).
+    gone: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1126,7 +1128,12 @@ def record_results(
             if len(owned) < len(ids):
                 results = [r for r in results if r.delivery_id in owned]
                 releases = [r for r in releases if r.delivery_id in owned]
-            effects.stale = len(ids) - len(results) - len(releases)
+                missing = [i for i in ids if i not in owned]
+                still_there = _select_in(
+                    session, "SELECT id FROM deliveries WHERE id {ids}", missing
+                )
+                effects.stale = len(still_there)
+                effects.gone = len(missing) - len(still_there)
             attempted = [r for r in results if r.attempts]
             _write_outcomes(cursor, postgres, owner, results, attempted, releases, now)
             _track_failures(cursor, postgres, attempted, now, disable_after_seconds, effects)
