@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from dembrane.webhooks import metrics
 from dembrane.webhooks.auth import SCOPE_PUBLISH
 from dembrane.webhooks.delivery.pool import SPILL_AT, SenderPool, default_processes
 from dembrane.webhooks.delivery.sender import OutboundRequest, Sender
@@ -491,6 +492,17 @@ async def test_a_service_with_worker_processes_delivers_end_to_end(tmp_path: Pat
         assert delivery.attempt_count == 1
         # The request went out from the worker, which is still the one that started.
         assert sender.pids == pids
+        # /metrics shows the sender process beside the service's own figures.
+        figures = {
+            name: float(value)
+            for name, _, value in (
+                line.partition(" ")
+                for line in metrics.exposition().decode().splitlines()
+                if line.startswith("webhooks_sender_")
+            )
+        }
+        assert figures["webhooks_sender_processes"] == 1
+        assert figures["webhooks_sender_resident_memory_bytes"] > 10 * 1024 * 1024
     finally:
         await service.stop()
     assert all(_gone(pid) for pid in pids)

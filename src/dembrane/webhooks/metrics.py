@@ -15,9 +15,10 @@ Every update happens on the event loop's thread, so plain additions are safe.
 from __future__ import annotations
 
 import bisect
+import os
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -54,6 +55,8 @@ class Stats:
         #: The store's backlog when last read (None before the first reading).
         self.pending: int | None = None
         self.oldest_due_seconds = 0.0
+        #: The process ids of this process's sender processes, when it has any.
+        self.sender_pids: Callable[[], list[int]] | None = None
         # One count per bucket of ANSWER_BUCKETS, plus one for answers slower than all.
         self._answer_counts = [0] * (len(ANSWER_BUCKETS) + 1)
         self._answer_sum = 0.0
@@ -131,6 +134,8 @@ class _StatsCollector(Collector):
             "Requests to receivers under way in this process's dispatcher.",
             value=stats.in_flight,
         )
+        if stats.sender_pids is not None:
+            yield from _sender_figures(stats.sender_pids())
         if stats.pending is not None:
             yield GaugeMetricFamily(
                 "webhooks_deliveries_pending",
@@ -144,6 +149,34 @@ class _StatsCollector(Collector):
                 "(0 when none is due), as last read (every 15 s).",
                 value=stats.oldest_due_seconds,
             )
+
+
+def _resident_bytes(pid: int) -> int | None:
+    """A process's resident memory, from Linux's ``/proc`` (None elsewhere, or once gone)."""
+    try:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _sender_figures(pids: list[int]) -> Iterator[Metric]:
+    """The sender processes beside this one: the ``process_*`` figures cover only this one."""
+    yield GaugeMetricFamily(
+        "webhooks_sender_processes",
+        "Sender processes running beside this process.",
+        value=len(pids),
+    )
+    sizes = [size for size in map(_resident_bytes, pids) if size is not None]
+    if sizes:
+        yield GaugeMetricFamily(
+            "webhooks_sender_resident_memory_bytes",
+            "Resident memory of the sender processes together.",
+            value=sum(sizes),
+        )
 
 
 REGISTRY.register(_StatsCollector())

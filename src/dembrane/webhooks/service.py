@@ -17,6 +17,7 @@ from wsgiref.simple_server import WSGIServer
 from aiohttp import web
 from sqlalchemy.engine import make_url
 
+from dembrane.webhooks import metrics
 from dembrane.webhooks.api.server import GrpcServer, start_grpc_server
 from dembrane.webhooks.config import Settings, url_host
 from dembrane.webhooks.delivery.dispatcher import Dispatcher
@@ -198,7 +199,7 @@ def _sender(settings: Settings, policy: TargetPolicy, *, delivering: bool) -> Re
         processes = default_processes()
     max_connections = max(settings.max_concurrency, 16)
     if delivering and processes > 0:
-        return SenderPool(
+        pool = SenderPool(
             processes,
             connect_timeout=settings.connect_timeout,
             request_timeout=settings.request_timeout,
@@ -206,6 +207,8 @@ def _sender(settings: Settings, policy: TargetPolicy, *, delivering: bool) -> Re
             max_connections=max_connections,
             log_level=settings.log_level,
         )
+        metrics.STATS.sender_pids = lambda: pool.pids
+        return pool
     return Sender(
         connect_timeout=settings.connect_timeout,
         request_timeout=settings.request_timeout,
