@@ -107,7 +107,11 @@ def test_lists_are_bare_arrays() -> None:
         "ListDeliveries": "deliveries",
         "ListEventTypes": "event_types",
     }
-    assert {name for name, r in lists.items() if r.pages} == {"ListWebhooks", "ListDeliveries"}
+    assert {name for name, r in lists.items() if r.pages} == {
+        "ListWebhooks",
+        "ListCopyableWebhooks",
+        "ListDeliveries",
+    }
 
 
 # The OpenAPI document describes every route and method, plus health and itself.
