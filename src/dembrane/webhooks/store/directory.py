@@ -86,7 +86,7 @@ def project_webhook_ids(session: Session, project_id: str) -> list[str]:
 
 def delete_project(session: Session, project_id: str) -> int:
     """Delete a project and its webhooks (their pending deliveries go with them)."""
-    ids = session.exec(select(WebhookRow.id).where(col(WebhookRow.project_id) == project_id)).all()
+    ids = project_webhook_ids(session, project_id)
     session.execute(delete(WebhookRow).where(col(WebhookRow.project_id) == project_id))
     session.execute(delete(ProjectRow).where(col(ProjectRow.id) == project_id))
     return len(ids)

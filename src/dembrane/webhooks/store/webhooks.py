@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, text, tuple_
 from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from dembrane.webhooks.domain.errors import FailedPrecondition
 from dembrane.webhooks.domain.paging import Cursor
@@ -66,15 +67,7 @@ def list_webhooks(
 ) -> list[WebhookRow]:
     """A page of a project's webhooks, newest first (one extra row tells of a next page)."""
     query = select(WebhookRow).where(col(WebhookRow.project_id) == project_id)
-    if after is not None:
-        query = query.where(
-            tuple_(col(WebhookRow.created_at), col(WebhookRow.id))
-            < tuple_(after.created_at, after.id)
-        )
-    query = query.order_by(col(WebhookRow.created_at).desc(), col(WebhookRow.id).desc()).limit(
-        limit + 1
-    )
-    return list(session.scalars(query))
+    return _newest_first(session, query, limit, after)
 
 
 def copyable_webhooks(
@@ -88,6 +81,13 @@ def copyable_webhooks(
         col(WebhookRow.project_id).in_(list(project_ids)),
         col(WebhookRow.status) == "published",
     )
+    return _newest_first(session, query, limit, after)
+
+
+def _newest_first(
+    session: Session, query: SelectOfScalar[WebhookRow], limit: int, after: Cursor | None
+) -> list[WebhookRow]:
+    """``limit`` + 1 rows of ``query`` after ``after``, newest first."""
     if after is not None:
         query = query.where(
             tuple_(col(WebhookRow.created_at), col(WebhookRow.id))
