@@ -9,11 +9,11 @@ and ``/metrics`` shows the last reading.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
 from dembrane.webhooks import metrics
+from dembrane.webhooks.background import BackgroundLoop
 from dembrane.webhooks.store import outbox
 from dembrane.webhooks.store.database import Database, OutageLog
 
@@ -26,27 +26,17 @@ log = logging.getLogger(__name__)
 INTERVAL_SECONDS = 15.0
 
 
-class BacklogWatch:
+class BacklogWatch(BackgroundLoop):
     """Reads the backlog from the store every ``interval`` seconds until stopped."""
 
+    name = "webhooks-backlog"
+
     def __init__(self, database: Database, *, interval: float = INTERVAL_SECONDS) -> None:
+        super().__init__()
         self._database = database
         self._interval = interval
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        """Start reading; idempotent."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="webhooks-backlog")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _loop(self) -> None:
+    async def _run(self) -> None:
         outage = OutageLog(log, "reading the backlog")
         while True:
             try:

@@ -8,11 +8,11 @@ one connection). Deleting an event takes its deliveries and their attempts with 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
 
+from dembrane.webhooks.background import BackgroundLoop
 from dembrane.webhooks.store import outbox
 from dembrane.webhooks.store.database import Database, OutageLog
 
@@ -69,8 +69,10 @@ async def purge_expired(
     return PurgeCounts(attempts=attempts, events=events)
 
 
-class RetentionTask:
+class RetentionTask(BackgroundLoop):
     """Runs ``purge_expired`` now and then in the background until stopped."""
+
+    name = "webhooks-retention"
 
     def __init__(
         self,
@@ -81,27 +83,14 @@ class RetentionTask:
         first_delay: float = FIRST_RUN_DELAY_SECONDS,
         pause: float = 0.05,
     ) -> None:
+        super().__init__()
         self._database = database
         self._retention_seconds = retention_days * 86400
         self._interval = interval
         self._first_delay = first_delay
         self._pause = pause
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        """Start the background loop; idempotent."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="webhooks-retention")
-
-    async def stop(self) -> None:
-        """Stop the loop; a batch being deleted finishes in its own transaction."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _loop(self) -> None:
+    async def _run(self) -> None:
         outage = OutageLog(log, "the retention run")
         await asyncio.sleep(self._first_delay)
         while True:

@@ -9,13 +9,13 @@ pause; meanwhile the dispatcher's idle check still finds the work.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
 import psycopg
 from sqlalchemy.engine import make_url
 
+from dembrane.webhooks.background import BackgroundLoop
 from dembrane.webhooks.store.database import OutageLog
 from dembrane.webhooks.store.outbox import DUE_CHANNEL
 
@@ -31,25 +31,16 @@ def libpq_url(sqlalchemy_url: str) -> str:
     )
 
 
-class DueListener:
+class DueListener(BackgroundLoop):
     """Calls ``on_due`` whenever any replica announces due deliveries."""
 
+    name = "webhooks-due-listener"
+
     def __init__(self, sqlalchemy_url: str, on_due: Callable[[], None]) -> None:
+        super().__init__()
         self._url = libpq_url(sqlalchemy_url)
         self._on_due = on_due
-        self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="webhooks-due-listener")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def _run(self) -> None:
         outage = OutageLog(log, "listening for due deliveries")
