@@ -79,6 +79,12 @@ def describe_store_error(error: BaseException) -> str:
     return text_.splitlines()[0] if text_ else type(cause).__name__
 
 
+def rows_changed(result: Any) -> int:
+    """How many rows a DELETE or UPDATE changed (0 where the driver cannot tell)."""
+    count = getattr(result, "rowcount", -1)
+    return int(count) if count is not None and count >= 0 else 0
+
+
 class OutageLog:
     """Logs a store outage without flooding: a line when it starts, one a minute while it
     lasts, one when it ends. Other errors are logged with their traceback, each time."""

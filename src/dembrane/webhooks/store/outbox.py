@@ -43,6 +43,7 @@ from dembrane.webhooks.domain.ids import new_id
 from dembrane.webhooks.domain.paging import Cursor
 from dembrane.webhooks.domain.payload import EventData, ProjectInfo, render_body
 from dembrane.webhooks.domain.webhooks import signing_secrets
+from dembrane.webhooks.store.database import rows_changed
 from dembrane.webhooks.store.tables import AttemptRow, DeliveryRow, EventRow, WebhookRow
 
 __all__ = [
@@ -1225,11 +1226,6 @@ def _write_outcomes(
             )
 
 
-def _rowcount(result: Any) -> int:
-    count = getattr(result, "rowcount", -1)
-    return int(count) if count is not None and count >= 0 else 0
-
-
 def _track_failures(
     cursor: Any,
     postgres: bool,
@@ -1291,7 +1287,7 @@ def _track_failures(
         if not reason:
             continue
         cursor.execute(disable, (_clip(reason, _REASON_MAX), now, webhook_id))
-        if _rowcount(cursor) > 0:
+        if rows_changed(cursor) > 0:
             effects.disabled[webhook_id] = reason
     candidates = sorted(set(first_failure) - set(effects.disabled))
     if candidates and disable_after_seconds > 0:
@@ -1343,7 +1339,7 @@ def delete_expired_attempts(session: Session, cutoff: float, limit: int) -> int:
         ),
         {"cutoff": cutoff, "limit": limit},
     )
-    return _rowcount(result)
+    return rows_changed(result)
 
 
 def delete_expired_events(session: Session, cutoff: float, limit: int) -> int:
@@ -1361,7 +1357,7 @@ def delete_expired_events(session: Session, cutoff: float, limit: int) -> int:
         ),
         {"cutoff": cutoff, "limit": limit},
     )
-    return _rowcount(result)
+    return rows_changed(result)
 
 
 # -- the delivery log ---------------------------------------------------------------------
@@ -1494,7 +1490,7 @@ def requeue_failed_batch(
             "limit": limit,
         },
     )
-    count = _rowcount(result)
+    count = rows_changed(result)
     if count:
         announce_due(session)
     return count

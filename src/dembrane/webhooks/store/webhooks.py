@@ -13,7 +13,7 @@ from sqlmodel.sql.expression import SelectOfScalar
 
 from dembrane.webhooks.domain.errors import FailedPrecondition
 from dembrane.webhooks.domain.paging import Cursor
-from dembrane.webhooks.store.database import Database
+from dembrane.webhooks.store.database import Database, rows_changed
 from dembrane.webhooks.store.tables import DeliveryRow, ProjectRow, WebhookRow
 
 
@@ -118,7 +118,7 @@ def delete_some_deliveries(session: Session, webhook_id: str, limit: int) -> int
         ),
         {"webhook_id": webhook_id, "limit": limit},
     )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return rows_changed(result)
 
 
 async def delete_gradually(
@@ -178,4 +178,4 @@ def resume_pending(session: Session, webhook_id: str, now: float) -> int:
         ),
         {"now": now, "webhook_id": webhook_id},
     )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return rows_changed(result)
