@@ -1091,6 +1091,34 @@ async def test_a_new_url_gets_a_fresh_breaker(tmp_path: Path) -> None:
             assert len(broken.requests) == 1
 
 
+async def test_a_new_status_ends_the_cool_down_too(tmp_path: Path) -> None:
+    """Pausing a webhook whose breaker is open ends its deliveries as skipped at once, the
+    ones claims had left in the store included, rather than after the cool-down."""
+    async with store_engine(tmp_path, per_webhook_concurrency=1) as resources:
+        breaker = BreakerSettings(failure_threshold=1, open_seconds=300)
+        async with Receiver(SECRET, default=500) as broken:
+            add_webhook(resources, "wh", broken.url)
+            store_publish(resources, *[f"e{i}" for i in range(10)])
+            async with dispatching(resources, breaker=breaker):
+                await broken.wait_for(1)
+                later = time.time() + 200
+                await until(
+                    lambda: all(
+                        r.lease_owner is None and (r.next_attempt_at or 0) > later
+                        for r in rows(resources)
+                        if r.status == "pending"
+                    )
+                )
+                now = time.time()
+                set_webhook(resources, "wh", status="draft", updated_at=now)
+                resources.database.call(lambda s: webhooks.resume_pending(s, "wh", now))
+                resources.wake_dispatcher()
+                await until(lambda: all(r.status != "pending" for r in rows(resources)))
+            assert len(broken.requests) == 1
+        found = rows(resources)
+        assert [r.status for r in found] == ["skipped"] * 10
+
+
 async def test_both_secrets_sign_during_a_rotation(tmp_path: Path) -> None:
     """While the previous secret is in its grace period, a receiver holding it still verifies."""
     old_secret = "whsec_" + "b2xkLXNlY3JldC1vbGQtc2VjcmV0LW9sZA=="

@@ -210,6 +210,7 @@ class _Lane:
         "last_used",
         "latency",
         "started",
+        "status",
         "updated_at",
         "url",
         "waiting",
@@ -229,6 +230,7 @@ class _Lane:
         self.gone: str | None = None
         self.gone_at = 0.0
         self.url = ""
+        self.status = ""
         #: The webhook's ``updated_at`` as the last claim saw it.
         self.updated_at = 0.0
         self.last_used = time.monotonic()
@@ -259,6 +261,12 @@ class _Lane:
                 self.breaker = CircuitBreaker(self.breaker_settings)
                 self.latency = None
             self.url = claim.url
+        if claim.webhook_status != self.status:
+            # A person paused, archived or re-published the webhook: its rows are to end as
+            # the new status says, or go out afresh, not wait out the old cool-down.
+            if self.status:
+                self.breaker = CircuitBreaker(self.breaker_settings)
+            self.status = claim.webhook_status
 
     def oldest_age(self, mono: float) -> float:
         """How long the oldest request in flight has been running (0 when none is)."""
