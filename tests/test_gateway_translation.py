@@ -206,12 +206,15 @@ FLAWED_REQUESTS = {
 async def test_no_credentials_is_401_before_anything_else(
     stack: Stack, method: str, path: str, extra: dict[str, Any]
 ) -> None:
-    """A request without an Authorization header is answered 401 whatever else is wrong
-    with it, and the server is not called."""
+    """A request without an Authorization header, or with one that is not a bearer token,
+    is answered 401 whatever else is wrong with it, and the server is not called."""
     async with aiohttp.ClientSession() as anonymous:
-        async with anonymous.request(method, stack.url + path, **extra) as reply:
-            assert reply.status == 401
-            assert (await reply.json())["detail"] == "Invalid session"
+        for unusable in ({}, {"Authorization": "Bearer"}, {"Authorization": "Basic dTpw"}):
+            headers = {**extra.get("headers", {}), **unusable}
+            sent = {**extra, "headers": headers}
+            async with anonymous.request(method, stack.url + path, **sent) as reply:
+                assert reply.status == 401, unusable
+                assert (await reply.json())["detail"] == "Invalid session"
         # The same request with a token is refused for its other fault.
         async with stack.http.request(method, stack.url + path, **extra) as reply:
             assert reply.status in (400, 413, 415, 422)

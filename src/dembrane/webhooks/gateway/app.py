@@ -473,10 +473,14 @@ def _authorization(request: web.Request) -> str | None:
     # (shared with it, so that a token works the same way over REST and gRPC); anything else
     # could not be a valid token anyway, and the gateway answers 401 for it itself, as the
     # server does for a missing header (see _lacks_credentials).
+    # Nor could a value that is not "Bearer" and a token.
+    scheme, _, token = value.partition(" ")
     if (
         not value
         or len(value) > MAX_AUTHORIZATION_LENGTH
         or not (value.isascii() and value.isprintable())
+        or scheme.lower() != "bearer"
+        or not token.strip()
     ):
         return None
     return value
