@@ -1064,6 +1064,27 @@ def test_the_breaker_cool_down_is_bounded() -> None:
         breaker.started(now)
 
 
+async def _held_in_store(resources: Resources) -> None:
+    """Wait until webhook ``wh``'s pending rows wait out a cool-down of minutes in the store
+    (not leased, due far ahead)."""
+    later = time.time() + 200
+    await until(
+        lambda: all(
+            r.lease_owner is None and (r.next_attempt_at or 0) > later
+            for r in rows(resources)
+            if r.status == "pending"
+        )
+    )
+
+
+def _change_as_a_person(resources: Resources, **values: object) -> None:
+    """Change webhook ``wh`` as UpdateWebhook does: its waiting rows come due at once."""
+    now = time.time()
+    set_webhook(resources, "wh", updated_at=now, **values)
+    resources.database.call(lambda s: webhooks.resume_pending(s, "wh", now))
+    resources.wake_dispatcher()
+
+
 async def test_a_new_url_gets_a_fresh_breaker(tmp_path: Path) -> None:
     """Pointing a webhook whose breaker is open at a new address delivers there at once."""
     async with store_engine(tmp_path, per_webhook_concurrency=1) as resources:
@@ -1073,20 +1094,8 @@ async def test_a_new_url_gets_a_fresh_breaker(tmp_path: Path) -> None:
             store_publish(resources, "e1", "e2")
             async with dispatching(resources, breaker=breaker):
                 await broken.wait_for(1)
-                # Both rows wait out the cool-down in the store (not leased, due far ahead).
-                later = time.time() + 200
-                await until(
-                    lambda: all(
-                        r.lease_owner is None and (r.next_attempt_at or 0) > later
-                        for r in rows(resources)
-                    )
-                )
-                set_webhook(resources, "wh", url=fixed.url, updated_at=time.time())
-                for row in rows(resources):
-                    resources.database.call(
-                        lambda s, r=row: outbox.retry_delivery(s, "wh", r.id, time.time())
-                    )
-                resources.wake_dispatcher()
+                await _held_in_store(resources)
+                _change_as_a_person(resources, url=fixed.url)
                 await fixed.wait_for(2)
             assert len(broken.requests) == 1
 
@@ -1101,18 +1110,8 @@ async def test_a_new_status_ends_the_cool_down_too(tmp_path: Path) -> None:
             store_publish(resources, *[f"e{i}" for i in range(10)])
             async with dispatching(resources, breaker=breaker):
                 await broken.wait_for(1)
-                later = time.time() + 200
-                await until(
-                    lambda: all(
-                        r.lease_owner is None and (r.next_attempt_at or 0) > later
-                        for r in rows(resources)
-                        if r.status == "pending"
-                    )
-                )
-                now = time.time()
-                set_webhook(resources, "wh", status="draft", updated_at=now)
-                resources.database.call(lambda s: webhooks.resume_pending(s, "wh", now))
-                resources.wake_dispatcher()
+                await _held_in_store(resources)
+                _change_as_a_person(resources, status="draft")
                 await until(lambda: all(r.status != "pending" for r in rows(resources)))
             assert len(broken.requests) == 1
         found = rows(resources)
