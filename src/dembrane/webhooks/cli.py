@@ -1,4 +1,4 @@
-"""The ``dembrane-webhooks`` command: serve, worker, gateway, token, migrate.
+"""The ``dembrane-webhooks`` command: serve, worker, gateway, token, migrate, demo.
 
 Every setting comes from the environment (see ``config.py``); flags only choose what runs.
 """
@@ -56,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--staff", action="store_true", help="mark the caller as platform staff")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (3600)")
+
+    demo = commands.add_parser(
+        "demo",
+        help="show an event's way to a receiver: a throwaway service on this machine",
+    )
+    demo.add_argument(
+        "--keep", action="store_true", help="keep the demo's database and say where it is"
+    )
     return parser
 
 
@@ -118,8 +126,28 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
+def _run_for_status(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` as ``_run`` does and return its result."""
+    result: list[int] = []
+
+    async def keep_result() -> None:
+        result.append(await main)
+
+    _run(keep_result())
+    return result[0] if result else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "demo":
+        # The demo sets up everything itself and reads nothing from the environment.
+        from dembrane.webhooks.demo import run_demo
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return _run_for_status(run_demo(sys.stdout, keep=args.keep))
+        except (OSError, StartupError) as error:
+            return _failed(error)
     try:
         settings = Settings.from_env()
     except ConfigError as error:
