@@ -15,11 +15,12 @@ PROTO_FILES := $(wildcard proto/dembrane/webhooks/v1/*.proto)
 
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: help install run test test-sqlite test-postgres generate check-generated lint protodeps bench clean
+.PHONY: help install run demo test test-sqlite test-postgres generate check-generated lint protodeps bench clean
 
 help:
 	@echo "make run       start the service (gRPC :50051, REST :8080, dispatcher) on SQLite"
 	@echo "make test      install, check generated code, lint, and run every test"
+	@echo "make demo      show an event's way to a receiver on a throwaway service (seconds)"
 	@echo "make generate  regenerate the Python code from proto/"
 	@echo "make lint      buf lint/format, ruff, mypy --strict"
 	@echo "make bench     run the benchmarks and write docs/benchmarks.md"
@@ -94,6 +95,9 @@ run: export WEBHOOKS_JWT_SECRET ?= dev-only-secret-never-use-in-production
 # buf too: the README's calls use `buf curl`.
 run: install $(BUF)
 	$(VENV)/bin/dembrane-webhooks serve
+
+demo: install
+	$(VENV)/bin/dembrane-webhooks demo
 
 bench: install
 	$(VPY) -m bench
