@@ -171,7 +171,11 @@ async def test_deliveries_are_listed_newest_first_and_filtered(
 
         assert [d.event_id for d in everything][:3] == ["e5", "e4", "e3"]
         assert {d.event_id for d in everything[3:]} == {"e1", "e2"}
-        assert all(not d.attempts for d in everything)
+        # Each listed delivery carries its attempts: the failed ones their 400s.
+        assert all([a.status_code for a in d.attempts] == [200] for d in everything[:3])
+        assert all(
+            [a.status_code for a in d.attempts] == [400, 400, 400, 400] for d in everything[3:]
+        )
         failed = (await log.list(status=FAILED)).deliveries
         assert {d.event_id for d in failed} == {"e1", "e2"}
         succeeded = (await log.list(status=SUCCEEDED)).deliveries
@@ -240,6 +244,40 @@ async def test_a_delivery_shows_every_attempt_with_a_bounded_excerpt(
     assert second.success
     assert (second.status_code, second.response_body) == (200, "ok")
     assert delivery.last_attempt_time == second.attempt_time
+
+
+async def test_the_list_shows_the_latest_attempts_with_a_short_excerpt(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """ListDeliveries gives each delivery's last five attempts, oldest first, with the first
+    500 characters of each answer; GetDelivery still has all of them, bodies whole."""
+    body = b"y" * 2_000
+    async with Receiver(SECRET, default=Reply(500, body=body)) as receiver:
+        log = await create_webhook(stubs, tokens, receiver.url)
+        await publish(stubs, tokens, event("e1"))
+        (failed,) = await log.settled(1)
+        # Four attempts of the schedule, then two more by hand: six in all.
+        for expected in (5, 6):
+            await log.retry(failed.id)
+            await receiver.wait_for(expected)
+            for _ in range(800):
+                (listed,) = (await log.list()).deliveries
+                if listed.status == FAILED and listed.attempt_count == expected:
+                    break
+                await asyncio.sleep(0.01)
+        (listed,) = (await log.list()).deliveries
+        full = await log.get(failed.id)
+    assert [a.number for a in listed.attempts] == [2, 3, 4, 5, 6]
+    assert all(a.response_body == "y" * 500 for a in listed.attempts)
+    assert all(a.status_code == 500 and not a.success for a in listed.attempts)
+    assert [a.number for a in full.attempts] == [1, 2, 3, 4, 5, 6]
+    assert all(a.response_body == "y" * 2_000 for a in full.attempts)
+    last, logged = listed.attempts[-1], full.attempts[-1]
+    assert (last.attempt_time, last.latency, last.error) == (
+        logged.attempt_time,
+        logged.latency,
+        logged.error,
+    )
 
 
 async def test_an_answer_holding_nul_characters_is_logged(

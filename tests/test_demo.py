@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import subprocess
@@ -35,16 +36,17 @@ async def test_the_demo_delivers_every_event_type_signed_and_retries_a_refusal()
     assert "its database is gone" in text
 
 
-async def test_the_demo_removes_its_database_unless_asked_to_keep_it() -> None:
+def test_the_demo_removes_its_database_unless_asked_to_keep_it() -> None:
     """Without ``--keep`` nothing of the demo is left; with it, the folder it names holds the
     database."""
     out = io.StringIO()
-    assert await run_demo(out) == 0
+    assert asyncio.run(run_demo(out)) == 0
     gone = re.search(r"SQLite +(\S+)", out.getvalue())
-    assert gone is not None and not Path(gone.group(1)).exists()
+    assert gone is not None
+    assert not Path(gone.group(1)).exists()
 
     kept_out = io.StringIO()
-    assert await run_demo(kept_out, keep=True) == 0
+    assert asyncio.run(run_demo(kept_out, keep=True)) == 0
     kept = re.search(r"The database is kept in (\S+)\.", kept_out.getvalue())
     assert kept is not None
     folder = Path(kept.group(1))

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 from google.protobuf.duration_pb2 import Duration
+from sqlmodel import Session
 
 from dembrane.webhooks import metrics
 from dembrane.webhooks.api.convert import timestamp, valid_seconds
@@ -42,6 +43,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: How many of a delivery's attempts a listed delivery carries (its latest), and how much of
+#: each answer's body: enough to read what went wrong at a glance, while a page of 200
+#: deliveries stays far below gRPC's default 4 MiB message limit. GetDelivery shows all.
+LISTED_ATTEMPTS = 5
+LISTED_BODY_CHARACTERS = 500
+
 #: Deliveries re-queued per transaction by a recovery: large enough that a big window is
 #: queued in seconds, small enough that publishing waits for no batch for long.
 RECOVERY_BATCH_SIZE = 2000
@@ -55,11 +62,12 @@ _STATE_TO_PB = {
 _PB_TO_STATE = {value: key for key, value in _STATE_TO_PB.items()}
 
 
-def attempt_to_pb(row: AttemptRow) -> webhook_pb2.DeliveryAttempt:
-    """One logged attempt as the API shows it."""
+def attempt_to_pb(row: AttemptRow, body_limit: int | None = None) -> webhook_pb2.DeliveryAttempt:
+    """One logged attempt as the API shows it, with at most ``body_limit`` characters of the
+    answer's body (all that is kept when None)."""
     message = webhook_pb2.DeliveryAttempt(
         number=row.number,
-        response_body=row.response_body,
+        response_body=row.response_body[:body_limit],
         error=row.error,
         success=row.success,
     )
@@ -72,8 +80,11 @@ def attempt_to_pb(row: AttemptRow) -> webhook_pb2.DeliveryAttempt:
     return message
 
 
-def delivery_to_pb(row: DeliveryRow, attempts: Sequence[AttemptRow] = ()) -> webhook_pb2.Delivery:
-    """A delivery as the API shows it; ``attempts`` only for GetDelivery."""
+def delivery_to_pb(
+    row: DeliveryRow, attempts: Sequence[AttemptRow] = (), body_limit: int | None = None
+) -> webhook_pb2.Delivery:
+    """A delivery as the API shows it, with ``attempts`` (their bodies cut to ``body_limit``
+    characters when given)."""
     state = DeliveryState(row.status)
     message = webhook_pb2.Delivery(
         id=row.id,
@@ -84,7 +95,7 @@ def delivery_to_pb(row: DeliveryRow, attempts: Sequence[AttemptRow] = ()) -> web
         attempt_count=row.attempt_count,
         last_error=row.last_error,
         skip_reason=row.skip_reason,
-        attempts=[attempt_to_pb(a) for a in attempts],
+        attempts=[attempt_to_pb(a, body_limit) for a in attempts],
     )
     message.create_time.CopyFrom(timestamp(row.created_at))
     if state is DeliveryState.PENDING and row.next_attempt_at is not None:
@@ -120,8 +131,9 @@ async def list_deliveries(
     limit = page_size(request.page_size)
     listing = f"ListDeliveries {request.webhook_id} {status} {event_type}"
     after = decode_token(request.page_token, listing)
-    rows = await resources.database.run(
-        lambda session: outbox.list_deliveries(
+
+    def page(session: Session) -> tuple[list[DeliveryRow], dict[str, list[AttemptRow]]]:
+        rows = outbox.list_deliveries(
             session,
             request.webhook_id,
             status=status,
@@ -129,13 +141,19 @@ async def list_deliveries(
             limit=limit,
             after=after,
         )
-    )
+        shown = [r.id for r in rows[:limit]]
+        return rows, outbox.latest_attempts(session, shown, LISTED_ATTEMPTS)
+
+    rows, attempts = await resources.database.run(page)
     token = ""
     if len(rows) > limit:
         rows = rows[:limit]
         token = encode_token(Cursor(rows[-1].created_at, rows[-1].id), listing)
     return pb.ListDeliveriesResponse(
-        deliveries=[delivery_to_pb(r) for r in rows], next_page_token=token
+        deliveries=[
+            delivery_to_pb(r, attempts.get(r.id, ()), LISTED_BODY_CHARACTERS) for r in rows
+        ],
+        next_page_token=token,
     )
 
 

@@ -1390,6 +1390,36 @@ def list_deliveries(
     return list(session.scalars(query))
 
 
+def latest_attempts(
+    session: Session, delivery_ids: Sequence[str], per_delivery: int
+) -> dict[str, list[AttemptRow]]:
+    """The last ``per_delivery`` attempts of each delivery, oldest first, in one statement."""
+    if not delivery_ids:
+        return {}
+    rank = (
+        func.row_number()
+        .over(
+            partition_by=AttemptRow.delivery_id,
+            order_by=(col(AttemptRow.number).desc(), col(AttemptRow.id).desc()),
+        )
+        .label("rank")
+    )
+    ranked = (
+        select(AttemptRow, rank)
+        .where(col(AttemptRow.delivery_id).in_(sorted(set(delivery_ids))))
+        .subquery()
+    )
+    recent = select(AttemptRow).from_statement(
+        select(ranked)
+        .where(ranked.c.rank <= per_delivery)
+        .order_by(ranked.c.delivery_id, ranked.c.number, ranked.c.id)
+    )
+    found: dict[str, list[AttemptRow]] = {}
+    for attempt in session.scalars(recent):
+        found.setdefault(attempt.delivery_id, []).append(attempt)
+    return found
+
+
 def get_delivery(
     session: Session, webhook_id: str, delivery_id: str
 ) -> tuple[DeliveryRow, list[AttemptRow]] | None:

@@ -315,8 +315,9 @@ class Delivery(_message.Message):
 
     @_builtins.property
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliveryAttempt]:
-        """Every attempt, oldest first. Filled by GetDelivery and RetryDelivery; ListDeliveries
-        leaves it empty.
+        """The attempts, oldest first. GetDelivery and RetryDelivery give every attempt with all of
+        its answer's body that is kept; ListDeliveries gives the latest five, each with the
+        first 500 characters of its answer's body.
         """
 
     def __init__(

@@ -700,7 +700,9 @@ class ListDeliveriesResponse(_message.Message):
     """The token for the next page; empty when this is the last one."""
     @_builtins.property
     def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[_webhook_pb2.Delivery]:
-        """The deliveries, newest first, without their attempts."""
+        """The deliveries, newest first, each with its latest five attempts (the first 500
+        characters of each answer's body); GetDelivery shows every attempt in full.
+        """
 
     def __init__(
         self,
