@@ -13,17 +13,32 @@ PROTODEPS := build/protodeps
 GEN_DIR := src
 PROTO_FILES := $(wildcard proto/dembrane/webhooks/v1/*.proto)
 
+# The client libraries (buf.gen.yaml): the generated directories, and the pinned plugins
+# that make them. A Go plugin's stamp names its version, so a new version installs anew.
+GO ?= go
+GOBIN_DIR := build/gobin
+PROTOC_GEN_GO_VERSION := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
+PROTOC_GEN_GO := $(GOBIN_DIR)/.protoc-gen-go-$(PROTOC_GEN_GO_VERSION)
+PROTOC_GEN_GO_GRPC := $(GOBIN_DIR)/.protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSION)
+CLIENT_GEN_TOOLS := $(BUF) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC)
+GO_CLIENT_GEN := clients/go/dembrane
+TS_CLIENT := clients/typescript
+TS_CLIENT_GEN := $(TS_CLIENT)/src/gen
+TS_CLIENT_DEPS := $(TS_CLIENT)/node_modules/.installed
+
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: help install run demo test test-sqlite test-postgres generate check-generated lint protodeps bench clean
+.PHONY: help install run demo test test-sqlite test-postgres test-clients generate check-generated lint protodeps bench clean
 
 help:
-	@echo "make run       start the service (gRPC :50051, REST :8080, dispatcher) on SQLite"
-	@echo "make test      install, check generated code, lint, and run every test"
-	@echo "make demo      show an event's way to a receiver on a throwaway service (seconds)"
-	@echo "make generate  regenerate the Python code from proto/"
-	@echo "make lint      buf lint/format, ruff, mypy --strict"
-	@echo "make bench     run the benchmarks and write docs/benchmarks.md"
+	@echo "make run           start the service (gRPC :50051, REST :8080, dispatcher) on SQLite"
+	@echo "make test          install, check generated code, lint, and run every test"
+	@echo "make demo          show an event's way to a receiver on a throwaway service (seconds)"
+	@echo "make test-clients  vet, build and type-check the Go and TypeScript clients"
+	@echo "make generate      regenerate the Python code and the clients in clients/ from proto/"
+	@echo "make lint          buf lint/format, ruff, mypy --strict"
+	@echo "make bench         run the benchmarks and write docs/benchmarks.md"
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS_VENV)
@@ -38,6 +53,20 @@ $(VENV)/.installed: $(UV) pyproject.toml uv.lock
 
 $(BUF): tools/package.json tools/package-lock.json
 	cd tools && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+# The Go plugins at the versions pinned above; ts-proto, the TypeScript one, comes with buf
+# from tools/package-lock.json.
+$(PROTOC_GEN_GO):
+	GOBIN=$(abspath $(GOBIN_DIR)) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	@touch $@
+
+$(PROTOC_GEN_GO_GRPC):
+	GOBIN=$(abspath $(GOBIN_DIR)) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+	@touch $@
+
+$(TS_CLIENT_DEPS): $(TS_CLIENT)/package.json $(TS_CLIENT)/package-lock.json
+	cd $(TS_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
 install: $(VENV)/.installed
@@ -58,19 +87,25 @@ define run_protoc
 	  $(PROTO_FILES)
 endef
 
-generate: protodeps
+generate: protodeps $(CLIENT_GEN_TOOLS)
 	@rm -f $(GEN_DIR)/dembrane/webhooks/v1/*_pb2*.py $(GEN_DIR)/dembrane/webhooks/v1/*_pb2*.pyi
 	$(call run_protoc,$(GEN_DIR))
+	@rm -rf $(GO_CLIENT_GEN) $(TS_CLIENT_GEN)
+	$(BUF) generate
 
-# Fails when the committed generated code differs from what the protos produce.
-check-generated: protodeps
-	@tmp=$$(mktemp -d) && $(call run_protoc,$$tmp) && \
-	  if diff -r -x '__init__.py' -x '__pycache__' -x 'py.typed' $$tmp/dembrane/webhooks/v1 $(GEN_DIR)/dembrane/webhooks/v1 >/dev/null; then \
-	    echo "generated code is up to date"; rm -rf $$tmp; \
-	  else \
-	    diff -r -x '__init__.py' -x '__pycache__' -x 'py.typed' $$tmp/dembrane/webhooks/v1 $(GEN_DIR)/dembrane/webhooks/v1 | head -40; \
-	    echo "generated code is stale: run 'make generate' and commit the result"; rm -rf $$tmp; exit 1; \
-	  fi
+# Fails when the committed generated code (Python, and the clients) differs from what the
+# protos produce.
+check-generated: protodeps $(CLIENT_GEN_TOOLS)
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	  $(call run_protoc,$$tmp); \
+	  $(BUF) generate -o $$tmp; \
+	  stale=0; \
+	  same() { if ! diff -r "$$@" >/dev/null; then diff -r "$$@" | head -40; stale=1; fi; }; \
+	  same -x '__init__.py' -x '__pycache__' -x 'py.typed' $$tmp/dembrane/webhooks/v1 $(GEN_DIR)/dembrane/webhooks/v1; \
+	  same $$tmp/$(GO_CLIENT_GEN) $(GO_CLIENT_GEN); \
+	  same $$tmp/$(TS_CLIENT_GEN) $(TS_CLIENT_GEN); \
+	  if [ $$stale = 0 ]; then echo "generated code is up to date"; \
+	  else echo "generated code is stale: run 'make generate' and commit the result"; exit 1; fi
 
 lint: protodeps $(BUF)
 	$(BUF) lint
@@ -79,7 +114,12 @@ lint: protodeps $(BUF)
 	$(VENV)/bin/ruff format --check src tests $(wildcard bench)
 	$(VENV)/bin/mypy
 
-test: install check-generated lint test-sqlite test-postgres
+test: install check-generated lint test-clients test-sqlite test-postgres
+
+# The Go and TypeScript clients: vet, build and type-check them.
+test-clients: $(TS_CLIENT_DEPS)
+	cd clients/go && $(GO) vet ./... && $(GO) build ./...
+	cd $(TS_CLIENT) && node_modules/.bin/tsc --noEmit
 
 test-sqlite: install
 	$(VENV)/bin/pytest -q
@@ -103,4 +143,4 @@ bench: install
 	$(VPY) -m bench
 
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) build tools/node_modules
+	rm -rf $(VENV) $(TOOLS_VENV) build tools/node_modules $(TS_CLIENT)/node_modules $(TS_CLIENT)/dist
