@@ -35,7 +35,7 @@ help:
 	@echo "make run           start the service (gRPC :50051, REST :8080, dispatcher) on SQLite"
 	@echo "make test          install, check generated code, lint, and run every test"
 	@echo "make demo          show an event's way to a receiver on a throwaway service (seconds)"
-	@echo "make test-clients  vet, build and type-check the Go and TypeScript clients"
+	@echo "make test-clients  build the Go and TypeScript clients and run them against the service"
 	@echo "make generate      regenerate the Python code and the clients in clients/ from proto/"
 	@echo "make lint          buf lint/format, ruff, mypy --strict"
 	@echo "make bench         run the benchmarks and write docs/benchmarks.md"
@@ -116,10 +116,13 @@ lint: protodeps $(BUF)
 
 test: install check-generated lint test-clients test-sqlite test-postgres
 
-# The Go and TypeScript clients: vet, build and type-check them.
-test-clients: $(TS_CLIENT_DEPS)
+# The Go and TypeScript clients: vet, build and type-check them, then run each against the
+# real service (tools/test-clients.sh starts it on free ports and stops it again).
+test-clients: install $(TS_CLIENT_DEPS)
 	cd clients/go && $(GO) vet ./... && $(GO) build ./...
 	cd $(TS_CLIENT) && node_modules/.bin/tsc --noEmit
+	cd $(TS_CLIENT) && rm -rf dist && node_modules/.bin/tsc
+	tools/test-clients.sh
 
 test-sqlite: install
 	$(VENV)/bin/pytest -q
