@@ -490,8 +490,9 @@ type Delivery struct {
 	LastError string `protobuf:"bytes,11,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
 	// Why the delivery was skipped; empty unless the status is skipped.
 	SkipReason string `protobuf:"bytes,12,opt,name=skip_reason,json=skipReason,proto3" json:"skip_reason,omitempty"`
-	// Every attempt, oldest first. Filled by GetDelivery and RetryDelivery; ListDeliveries
-	// leaves it empty.
+	// The attempts, oldest first. GetDelivery and RetryDelivery give every attempt with all of
+	// its answer's body that is kept; ListDeliveries gives the latest five, each with the
+	// first 500 characters of its answer's body.
 	Attempts      []*DeliveryAttempt `protobuf:"bytes,13,rep,name=attempts,proto3" json:"attempts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -1347,7 +1347,8 @@ func (x *ListDeliveriesRequest) GetPageToken() string {
 // ListDeliveriesResponse is one page of deliveries.
 type ListDeliveriesResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The deliveries, newest first, without their attempts.
+	// The deliveries, newest first, each with its latest five attempts (the first 500
+	// characters of each answer's body); GetDelivery shows every attempt in full.
 	Deliveries []*Delivery `protobuf:"bytes,1,rep,name=deliveries,proto3" json:"deliveries,omitempty"`
 	// The token for the next page; empty when this is the last one.
 	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`

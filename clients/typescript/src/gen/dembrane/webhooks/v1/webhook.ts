@@ -253,8 +253,9 @@ export interface Delivery {
   /** Why the delivery was skipped; empty unless the status is skipped. */
   skipReason: string;
   /**
-   * Every attempt, oldest first. Filled by GetDelivery and RetryDelivery; ListDeliveries
-   * leaves it empty.
+   * The attempts, oldest first. GetDelivery and RetryDelivery give every attempt with all of
+   * its answer's body that is kept; ListDeliveries gives the latest five, each with the
+   * first 500 characters of its answer's body.
    */
   attempts: DeliveryAttempt[];
 }

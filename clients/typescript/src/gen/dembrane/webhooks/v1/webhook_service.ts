@@ -281,7 +281,10 @@ export interface ListDeliveriesRequest {
 
 /** ListDeliveriesResponse is one page of deliveries. */
 export interface ListDeliveriesResponse {
-  /** The deliveries, newest first, without their attempts. */
+  /**
+   * The deliveries, newest first, each with its latest five attempts (the first 500
+   * characters of each answer's body); GetDelivery shows every attempt in full.
+   */
   deliveries: Delivery[];
   /** The token for the next page; empty when this is the last one. */
   nextPageToken: string;
