@@ -8,6 +8,7 @@ depending on the real service's rules. ``test_gateway_e2e.py`` runs against the 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import zlib
@@ -24,6 +25,8 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from dembrane.webhooks.auth import TokenVerifier, mint_token
+from dembrane.webhooks.config import Settings
 from dembrane.webhooks.gateway import bound_port, create_app, run_gateway
 from dembrane.webhooks.gateway.routes import ROUTES, SERVICE, Route
 from dembrane.webhooks.v1 import webhook_pb2 as wpb
@@ -100,8 +103,11 @@ class Stack:
         return calls[-1]
 
 
-@pytest.fixture
-async def stack() -> AsyncIterator[Stack]:
+@contextlib.asynccontextmanager
+async def gateway_stack(
+    token: str = TOKEN, verifier: TokenVerifier | None = None
+) -> AsyncIterator[Stack]:
+    """A gateway in front of a scripted server, and a session that sends ``token``."""
     scripted = ScriptedService()
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((scripted.handler(),))
@@ -110,15 +116,21 @@ async def stack() -> AsyncIterator[Stack]:
     await health_servicer.set(SERVICE.full_name, health_pb2.HealthCheckResponse.SERVING)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    app = create_app(grpc_target=f"127.0.0.1:{port}", cors_origins=[ORIGIN])
+    app = create_app(grpc_target=f"127.0.0.1:{port}", cors_origins=[ORIGIN], verifier=verifier)
     runner = await run_gateway(app, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{bound_port(runner)}"
     try:
-        async with aiohttp.ClientSession(headers={"Authorization": TOKEN}) as http:
+        async with aiohttp.ClientSession(headers={"Authorization": token}) as http:
             yield Stack(scripted, health_servicer, http, url)
     finally:
         await runner.cleanup()
         await server.stop(None)
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    async with gateway_stack() as made:
+        yield made
 
 
 def _stamp(moment: datetime) -> timestamp_pb2.Timestamp:
@@ -219,6 +231,35 @@ async def test_no_credentials_is_401_before_anything_else(
         async with stack.http.request(method, stack.url + path, **extra) as reply:
             assert reply.status in (400, 413, 415, 422)
     assert stack.service.calls == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "extra"), FLAWED_REQUESTS.values(), ids=FLAWED_REQUESTS.keys()
+)
+async def test_with_the_servers_key_a_bad_token_is_401_before_anything_else(
+    method: str, path: str, extra: dict[str, Any]
+) -> None:
+    """A gateway that holds the server's key answers an expired, forged or malformed token
+    401 whatever else is wrong with the request (a front end then asks its user to log in
+    again rather than showing a form error); a valid token's request gets its other fault,
+    and the server is never called."""
+    secret = "the-servers-secret-of-a-proper-length-for-hs256"
+    verifier = TokenVerifier(Settings(jwt_secret=secret))
+    valid = "Bearer " + mint_token(secret, "u-1")
+    async with gateway_stack(valid, verifier) as stack, aiohttp.ClientSession() as other:
+        for bad in (
+            mint_token(secret, "u-1", ttl_seconds=-3600),
+            mint_token("another-secret-of-a-proper-length-for-hs256", "u-1"),
+            "not-a-jwt",
+        ):
+            headers = {**extra.get("headers", {}), "Authorization": f"Bearer {bad}"}
+            sent = {**extra, "headers": headers}
+            async with other.request(method, stack.url + path, **sent) as reply:
+                assert reply.status == 401
+                assert (await reply.json())["detail"] == "Invalid session"
+        async with stack.http.request(method, stack.url + path, **extra) as reply:
+            assert reply.status in (400, 413, 415, 422)
+        assert stack.service.calls == []
 
 
 def _info(reason: str) -> error_details_pb2.ErrorInfo:

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from dembrane.webhooks import __version__
-from dembrane.webhooks.auth import mint_token
+from dembrane.webhooks.auth import TokenVerifier, mint_token
 from dembrane.webhooks.config import ConfigError, Settings, url_host
 from dembrane.webhooks.service import Parts, Service, StartupError, file_problem, start_metrics
 from dembrane.webhooks.store.database import describe_store_error
@@ -94,7 +94,13 @@ async def _run_gateway(settings: Settings, grpc_target: str) -> None:
     metrics = start_metrics(settings)
     try:
         runner = await run_gateway(
-            create_app(grpc_target=grpc_target, cors_origins=settings.cors_origins),
+            create_app(
+                grpc_target=grpc_target,
+                cors_origins=settings.cors_origins,
+                # With the server's key set here too, a bad token is refused before anything
+                # else about its request; without it, the server judges tokens.
+                verifier=TokenVerifier(settings),
+            ),
             settings.bind,
             settings.http_port,
         )

@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 
 from dembrane.webhooks import metrics
 from dembrane.webhooks.api.server import GrpcServer, start_grpc_server
+from dembrane.webhooks.auth import TokenVerifier
 from dembrane.webhooks.config import Settings, url_host
 from dembrane.webhooks.delivery.dispatcher import Dispatcher
 from dembrane.webhooks.delivery.pool import SenderPool, default_processes
@@ -104,7 +105,11 @@ class Service:
         # start-up before anything is sent.
         self._metrics = start_metrics(settings)
         if self.parts.gateway and self.parts.grpc:
-            app = create_app(grpc_target=self.grpc_target, cors_origins=settings.cors_origins)
+            app = create_app(
+                grpc_target=self.grpc_target,
+                cors_origins=settings.cors_origins,
+                verifier=TokenVerifier(settings),
+            )
             self._gateway = await run_gateway(app, settings.bind, settings.http_port)
             self.http_port = _bound_port(self._gateway)
             log.info("REST gateway listening on %s", self.http_url)

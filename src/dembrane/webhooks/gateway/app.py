@@ -37,8 +37,9 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dembrane.webhooks import metrics
-from dembrane.webhooks.auth import MAX_AUTHORIZATION_LENGTH
+from dembrane.webhooks.auth import MAX_AUTHORIZATION_LENGTH, TokenVerifier
 from dembrane.webhooks.config import LISTEN_PROBLEMS, url_host
+from dembrane.webhooks.domain.errors import Unauthenticated
 from dembrane.webhooks.gateway.errors import (
     INVALID_SESSION,
     ErrorAnswer,
@@ -203,6 +204,7 @@ _UPSTREAM = web.AppKey("upstream", _Upstream)
 _DOCUMENT = web.AppKey("openapi_document", bytes)
 # The resources of the API's routes: every one of them needs a bearer token.
 _API_RESOURCES = web.AppKey("api_resources", frozenset)
+_VERIFIER = web.AppKey("token_verifier", TokenVerifier)
 
 
 def create_app(
@@ -211,12 +213,16 @@ def create_app(
     cors_origins: Sequence[str] = (),
     channel: grpc.aio.Channel | None = None,
     rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
+    verifier: TokenVerifier | None = None,
 ) -> web.Application:
     """The gateway application, calling the gRPC API at ``grpc_target``.
 
     The application opens one channel when it starts and closes it when it stops, unless
     ``channel`` is given, which then stays the caller's to close. ``cors_origins`` lists the
-    browser origins allowed to call the API (``*`` allows any).
+    browser origins allowed to call the API (``*`` allows any). With a ``verifier`` holding
+    the server's keys, a token that is not valid (expired, forged, malformed) is answered
+    401 before anything else about the request is looked at, as a missing one is; without
+    one, the server judges tokens, after the gateway has read the request.
     """
     middlewares: list[Middleware] = [_no_store_middleware, _error_middleware]
     if cors_origins:
@@ -242,6 +248,8 @@ def create_app(
             # HEAD answers as GET would, without the body (aiohttp leaves it out).
             resources[route.path].add_route("HEAD", handler)
     app[_API_RESOURCES] = frozenset(resources.values())
+    if verifier is not None and verifier.configured:
+        app[_VERIFIER] = verifier
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/api/openapi.json", _openapi_document)
@@ -450,7 +458,8 @@ async def _remaining_pages(
 
 def _credentials_refusal(request: web.Request) -> ErrorAnswer | None:
     """The 401 for a request to an API route without exactly one Authorization header the
-    server could take; None for any other request.
+    server could take, or (when the gateway has the server's keys) with a token that is not
+    valid; None for any other request.
 
     Such a request is answered before its size, encoding, body or query is looked at: a
     caller without credentials learns nothing about the rest of its request, and a request
@@ -464,7 +473,17 @@ def _credentials_refusal(request: web.Request) -> ErrorAnswer | None:
     refusal = local_answer(401, INVALID_SESSION)
     if len(request.headers.getall(hdrs.AUTHORIZATION, ())) > 1:
         return replace(refusal, field_violations=((hdrs.AUTHORIZATION, _SEVERAL_AUTHORIZATIONS),))
-    return refusal if _authorization(request) is None else None
+    authorization = _authorization(request)
+    if authorization is None:
+        return refusal
+    verifier = request.app.get(_VERIFIER)
+    if verifier is not None:
+        # Only the token itself: whether its user may do this is the server's to say.
+        try:
+            verifier.verify_header(authorization)
+        except Unauthenticated:
+            return refusal
+    return None
 
 
 def _authorization(request: web.Request) -> str | None:
