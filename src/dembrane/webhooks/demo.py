@@ -158,43 +158,28 @@ def _events(now: datetime) -> list[event_pb2.Event]:
         "source": "PORTAL_AUDIO",
         "tags": ["mobility", "green spaces"],
     }
-    transcript = "We would like more cycle lanes near the school, and trees on the square."
+    finished = {
+        **conversation,
+        "duration": 842.5,
+        "is_finished": True,
+        "is_all_chunks_transcribed": True,
+        "transcript": "We would like more cycle lanes near the school, and trees on the square.",
+    }
     summary = "Participants asked for safer cycling routes and more greenery downtown."
+
+    def about_the_conversation(step: str, when: datetime, **fields: Any) -> event_pb2.Event:
+        return event_pb2.Event(
+            id=f"demo-conv-1-{step}",
+            type=f"conversation.{step}",
+            project_id=_PROJECT,
+            occur_time=_timestamp(when),
+            conversation=event_pb2.Conversation(**fields),
+        )
+
     return [
-        event_pb2.Event(
-            id="demo-conv-1-started",
-            type="conversation.started",
-            project_id=_PROJECT,
-            occur_time=_timestamp(started),
-            conversation=event_pb2.Conversation(**conversation),
-        ),
-        event_pb2.Event(
-            id="demo-conv-1-transcribed",
-            type="conversation.transcribed",
-            project_id=_PROJECT,
-            occur_time=_timestamp(now),
-            conversation=event_pb2.Conversation(
-                **conversation,
-                duration=842.5,
-                is_finished=True,
-                is_all_chunks_transcribed=True,
-                transcript=transcript,
-            ),
-        ),
-        event_pb2.Event(
-            id="demo-conv-1-summarized",
-            type="conversation.summarized",
-            project_id=_PROJECT,
-            occur_time=_timestamp(now),
-            conversation=event_pb2.Conversation(
-                **conversation,
-                duration=842.5,
-                is_finished=True,
-                is_all_chunks_transcribed=True,
-                transcript=transcript,
-                summary=summary,
-            ),
-        ),
+        about_the_conversation("started", started, **conversation),
+        about_the_conversation("transcribed", now, **finished),
+        about_the_conversation("summarized", now, **finished, summary=summary),
         event_pb2.Event(
             id="demo-report-1-generated",
             type="report.generated",
