@@ -147,10 +147,9 @@ class _DocumentBuilder:
         names = set(route.body_field_names())
         required = set(route.required_body_keys)
         properties = {
-            # null stands for "not given", which a required key cannot be.
-            field.name: self._field_schema(
-                field, request=True, nullable=False if field.name in required else None
-            )
+            # The gateway reads null as "not given" (as protobuf's JSON mapping does), so any
+            # key but a required one may be null.
+            field.name: self._field_schema(field, request=True, nullable=field.name not in required)
             for field in rest_fields(route.input_type)
             if field.name in names
         }
