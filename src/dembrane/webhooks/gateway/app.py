@@ -516,24 +516,23 @@ def _render(route: Route, answer: Message) -> web.StreamResponse:
         )
         value = getattr(answer, route.response_body)
         if field.kind is FieldKind.MESSAGE and field.repeated:
-            # The omitted keys are those of each item: a delivery list without attempts.
-            data = [message_to_json(item, omit=route.omit) for item in value]
+            data = [message_to_json(item) for item in value]
         elif field.kind is FieldKind.MESSAGE:
-            data = message_to_json(value, omit=route.omit)
+            data = message_to_json(value)
         else:
             data = message_to_json(answer)[field.name]
         token = getattr(answer, NEXT_PAGE_TOKEN_FIELD, "") if route.pages else ""
         if token:
             headers[PAGE_TOKEN_HEADER] = token
     elif route.flatten:
-        data = message_to_json(getattr(answer, route.flatten), omit=route.omit)
+        data = message_to_json(getattr(answer, route.flatten))
         extras = message_to_json(answer)
         for field in rest_fields(route.output_type):
             # Only when set: the secret appears in the 201 body only if the service made it.
             if field.proto_name != route.flatten and extras[field.name]:
                 data[field.name] = extras[field.name]
     else:
-        data = message_to_json(answer, omit=route.omit)
+        data = message_to_json(answer)
     return web.json_response(data, status=route.success_status, headers=headers)
 
 

@@ -231,11 +231,11 @@ def format_timestamp(moment: datetime) -> str:
 # --- messages to JSON ------------------------------------------------------------------
 
 
-def message_to_json(message: Message, *, omit: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """A message as REST JSON; keys named in ``omit`` are left out."""
+def message_to_json(message: Message) -> dict[str, Any]:
+    """A message as REST JSON."""
     body: dict[str, Any] = {}
     for field in rest_fields(message.DESCRIPTOR):
-        if field.name in omit or field.kind is FieldKind.FIELD_MASK:
+        if field.kind is FieldKind.FIELD_MASK:
             continue
         value = getattr(message, field.proto_name)
         if field.repeated:

@@ -92,14 +92,6 @@ class _DocumentBuilder:
     def __init__(self, routes: Sequence[Route]) -> None:
         self._routes = routes
         self.schemas: dict[str, Any] = {"Error": _error_schema(), "Health": _health_schema()}
-        # Keys some route leaves out of a message are optional in that message's schema.
-        self._optional: dict[str, set[str]] = {}
-        for route in routes:
-            target = route.output_type
-            if route.response_body:
-                field = target.fields_by_name[route.response_body]
-                target = field.message_type or target
-            self._optional.setdefault(target.full_name, set()).update(route.omit)
 
     def operation(self, route: Route) -> dict[str, Any]:
         operation: dict[str, Any] = {
@@ -228,7 +220,6 @@ class _DocumentBuilder:
         return {"$ref": f"#/components/schemas/{name}"}
 
     def _object_schema(self, descriptor: Descriptor) -> dict[str, Any]:
-        optional = self._optional.get(descriptor.full_name, set())
         properties: dict[str, Any] = {}
         for field in rest_fields(descriptor):
             if field.kind is not FieldKind.FIELD_MASK:
@@ -236,7 +227,7 @@ class _DocumentBuilder:
         return {
             "type": "object",
             "properties": properties,
-            "required": [name for name in properties if name not in optional],
+            "required": list(properties),
             # Generated from the mapping itself: any other key would be drift, not an extra.
             "additionalProperties": False,
         }

@@ -50,11 +50,6 @@ _FLATTEN: dict[str, str] = {
     "CreateWebhook": "webhook",
 }
 
-# REST keys left out of a route's response: a delivery list carries no attempts.
-_OMIT: dict[str, frozenset[str]] = {
-    "ListDeliveries": frozenset({"attempts"}),
-}
-
 # Lists answered whole when the caller asks for no page (neither page_size nor page_token):
 # the integrations tab reads a project's webhooks as one array and knows no paging.
 _WHOLE_UNLESS_PAGED: frozenset[str] = frozenset({"ListWebhooks", "ListCopyableWebhooks"})
@@ -90,7 +85,6 @@ class Route:
     success_status: int
     #: The response field answered with the response's other fields beside it, or ``""``.
     flatten: str
-    omit: frozenset[str]
     required_body_keys: tuple[str, ...]
     #: A list answered whole, page after page, when the request names no page.
     whole_unless_paged: bool
@@ -152,7 +146,7 @@ def build_routes(service: ServiceDescriptor) -> tuple[Route, ...]:
     before ``/webhooks/{webhook_id}`` or the variable would swallow it.
     """
     known = {method.name for method in service.methods}
-    for table in (_SUCCESS_STATUS, _FLATTEN, _OMIT, _REQUIRED_BODY_KEYS, _WHOLE_UNLESS_PAGED):
+    for table in (_SUCCESS_STATUS, _FLATTEN, _REQUIRED_BODY_KEYS, _WHOLE_UNLESS_PAGED):
         stale = set(table) - known
         if stale:
             raise RuntimeError(f"The gateway's tables name RPCs the service lacks: {stale}.")
@@ -210,7 +204,6 @@ def _route(method: MethodDescriptor, rule: http_pb2.HttpRule) -> Route:
         response_body=response_body,
         success_status=_SUCCESS_STATUS.get(name, 200),
         flatten=flatten,
-        omit=_OMIT.get(name, frozenset()),
         required_body_keys=_REQUIRED_BODY_KEYS.get(name, ()),
         whole_unless_paged=name in _WHOLE_UNLESS_PAGED,
     )
