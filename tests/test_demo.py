@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,40 @@ def test_the_demo_command_needs_nothing_from_the_environment(tmp_path: Path) -> 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "both signatures valid" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("after", ["1.", "4."])
+def test_ctrl_c_stops_the_demo_cleanly(after: str, tmp_path: Path) -> None:
+    """Ctrl-C at any step ends the demo with status 130, a one-line note and no traceback,
+    and the throwaway database is gone."""
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "dembrane.webhooks.cli", "demo"],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert demo.stdout is not None
+        seen: list[str] = []
+        for line in demo.stdout:
+            seen.append(line)
+            if line.startswith(after):
+                demo.send_signal(signal.SIGINT)
+                break
+        # Read through the same buffered file as above (communicate() would read the pipe
+        # itself and miss what the line iterator has already buffered).
+        rest = demo.stdout.read()
+        demo.wait(timeout=60)
+        assert demo.stderr is not None
+        errors = demo.stderr.read()
+    finally:
+        demo.kill()
+    output = "".join(seen) + rest
+    assert demo.returncode == 130, output + errors
+    assert "Interrupted: the service has stopped and its database is gone." in output
+    assert "Traceback" not in errors
+    assert "Unclosed" not in errors
+    folder = re.search(r"SQLite +(\S+)/demo\.db", output)
+    assert folder is not None, output
+    assert not Path(folder.group(1)).exists()

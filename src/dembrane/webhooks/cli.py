@@ -133,21 +133,25 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 
 
 def _run_for_status(main: Coroutine[Any, Any, int]) -> int:
-    """Run ``main`` as ``_run`` does and return its result."""
+    """Run ``main`` as ``_run`` does and return its result (130, as a shell reports Ctrl-C,
+    when it was interrupted before it could give one)."""
     result: list[int] = []
 
     async def keep_result() -> None:
         result.append(await main)
 
     _run(keep_result())
-    return result[0] if result else 1
+    return result[0] if result else 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         # The demo sets up everything itself and reads nothing from the environment.
-        from dembrane.webhooks.demo import run_demo
+        try:
+            from dembrane.webhooks.demo import run_demo
+        except KeyboardInterrupt:
+            return 130
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -19,6 +20,7 @@ import json
 import logging
 import secrets
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Sequence
@@ -428,11 +430,33 @@ async def run_demo(out: TextIO, *, keep: bool = False) -> int:
     receiver = _Receiver()
     service = Service(_settings(folder, jwt_secret))
     ok = False
+    interrupted = False
+    tour: asyncio.Task[bool] | None = None
+
+    def interrupt() -> None:
+        # Ctrl-C stops the walk-through, never the clean-up that follows it.
+        nonlocal interrupted
+        interrupted = True
+        if tour is not None:
+            tour.cancel()
+
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(signum, interrupt)
+            handled.append(signum)
     try:
         await receiver.start()
         await service.start()
         try:
-            ok = await _tour(say, service, receiver, jwt_secret, folder)
+            if not interrupted:
+                tour = asyncio.create_task(_tour(say, service, receiver, jwt_secret, folder))
+                try:
+                    ok = await tour
+                except asyncio.CancelledError:
+                    if not interrupted:
+                        raise
         finally:
             await service.stop()
     finally:
@@ -442,6 +466,15 @@ async def run_demo(out: TextIO, *, keep: bool = False) -> int:
             out.write(f"\nThe database is kept in {folder}.\n")
         else:
             shutil.rmtree(folder, ignore_errors=True)
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+    if interrupted:
+        out.write(
+            "\nInterrupted: the service has stopped"
+            + ("" if keep else " and its database is gone")
+            + ".\n"
+        )
+        return 130
     out.write(
         "\nDone: the service has stopped"
         + ("" if keep else " and its database is gone")
