@@ -262,6 +262,32 @@ async def test_with_the_servers_key_a_bad_token_is_401_before_anything_else(
         assert stack.service.calls == []
 
 
+async def test_a_token_the_server_refuses_after_the_gateway_took_it_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """When the server answers UNAUTHENTICATED for a token the gateway's own check passed
+    (their WEBHOOKS_JWT_* settings differ), the caller gets the usual 401 and the log says
+    why, once, however many calls follow."""
+    secret = "the-gateways-secret-of-a-proper-length-for-hs256"
+    token = "Bearer " + mint_token(secret, "u-1")
+    verifier = TokenVerifier(Settings(jwt_secret=secret))
+    async with gateway_stack(token, verifier) as stack:
+        stack.service.errors["ListWebhooks"] = (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "Invalid session",
+            [_info("UNAUTHENTICATED")],
+        )
+        for _ in range(3):
+            async with stack.http.get(f"{stack.url}/api/projects/p1/webhooks") as reply:
+                assert reply.status == 401
+                assert (await reply.json())["detail"] == "Invalid session"
+    warnings = [r.getMessage() for r in caplog.records if "refused a token" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "WEBHOOKS_JWT_*" in warnings[0]
+    assert secret not in caplog.text
+    assert token not in caplog.text
+
+
 def _info(reason: str) -> error_details_pb2.ErrorInfo:
     return error_details_pb2.ErrorInfo(reason=reason, domain="webhooks.dembrane.com")
 

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import json
 import logging
+import time
 import traceback
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -207,6 +208,31 @@ _API_RESOURCES = web.AppKey("api_resources", frozenset)
 _VERIFIER = web.AppKey("token_verifier", TokenVerifier)
 
 
+class _KeyMismatch:
+    """Says, at most once a minute, that the server refused a token this gateway accepted.
+
+    With the same ``WEBHOOKS_JWT_*`` settings on both sides that does not happen (short of
+    a token expiring between the two checks), so it means the settings differ, which
+    callers only ever see as "Invalid session".
+    """
+
+    def __init__(self, every: float = 60.0) -> None:
+        self._every = every
+        self._last = float("-inf")
+
+    def refused(self) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._every:
+            self._last = now
+            _log.warning(
+                "the gRPC server refused a token this gateway accepted: give both the same "
+                "WEBHOOKS_JWT_* settings (secret or public key, issuer, audience)"
+            )
+
+
+_KEY_MISMATCH = web.AppKey("key_mismatch", _KeyMismatch)
+
+
 def create_app(
     *,
     grpc_target: str,
@@ -250,6 +276,7 @@ def create_app(
     app[_API_RESOURCES] = frozenset(resources.values())
     if verifier is not None and verifier.configured:
         app[_VERIFIER] = verifier
+        app[_KEY_MISMATCH] = _KeyMismatch()
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/api/openapi.json", _openapi_document)
@@ -389,6 +416,9 @@ def _route_handler(route: Route) -> Handler:
             if route.whole_unless_paged and not _names_a_page(request):
                 answer = await _remaining_pages(upstream, route, message, answer, authorization)
         except grpc.aio.AioRpcError as error:
+            mismatch = request.app.get(_KEY_MISMATCH)
+            if mismatch is not None and error.code() is grpc.StatusCode.UNAUTHENTICATED:
+                mismatch.refused()
             return _error_response(answer_for_rpc_error(error, rest_name))
         return _render(route, answer)
 
