@@ -111,6 +111,17 @@ async def test_error_status_keeps_exactly_the_first_20_kb(sender: Sender) -> Non
     assert outcome.error == "The receiver answered with status 500."
 
 
+async def test_a_character_cut_by_the_20_kb_limit_is_left_out(sender: Sender) -> None:
+    """An answer of three-byte characters cut at 20,000 bytes keeps the whole characters
+    before the cut, without a replacement character for the one it split; invalid bytes
+    elsewhere are still replaced."""
+    body = b"\xff" + "\u20ac".encode() * 10_000
+    async with Receiver("s", replies=[Reply(500, body=body)]) as receiver:
+        outcome = await sender.send(_request(receiver.url, "s"))
+    # 1 invalid byte, then 6,666 whole euro signs (19,998 bytes); the 6,667th is cut.
+    assert outcome.response_body == "\ufffd" + "\u20ac" * 6_666
+
+
 async def test_the_url_goes_out_as_its_owner_wrote_it(sender: Sender) -> None:
     """Escapes in a webhook URL's path and query reach the receiver as written (``%3B`` is
     not turned into ``;``, nor ``a%2Fb`` into ``a/b``); only what a URL cannot carry is

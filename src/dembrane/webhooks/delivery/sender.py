@@ -8,6 +8,7 @@ and with one sentence saying what went wrong, ready for the delivery log.
 
 from __future__ import annotations
 
+import codecs
 import errno
 import math
 import time
@@ -154,6 +155,18 @@ async def _read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _decoded_excerpt(raw: bytes, limit: int) -> str:
+    """``raw`` as UTF-8 text, with replacement characters for invalid bytes.
+
+    When ``raw`` is an answer cut at ``limit`` bytes, a character the cut split in two is
+    left out rather than shown as a replacement character the receiver never sent.
+    """
+    if len(raw) < limit:
+        return raw.decode("utf-8", errors="replace")
+    # Not final: an incomplete sequence at the end is held back, not replaced.
+    return codecs.getincrementaldecoder("utf-8")(errors="replace").decode(raw, final=False)
 
 
 def _host_port(host: str, port: int | None) -> str:
@@ -325,7 +338,7 @@ class Sender:
             status_code=status,
             latency=latency,
             # A NUL would not fit a PostgreSQL text column, and the log must always be written.
-            response_body=printable(raw.decode("utf-8", errors="replace")),
+            response_body=printable(_decoded_excerpt(raw, RESPONSE_BODY_LIMIT)),
             error=error,
             retry_after=(
                 None
