@@ -239,7 +239,13 @@ class _DocumentBuilder:
         if field.repeated:
             return {"type": "array", "items": schema}
         if field.nullable if nullable is None else nullable:
-            if "type" in schema:
+            if "enum" in schema:
+                schema = {
+                    **schema,
+                    "type": [schema["type"], "null"],
+                    "enum": [*schema["enum"], None],
+                }
+            elif "type" in schema:
                 schema = {**schema, "type": [schema["type"], "null"]}
             else:
                 schema = {"anyOf": [schema, {"type": "null"}]}
