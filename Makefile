@@ -12,6 +12,8 @@ BUF := tools/node_modules/.bin/buf
 PROTODEPS := build/protodeps
 GEN_DIR := src
 PROTO_FILES := $(wildcard proto/dembrane/webhooks/v1/*.proto)
+# The API's descriptors with their comments, which the REST gateway's OpenAPI document shows.
+API_DESCRIPTORS := dembrane/webhooks/v1/api_descriptors.binpb
 
 # The client libraries (buf.gen.yaml): the generated directories, and the pinned plugins
 # that make them. A Go plugin's stamp names its version, so a new version installs anew.
@@ -84,11 +86,13 @@ define run_protoc
 	  --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
 	  --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
 	  --python_out=$(1) --grpc_python_out=$(1) --mypy_out=$(1) --mypy_grpc_out=$(1) \
+	  --include_source_info --descriptor_set_out=$(1)/$(API_DESCRIPTORS) \
 	  $(PROTO_FILES)
 endef
 
 generate: protodeps $(CLIENT_GEN_TOOLS)
-	@rm -f $(GEN_DIR)/dembrane/webhooks/v1/*_pb2*.py $(GEN_DIR)/dembrane/webhooks/v1/*_pb2*.pyi
+	@rm -f $(GEN_DIR)/dembrane/webhooks/v1/*_pb2*.py $(GEN_DIR)/dembrane/webhooks/v1/*_pb2*.pyi \
+	  $(GEN_DIR)/$(API_DESCRIPTORS)
 	$(call run_protoc,$(GEN_DIR))
 	@rm -rf $(GO_CLIENT_GEN) $(TS_CLIENT_GEN)
 	$(BUF) generate

@@ -142,6 +142,31 @@ def test_openapi_describes_every_route() -> None:
 
 
 # A request body offers only the statuses a person may set; answers show all four.
+def test_openapi_describes_operations_schemas_and_fields_with_the_protos_comments() -> None:
+    """The document carries the protos' comments: each operation's RPC comment, each
+    schema's message comment, and each property's and parameter's field comment (a unit,
+    such as milliseconds, after it)."""
+    document = build_openapi(ROUTES)
+    rpcs = {route.rpc_name for route in ROUTES}
+    operations = [op for path in document["paths"].values() for op in path.values()]
+    api = [op for op in operations if op["operationId"] in rpcs]
+    assert len(api) == len(ROUTES)
+    assert all(op.get("description") for op in api)
+    deliveries = document["paths"]["/api/projects/{project_id}/webhooks/{webhook_id}/deliveries"]
+    listing = deliveries["get"]
+    assert listing["description"] == "ListDeliveries returns a webhook's deliveries, newest first."
+    parameters = {p["name"]: p for p in listing["parameters"]}
+    assert parameters["page_size"]["description"].startswith("How many deliveries to return")
+    assert parameters["project_id"]["description"].startswith("The project")
+    schemas = document["components"]["schemas"]
+    assert schemas["Delivery"]["description"].startswith("Delivery is one event sent")
+    attempts = schemas["Delivery"]["properties"]["attempts"]["description"]
+    assert "latest five" in attempts
+    latency = schemas["DeliveryAttempt"]["properties"]["latency_ms"]["description"]
+    assert latency.startswith("How long the request took")
+    assert latency.endswith("Milliseconds.")
+
+
 def test_openapi_offers_only_settable_statuses_in_requests() -> None:
     schemas = build_openapi(ROUTES)["components"]["schemas"]
     settable = ["published", "draft", "archived"]

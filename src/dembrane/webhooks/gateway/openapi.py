@@ -14,6 +14,7 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor
 
 from dembrane.webhooks import __version__
+from dembrane.webhooks.gateway.comments import api_comments
 from dembrane.webhooks.gateway.json_mapping import (
     FieldKind,
     RestField,
@@ -97,6 +98,7 @@ class _DocumentBuilder:
         operation: dict[str, Any] = {
             "operationId": route.rpc_name,
             "summary": _summary(route.rpc_name),
+            **_described(route.method.full_name),
             "parameters": self._path_parameters(route) + self._query_parameters(route),
             "responses": self._responses(route),
         }
@@ -117,7 +119,15 @@ class _DocumentBuilder:
                 "minLength": 1,
                 "not": {"enum": sorted(excluded)},
             }
-            parameters.append({"name": name, "in": "path", "required": True, "schema": schema})
+            parameters.append(
+                {
+                    "name": name,
+                    "in": "path",
+                    "required": True,
+                    "schema": schema,
+                    **_described(route.input_type.fields_by_name[name].full_name),
+                }
+            )
         return parameters
 
     def _query_parameters(self, route: Route) -> list[dict[str, Any]]:
@@ -131,6 +141,7 @@ class _DocumentBuilder:
                     "in": "query",
                     "required": False,
                     "schema": self._field_schema(field, request=True),
+                    **_described(field.descriptor.full_name),
                 }
             )
         return parameters
@@ -225,6 +236,7 @@ class _DocumentBuilder:
             if field.kind is not FieldKind.FIELD_MASK:
                 properties[field.name] = self._field_schema(field, request=False)
         return {
+            **_described(descriptor.full_name),
             "type": "object",
             "properties": properties,
             "required": list(properties),
@@ -237,8 +249,8 @@ class _DocumentBuilder:
     ) -> dict[str, Any]:
         schema = self._value_schema(field, request=request)
         if field.repeated:
-            return {"type": "array", "items": schema}
-        if field.nullable if nullable is None else nullable:
+            schema = {"type": "array", "items": schema}
+        elif field.nullable if nullable is None else nullable:
             if "enum" in schema:
                 schema = {
                     **schema,
@@ -249,6 +261,11 @@ class _DocumentBuilder:
                 schema = {**schema, "type": [schema["type"], "null"]}
             else:
                 schema = {"anyOf": [schema, {"type": "null"}]}
+        comment = api_comments().get(field.descriptor.full_name)
+        if comment:
+            # The unit a kind of value adds ("Milliseconds.") follows the field's comment.
+            unit = schema.get("description")
+            schema = {**schema, "description": f"{comment} {unit}" if unit else comment}
         return schema
 
     def _value_schema(self, field: RestField, *, request: bool) -> dict[str, Any]:
@@ -302,6 +319,12 @@ def _shadowing_literals(route: Route, parameter: str, routes: Sequence[Route]) -
 
 def _shape(segments: Sequence[str]) -> tuple[str, ...]:
     return tuple("{}" if s.startswith("{") else s for s in segments)
+
+
+def _described(full_name: str) -> dict[str, str]:
+    """``{"description": ...}`` with the proto element's comment, or nothing without one."""
+    comment = api_comments().get(full_name)
+    return {"description": comment} if comment else {}
 
 
 def _summary(rpc_name: str) -> str:
