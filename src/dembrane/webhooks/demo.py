@@ -64,7 +64,6 @@ class _Request:
 
     event_type: str
     event_id: str
-    delivery_id: str
     body_signature_ok: bool
     standard_signature_ok: bool
     answered: int
@@ -109,7 +108,6 @@ class _Receiver:
             _Request(
                 event_type=event_type,
                 event_id=headers.get("webhook-id", ""),
-                delivery_id=headers.get("X-Dembrane-Delivery", ""),
                 body_signature_ok=self._body_signature_ok(headers, body),
                 standard_signature_ok=self._standard_signature_ok(headers, body),
                 answered=answer,
