@@ -187,7 +187,9 @@ class Database:
                 poolclass=QueuePool,
                 pool_size=1,
                 max_overflow=2,
-                connect_args={"check_same_thread": False, "timeout": 30},
+                # The hot statements come in many shapes (a multi-row statement per row
+                # count, a claim per number of webhooks left out): room to keep them compiled.
+                connect_args={"check_same_thread": False, "timeout": 30, "cached_statements": 512},
                 hide_parameters=True,
             )
             event.listen(

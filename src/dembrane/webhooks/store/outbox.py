@@ -554,15 +554,13 @@ _DELIVERY_COLUMNS = (
     "last_error",
     "skip_reason",
 )
-# Padding rows (all NULL) are dropped by the WHERE clause; see ``_write_rows``.
+# Multi-row inserts; see ``_write_rows``.
 # Built from the constant column tuples above, never from input (hence the noqa).
 _INSERT_EVENTS_SQLITE = (
-    f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) "  # noqa: S608
-    "SELECT * FROM (VALUES {values}) WHERE column1 IS NOT NULL"
+    f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) VALUES {{values}}"  # noqa: S608
 )
 _INSERT_DELIVERIES_SQLITE = (
-    f"INSERT INTO deliveries ({', '.join(_DELIVERY_COLUMNS)}) "  # noqa: S608
-    "SELECT * FROM (VALUES {values}) WHERE column1 IS NOT NULL"
+    f"INSERT INTO deliveries ({', '.join(_DELIVERY_COLUMNS)}) VALUES {{values}}"  # noqa: S608
 )
 
 
@@ -634,11 +632,9 @@ class DeliveryClaim:
 
 #: The most webhooks a claim leaves out; beyond that their rows are claimed and handed back.
 MAX_EXCLUDED = 200
-#: The row counts of multi-row SQLite statements: a batch goes out in the smallest that
-#: holds it, padded with rows of NULLs that match nothing, so one statement serves a whole
-#: flush and a handful of statement shapes stay compiled. The largest keeps the bound
-#: variables (rows times columns) well under SQLite's limit of 32,766.
-_VALUES_SIZES = (4, 16, 64, 256, 1024)
+#: The most rows of one multi-row SQLite statement: it keeps the bound variables (rows
+#: times columns) well under SQLite's limit of 32,766.
+_MAX_VALUES_ROWS = 1024
 
 
 def _cursor(session: Session) -> Any:
@@ -660,21 +656,23 @@ def _values_sql(template: str, width: int, count: int) -> str:
 def _write_rows(
     cursor: Any, template: str, rows: Sequence[Sequence[Any]], extra: Sequence[Any] = ()
 ) -> None:
-    """Run a SQLite ``template`` whose ``{values}`` takes ``rows``, in as few statements as
-    ``_VALUES_SIZES`` allow.
+    """Run a SQLite ``template`` whose ``{values}`` takes ``rows``; ``extra`` parameters
+    follow the rows' in every statement.
 
-    The template must ignore rows whose first column is NULL (the padding); ``extra``
-    parameters follow the rows' in every statement.
+    Each statement takes a power of two of the rows, the largest that is left (100 rows are
+    64, 32 and 4): a few statement shapes stay compiled, a batch takes a few statements at
+    most, and no statement carries rows that are not there. Padding a batch up to a fixed
+    size instead cost more than the rows themselves: 100 deliveries padded to 256 took three
+    times as long to insert as in three exact statements.
     """
     width = len(rows[0])
-    largest = _VALUES_SIZES[-1]
-    for start in range(0, len(rows), largest):
-        chunk = rows[start : start + largest]
-        size = next(size for size in _VALUES_SIZES if size >= len(chunk))
-        params = [value for row in chunk for value in row]
-        params.extend([None] * (width * (size - len(chunk))))
+    start = 0
+    while start < len(rows):
+        size = min(_MAX_VALUES_ROWS, 1 << ((len(rows) - start).bit_length() - 1))
+        params = [value for row in rows[start : start + size] for value in row]
         params.extend(extra)
         cursor.execute(_values_sql(template, width, size), params)
+        start += size
 
 
 _DUE_SQLITE = (
@@ -1010,10 +1008,7 @@ _INSERT_ATTEMPTS = (
     "INSERT INTO attempts (delivery_id, number, attempted_at, status_code, latency_ms, "
     "response_body, error, success) VALUES {values}"
 )
-_INSERT_ATTEMPTS_SQLITE = (
-    "INSERT INTO attempts (delivery_id, number, attempted_at, status_code, latency_ms, "
-    "response_body, error, success) SELECT * FROM (VALUES {values}) WHERE column1 IS NOT NULL"
-)
+_INSERT_ATTEMPTS_SQLITE = _INSERT_ATTEMPTS
 _INSERT_ATTEMPT_POSTGRES = _INSERT_ATTEMPTS.format(values="(%s, %s, %s, %s, %s, %s, %s, %s)")
 # Row parameters: id, status, attempt_count, next_attempt_at, last_attempt_at,
 # last_status_code, last_error, updated_at; then the owner. (SQLite numbers ``?`` in the
