@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import sys
@@ -17,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from dembrane.webhooks import __version__
+from dembrane.webhooks import __version__, heap
 from dembrane.webhooks.auth import TokenVerifier, mint_token
 from dembrane.webhooks.config import ConfigError, Settings, url_host
 from dembrane.webhooks.service import Parts, Service, StartupError, file_problem, start_metrics
@@ -73,10 +72,7 @@ async def _serve_until_signalled(service: Service) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await service.start()
-    # What start-up built lives as long as the process: keep the collector from walking it
-    # again and again, which shortens its pauses under load.
-    gc.collect()
-    gc.freeze()
+    heap.settle()
     try:
         await stop.wait()
         log.info("shutting down: finishing in-flight calls and deliveries")

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from dembrane.webhooks import heap
 from dembrane.webhooks.delivery.pool import FrameBatch, read_frame, write_frame
 from dembrane.webhooks.delivery.sender import OutboundRequest, Sender
 from dembrane.webhooks.delivery.targets import TargetPolicy
@@ -127,6 +128,7 @@ async def serve(fd: int) -> None:
         max_connections=options["max_connections"],
     ) as sender:
         crew = _Crew(sender, FrameBatch(writer), options["max_connections"])
+        heap.settle()
         write_frame(writer, "ready")
         while True:
             try:

@@ -556,9 +556,7 @@ _DELIVERY_COLUMNS = (
 )
 # Multi-row inserts; see ``_write_rows``.
 # Built from the constant column tuples above, never from input (hence the noqa).
-_INSERT_EVENTS_SQLITE = (
-    f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) VALUES {{values}}"  # noqa: S608
-)
+_INSERT_EVENTS_SQLITE = f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) VALUES {{values}}"  # noqa: S608
 _INSERT_DELIVERIES_SQLITE = (
     f"INSERT INTO deliveries ({', '.join(_DELIVERY_COLUMNS)}) VALUES {{values}}"  # noqa: S608
 )
