@@ -37,6 +37,7 @@ from dembrane.webhooks.delivery.dispatcher import (
     CircuitBreaker,
     Dispatcher,
     _Lane,
+    suspect_slots,
 )
 from dembrane.webhooks.delivery.pool import SenderPool
 from dembrane.webhooks.delivery.sender import (
@@ -229,6 +230,20 @@ async def until(check: Callable[[], bool], within: float = 10.0) -> None:
     async with asyncio.timeout(within):
         while not check():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+async def warm_up(resources: Resources, webhook_id: str) -> None:
+    """Publish the event ``warm`` (once) and wait until its delivery to ``webhook_id`` has
+    succeeded: from then on the receiver is known to answer."""
+    if not any(r.event_id == "warm" for r in rows(resources)):
+        store_publish(resources, "warm")
+        resources.wake_dispatcher()
+    await until(
+        lambda: any(
+            r.event_id == "warm" and r.webhook_id == webhook_id and r.status == "succeeded"
+            for r in rows(resources)
+        )
+    )
 
 
 @asynccontextmanager
@@ -797,14 +812,25 @@ def most_started_within(receivers: list[Receiver], window: float) -> int:
 
 
 async def test_concurrency_is_capped_per_webhook_and_overall(tmp_path: Path) -> None:
-    """No webhook has more requests in flight than its cap, nor all together than the global cap."""
+    """No webhook has more requests in flight than its cap, nor all receivers that answer
+    together than the global cap."""
     async with store_engine(tmp_path, per_webhook_concurrency=2, max_concurrency=3) as resources:
         slow = Reply(200, delay=0.4)
-        async with Receiver(SECRET, default=slow) as one, Receiver(SECRET, default=slow) as two:
+        async with (
+            Receiver(SECRET, replies=[200], default=slow) as one,
+            Receiver(SECRET, replies=[200], default=slow) as two,
+        ):
             add_webhook(resources, "wh_1", one.url)
             add_webhook(resources, "wh_2", two.url)
-            store_publish(resources, *[f"e{i}" for i in range(6)])
             async with dispatching(resources):
+                # Both answer once (at once), so every later request counts as one to a
+                # receiver that answers.
+                await warm_up(resources, "wh_1")
+                await warm_up(resources, "wh_2")
+                one.requests.clear()
+                two.requests.clear()
+                store_publish(resources, *[f"e{i}" for i in range(6)])
+                resources.wake_dispatcher()
                 await one.wait_for(6)
                 await two.wait_for(6)
             # A request starts only when another has ended, 0.4 s after it started.
@@ -926,7 +952,52 @@ async def test_many_hanging_webhooks_leave_slots_to_receivers_that_answer(
                     await dead.wait_for(6, within=10)
                     publish_to_good("g1", "g2", "g3")
                     await healthy.wait_for(4, within=5)
-                    assert len(dead.requests) <= 8 - 2
+                    # Their own slots, and for first requests all but a quarter of the
+                    # answering receivers' eight.
+                    assert len(dead.requests) <= suspect_slots(8) + 8 - 2
+        finally:
+            await dead.stop()
+
+
+async def test_hanging_receivers_leave_every_slot_to_receivers_that_answer(
+    tmp_path: Path,
+) -> None:
+    """Requests to receivers that hang take slots of their own: while two of them hang, a
+    receiver known to answer still gets as many requests at once as ``max_concurrency``."""
+    async with store_engine(
+        tmp_path, max_concurrency=4, per_webhook_concurrency=4, request_timeout=30
+    ) as resources:
+        dead = Receiver(SECRET, default=Reply(200, delay=60))
+        await dead.start()
+        try:
+            async with Receiver(SECRET, replies=[200], default=Reply(200, delay=0.5)) as good:
+                add_webhook(resources, "good", good.url, events='["conversation.summarized"]')
+
+                def publish_to_good(*event_ids: str) -> None:
+                    events = [
+                        EventData(e, "conversation.summarized", "p", OCCURRED, ConversationData(e))
+                        for e in event_ids
+                    ]
+                    resources.database.call(
+                        lambda s: outbox.publish_events(
+                            s, events, now=time.time(), dashboard_base_url="https://d.test"
+                        )
+                    )
+
+                publish_to_good("warm")
+                async with dispatching(resources, drain_timeout=0.2):
+                    await good.wait_for(1)
+                    add_webhook(resources, "dead0", dead.url)
+                    add_webhook(resources, "dead1", dead.url)
+                    store_publish(resources, *[f"e{i}" for i in range(4)])
+                    resources.wake_dispatcher()
+                    await dead.wait_for(suspect_slots(4), within=10)
+                    good.requests.clear()
+                    publish_to_good("g1", "g2", "g3", "g4")
+                    resources.wake_dispatcher()
+                    await good.wait_for(4, within=5)
+                    assert most_started_within([good], 0.4) == 4
+                    assert len(dead.requests) == suspect_slots(4)
         finally:
             await dead.stop()
 

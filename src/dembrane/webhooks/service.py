@@ -21,7 +21,7 @@ from dembrane.webhooks import metrics
 from dembrane.webhooks.api.server import GrpcServer, start_grpc_server
 from dembrane.webhooks.auth import TokenVerifier
 from dembrane.webhooks.config import Settings, url_host
-from dembrane.webhooks.delivery.dispatcher import Dispatcher
+from dembrane.webhooks.delivery.dispatcher import Dispatcher, most_in_flight
 from dembrane.webhooks.delivery.pool import SenderPool, default_processes
 from dembrane.webhooks.delivery.sender import RequestSender, Sender
 from dembrane.webhooks.delivery.targets import TargetPolicy
@@ -202,7 +202,7 @@ def _sender(settings: Settings, policy: TargetPolicy, *, delivering: bool) -> Re
     processes = settings.sender_processes
     if processes is None:
         processes = default_processes()
-    max_connections = max(settings.max_concurrency, 16)
+    max_connections = max(most_in_flight(settings.max_concurrency), 16)
     if delivering and processes > 0:
         pool = SenderPool(
             processes,

@@ -13,10 +13,11 @@ A slow or dead receiver must not hold the dispatcher's capacity:
   later, and takes no new ones, so it keeps no more than its own requests in flight and the
   other lanes get the claims; a healthy lane, however busy, never hands anything back;
 * requests to receivers not known to answer (a lane with no answer yet, whose last requests
-  failed, or that is stalled) hold at most ``SUSPECT_SHARE`` of ``max_concurrency``
-  together; a new lane's first request may go beyond that while ``RESERVE_SHARE`` of the
-  slots stays free, so a new webhook's first delivery seldom waits for dead ones, and
-  however many webhooks hang, the ones that answer keep slots;
+  failed, or that is stalled) have ``SUSPECT_SHARE`` of ``max_concurrency`` in slots of
+  their own, beside the ``max_concurrency`` slots of receivers that answer, so however many
+  webhooks hang, the ones that answer keep every slot; a new lane's first request may take
+  an answering receiver's slot while ``RESERVE_SHARE`` of those stays free, so a new
+  webhook's first delivery seldom waits for dead ones;
 * a circuit breaker per webhook opens after consecutive failures (no answer, 5xx, 429): the
   webhook's rows in the store are pushed to the cool-down's end in one statement, and rows
   that come up meanwhile go back to the store, unsent and without using an attempt, until a
@@ -83,14 +84,30 @@ LANE_CHECK_SECONDS = 0.25
 #: receiver's usual latency.
 STALL_SECONDS = 1.0
 STALL_FACTOR = 4.0
-#: The share of ``max_concurrency`` that requests to webhooks not known to answer may hold
-#: together (a lane that never answered, whose last requests failed, or that is stalled):
-#: the rest stays for receivers that answer, however many dead ones there are.
+#: Requests to webhooks not known to answer (a lane that never answered, whose last requests
+#: failed, or that is stalled) have slots of their own, this share of ``max_concurrency``,
+#: beside the ``max_concurrency`` slots of receivers that answer: however many dead ones
+#: there are, those that answer keep every slot they had.
 SUSPECT_SHARE = 0.5
-#: The share of ``max_concurrency`` kept from new webhooks' first requests (which count as
-#: not known to answer but are let past ``SUSPECT_SHARE``, so a new webhook is not kept
-#: waiting by dead ones): however many new webhooks hang, this much stays for the others.
+#: The share of the answering receivers' slots kept from new webhooks' first requests
+#: (which count as not known to answer, and may take one of those slots when the suspects'
+#: are all taken, so a new webhook is not kept waiting by dead ones): however many new
+#: webhooks hang, this much stays for receivers that answer.
 RESERVE_SHARE = 0.25
+
+
+def suspect_slots(max_concurrency: int, share: float = SUSPECT_SHARE) -> int:
+    """The requests to receivers not known to answer that may be in flight together, beside
+    the ``max_concurrency`` of receivers that answer."""
+    return max(1, int(max_concurrency * share))
+
+
+def most_in_flight(max_concurrency: int) -> int:
+    """The most requests one dispatcher may have in flight: the connections its sender
+    needs so that no request waits for one."""
+    return max_concurrency + suspect_slots(max_concurrency)
+
+
 #: The shortest pause for a row handed back by a stalled lane.
 MIN_DEFER_SECONDS = 1.0
 #: Outcomes are written together: a flush waits this long for more unless it has enough.
@@ -389,11 +406,16 @@ class Dispatcher:
         )
 
         self._lanes: dict[str, _Lane] = {}
+        #: Lanes with rows to start, in turn: those of receivers that answer, and those of
+        #: receivers not known to answer (as each was when it became ready), apart, so that
+        #: either kind finds its own slots without a walk past the other.
         self._ready: deque[str] = deque()
+        self._ready_suspect: deque[str] = deque()
         self._ready_set: set[str] = set()
-        #: Requests in flight to receivers not known to answer, and their cap.
+        #: Requests in flight to receivers not known to answer, and their cap. They have
+        #: slots of their own, beside the ``max_concurrency`` of receivers that answer.
         self._suspect: set[str] = set()
-        self._suspect_max = max(1, int(self._max * suspect_share))
+        self._suspect_max = suspect_slots(self._max, suspect_share)
         self._untried_max = self._max - int(self._max * RESERVE_SHARE)
         #: Lanes kept from starting by that cap, made ready again whenever a request ends,
         #: and since when (monotonic) each has waited.
@@ -740,15 +762,35 @@ class Dispatcher:
     def _mark_ready(self, webhook_id: str) -> None:
         if webhook_id not in self._ready_set:
             self._ready_set.add(webhook_id)
-            self._ready.append(webhook_id)
+            lane = self._lanes.get(webhook_id)
+            if lane is not None and lane.suspect(time.monotonic()):
+                self._ready_suspect.append(webhook_id)
+            else:
+                self._ready.append(webhook_id)
 
     def _pump(self) -> None:
-        """Start requests while slots are free, one lane after another in turn."""
+        """Start requests while slots are free, one lane after another in turn.
+
+        Receivers that answer have ``max_concurrency`` slots; receivers not known to answer
+        have ``suspect_slots`` of their own (a new webhook's first request may also take one
+        of the others while ``RESERVE_SHARE`` of them stays free).
+        """
         if self._stopping:
             return
         now, mono = time.time(), time.monotonic()
-        while self._in_flight < self._max and self._ready:
-            webhook_id = self._ready.popleft()
+        while True:
+            suspects = len(self._suspect)
+            # Requests not counted as suspect take the slots of receivers that answer.
+            answering = self._in_flight - suspects
+            if answering < self._max and self._ready:
+                queue = self._ready
+            elif self._ready_suspect and (
+                suspects < self._suspect_max or answering < self._untried_max
+            ):
+                queue = self._ready_suspect
+            else:
+                break
+            webhook_id = queue.popleft()
             self._ready_set.discard(webhook_id)
             lane = self._lanes.get(webhook_id)
             if lane is None or not lane.waiting:
@@ -760,21 +802,25 @@ class Dispatcher:
             ):
                 # The lane is at its cap; it becomes ready again when a request ends.
                 continue
-            if lane.suspect(mono) and (
-                self._in_flight >= self._untried_max
-                if lane.untried
-                else len(self._suspect) >= self._suspect_max
-            ):
-                # Ready again when a request ends.
-                self._parked.setdefault(webhook_id, mono)
+            if lane.suspect(mono):
+                suspect = suspects < self._suspect_max
+                if not suspect and not (lane.untried and answering < self._untried_max):
+                    # Ready again when a request ends.
+                    self._parked.setdefault(webhook_id, mono)
+                    continue
+            elif answering >= self._max:
+                # It answers now, but every slot of receivers that answer is taken.
+                self._mark_ready(webhook_id)
                 continue
+            else:
+                suspect = False
             held = lane.waiting.popleft()
             if time.monotonic() - held.claimed_at > self._start_within:
                 # Its lease could run out before the answer: another dispatcher might send
                 # it meanwhile. Due again at once, it comes back with a fresh lease.
                 self._release(held.claim, now)
             else:
-                self._start(lane, held.claim, now)
+                self._start(lane, held.claim, now, suspect=suspect)
             if lane.waiting:
                 self._mark_ready(webhook_id)
 
@@ -801,7 +847,8 @@ class Dispatcher:
             assert result is not None  # lane.gone makes every row unsendable
             self._queue_result(result)
 
-    def _start(self, lane: _Lane, claim: DeliveryClaim, now: float) -> None:
+    def _start(self, lane: _Lane, claim: DeliveryClaim, now: float, *, suspect: bool) -> None:
+        """Send ``claim``; ``suspect`` when it takes a slot of receivers not known to answer."""
         lane.in_flight += 1
         self._in_flight += 1
         metrics.STATS.in_flight += 1
@@ -809,7 +856,7 @@ class Dispatcher:
         if self._parked:
             self._parked.pop(claim.webhook_id, None)
         mono = time.monotonic()
-        if lane.suspect(mono):
+        if suspect:
             self._suspect.add(claim.delivery_id)
         lane.started[claim.delivery_id] = mono
         task = asyncio.create_task(self._deliver(lane, claim))
