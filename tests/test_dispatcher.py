@@ -66,6 +66,8 @@ from harness import JWT_SECRET, Stubs, Tokens, World, make_settings, seed_world
 from receiver import Receiver, Reply
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+#: The event type of the tests' webhooks that answer, apart from the hanging ones.
+SUMMARIZED = "conversation.summarized"
 OCCURRED = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
 
@@ -200,10 +202,11 @@ def add_webhook(resources: Resources, webhook_id: str, url: str, **fields: objec
     resources.database.call(lambda s: s.add(row))
 
 
-def store_publish(resources: Resources, *event_ids: str) -> None:
+def store_publish(
+    resources: Resources, *event_ids: str, event_type: str = "conversation.started"
+) -> None:
     events = [
-        EventData(e, "conversation.started", "p", OCCURRED, ConversationData(f"c-{e}"))
-        for e in event_ids
+        EventData(e, event_type, "p", OCCURRED, ConversationData(f"c-{e}")) for e in event_ids
     ]
     resources.database.call(
         lambda s: outbox.publish_events(
@@ -932,25 +935,14 @@ async def test_many_hanging_webhooks_leave_slots_to_receivers_that_answer(
             async with Receiver(SECRET) as healthy:
                 add_webhook(resources, "good", healthy.url, events='["conversation.summarized"]')
 
-                def publish_to_good(*event_ids: str) -> None:
-                    events = [
-                        EventData(e, "conversation.summarized", "p", OCCURRED, ConversationData(e))
-                        for e in event_ids
-                    ]
-                    resources.database.call(
-                        lambda s: outbox.publish_events(
-                            s, events, now=time.time(), dashboard_base_url="https://d.test"
-                        )
-                    )
-
-                publish_to_good("warm")
+                store_publish(resources, "warm", event_type=SUMMARIZED)
                 async with dispatching(resources, drain_timeout=0.2):
                     await healthy.wait_for(1)
                     for index in range(10):
                         add_webhook(resources, f"dead{index}", dead.url)
                     store_publish(resources, *[f"e{i}" for i in range(4)])
                     await dead.wait_for(6, within=10)
-                    publish_to_good("g1", "g2", "g3")
+                    store_publish(resources, "g1", "g2", "g3", event_type=SUMMARIZED)
                     await healthy.wait_for(4, within=5)
                     # Their own slots, and for first requests all but a quarter of the
                     # answering receivers' eight.
@@ -973,18 +965,7 @@ async def test_hanging_receivers_leave_every_slot_to_receivers_that_answer(
             async with Receiver(SECRET, replies=[200], default=Reply(200, delay=0.5)) as good:
                 add_webhook(resources, "good", good.url, events='["conversation.summarized"]')
 
-                def publish_to_good(*event_ids: str) -> None:
-                    events = [
-                        EventData(e, "conversation.summarized", "p", OCCURRED, ConversationData(e))
-                        for e in event_ids
-                    ]
-                    resources.database.call(
-                        lambda s: outbox.publish_events(
-                            s, events, now=time.time(), dashboard_base_url="https://d.test"
-                        )
-                    )
-
-                publish_to_good("warm")
+                store_publish(resources, "warm", event_type=SUMMARIZED)
                 async with dispatching(resources, drain_timeout=0.2):
                     await good.wait_for(1)
                     add_webhook(resources, "dead0", dead.url)
@@ -993,7 +974,7 @@ async def test_hanging_receivers_leave_every_slot_to_receivers_that_answer(
                     resources.wake_dispatcher()
                     await dead.wait_for(suspect_slots(4), within=10)
                     good.requests.clear()
-                    publish_to_good("g1", "g2", "g3", "g4")
+                    store_publish(resources, "g1", "g2", "g3", "g4", event_type=SUMMARIZED)
                     resources.wake_dispatcher()
                     await good.wait_for(4, within=5)
                     assert most_started_within([good], 0.4) == 4
