@@ -1006,7 +1006,6 @@ _INSERT_ATTEMPTS = (
     "INSERT INTO attempts (delivery_id, number, attempted_at, status_code, latency_ms, "
     "response_body, error, success) VALUES {values}"
 )
-_INSERT_ATTEMPTS_SQLITE = _INSERT_ATTEMPTS
 _INSERT_ATTEMPT_POSTGRES = _INSERT_ATTEMPTS.format(values="(%s, %s, %s, %s, %s, %s, %s, %s)")
 # Row parameters: id, status, attempt_count, next_attempt_at, last_attempt_at,
 # last_status_code, last_error, updated_at; then the owner. (SQLite numbers ``?`` in the
@@ -1185,7 +1184,7 @@ def _write_outcomes(
                 [(*row[1:4], now, *row[4:7], row[0], owner) for row in finished],
             )
         else:
-            _write_rows(cursor, _INSERT_ATTEMPTS_SQLITE, attempt_rows)
+            _write_rows(cursor, _INSERT_ATTEMPTS, attempt_rows)
             _write_rows(cursor, _FINISH_ATTEMPTED_SQLITE, finished, (owner,))
     if len(attempted) < len(results):
         # Rows finished unsent (a paused or disabled webhook, a tier without webhooks).
