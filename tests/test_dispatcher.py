@@ -870,7 +870,7 @@ async def test_a_slow_webhook_with_a_backlog_does_not_hold_up_the_others(
         Receiver(SECRET) as quick,
     ):
         add_webhook(resources, "wh_slow", slow.url)
-        add_webhook(resources, "wh_quick", quick.url, events='["conversation.summarized"]')
+        add_webhook(resources, "wh_quick", quick.url, events=f'["{SUMMARIZED}"]')
         store_publish(resources, *[f"e{i}" for i in range(200)])
         async with dispatching(resources) as dispatcher:
             await slow.wait_for(2)
@@ -933,7 +933,7 @@ async def test_many_hanging_webhooks_leave_slots_to_receivers_that_answer(
         await dead.start()
         try:
             async with Receiver(SECRET) as healthy:
-                add_webhook(resources, "good", healthy.url, events='["conversation.summarized"]')
+                add_webhook(resources, "good", healthy.url, events=f'["{SUMMARIZED}"]')
 
                 store_publish(resources, "warm", event_type=SUMMARIZED)
                 async with dispatching(resources, drain_timeout=0.2):
@@ -963,8 +963,7 @@ async def test_hanging_receivers_leave_every_slot_to_receivers_that_answer(
         await dead.start()
         try:
             async with Receiver(SECRET, replies=[200], default=Reply(200, delay=0.5)) as good:
-                add_webhook(resources, "good", good.url, events='["conversation.summarized"]')
-
+                add_webhook(resources, "good", good.url, events=f'["{SUMMARIZED}"]')
                 store_publish(resources, "warm", event_type=SUMMARIZED)
                 async with dispatching(resources, drain_timeout=0.2):
                     await good.wait_for(1)
