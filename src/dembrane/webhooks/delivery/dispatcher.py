@@ -381,9 +381,11 @@ class Dispatcher:
             self._lease - settings.request_timeout - LEASE_MARGIN_SECONDS, LEASE_MARGIN_SECONDS
         )
         self._batch = batch_size or max(16, min(500, 2 * self._max))
-        # Rows held in memory (waiting or in flight): enough that senders never starve
-        # while the next claim is on its way, no more.
-        self._buffer_limit = self._max + self._batch
+        # Rows held in memory (waiting or in flight), room promised to publishing leases
+        # included: enough that senders never starve while a claim and a publishing
+        # transaction's lease are both on their way, no more. With room for one batch only,
+        # a lease in progress kept the claim loop waiting while the slots emptied.
+        self._buffer_limit = self._max + 2 * self._batch
         self._min_claim = max(1, self._batch // 4)
         # No quota when one lane may fill the whole buffer anyway.
         self._lane_limit = LANE_HOLD_FACTOR * self._per_webhook
