@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the Go and TypeScript clients' end-to-end tests against the real service: starts
-# `dembrane-webhooks serve` on free loopback ports with a fresh SQLite file and a random JWT
-# secret, lets loopback receivers through, runs both tests, and stops the service again
+# `dembrane-webhooks serve` on loopback ports the kernel picks (port 0, read back from the
+# service's log, so no other process can take them in between) with a fresh SQLite file and a
+# random JWT secret, lets loopback receivers through, runs both tests, and stops the service again
 # whatever happened (its log is shown when something failed). `make test-clients` calls it
 # once the clients are built; it exits non-zero on any failure.
 set -euo pipefail
@@ -43,44 +44,35 @@ trap stop EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Two ports nothing listens on, asked of the kernel.
-read -r grpc_port http_port < <("$VPY" - <<'EOF'
-import socket
-
-sockets = [socket.socket() for _ in range(2)]
-for s in sockets:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in sockets))
-for s in sockets:
-    s.close()
-EOF
-)
-if ! [[ $grpc_port =~ ^[0-9]+$ && $http_port =~ ^[0-9]+$ ]]; then
-  echo "test-clients: found no free ports" >&2
-  exit 1
-fi
 secret=$("$VPY" -c 'import secrets; print(secrets.token_hex(32))')
 
 # Job control puts the service and its sender processes in a process group of their own,
 # which the fallback above can kill as a whole.
 set -m
-WEBHOOKS_GRPC_PORT=$grpc_port \
-  WEBHOOKS_HTTP_PORT=$http_port \
+WEBHOOKS_GRPC_PORT=0 \
+  WEBHOOKS_HTTP_PORT=0 \
   WEBHOOKS_BIND=127.0.0.1 \
   WEBHOOKS_DATABASE_URL="sqlite:///$work/webhooks.db" \
   WEBHOOKS_JWT_SECRET=$secret \
   WEBHOOKS_ALLOWED_TARGETS=127.0.0.0/8 \
+  WEBHOOKS_LOG_LEVEL=INFO \
   .venv/bin/dembrane-webhooks serve >"$work/service.log" 2>&1 </dev/null &
 pid=$!
 set +m
 
-echo "test-clients: waiting for the service (gRPC 127.0.0.1:$grpc_port, REST :$http_port)"
-healthy() {
-  "$VPY" -c 'import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=2)' \
-    "http://127.0.0.1:$http_port/healthz" 2>/dev/null
+# The port a "<what> listening on <address>:<port>" line of the service's log names.
+listening_port() {
+  sed -n "s/.*$1 listening on [^ ]*:\([0-9][0-9]*\)\$/\1/p" "$work/service.log" | head -n 1
 }
+healthy() {
+  [[ -n $http_port ]] &&
+    "$VPY" -c 'import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=2)' \
+      "http://127.0.0.1:$http_port/healthz" 2>/dev/null
+}
+echo "test-clients: waiting for the service"
+grpc_port= http_port=
 deadline=$((SECONDS + 60))
-until healthy; do
+until [[ -n $grpc_port ]] && healthy; do
   if ! kill -0 "$pid" 2>/dev/null; then
     echo "test-clients: the service exited at start" >&2
     exit 1
@@ -90,7 +82,10 @@ until healthy; do
     exit 1
   fi
   sleep 0.2
+  grpc_port=$(listening_port gRPC)
+  http_port=$(listening_port "REST gateway")
 done
+echo "test-clients: the service is up (gRPC 127.0.0.1:$grpc_port, REST :$http_port)"
 
 export E2E_GRPC_TARGET=127.0.0.1:$grpc_port E2E_JWT_SECRET=$secret
 
