@@ -863,22 +863,25 @@ async def test_a_publishing_lease_leaves_room_to_claim_the_next_requests(tmp_pat
     """While a publishing transaction holds a lease of a whole claim's size, the claim loop
     still leases the rows for the requests after those in flight, so a slot that frees up
     never waits for a claim."""
-    async with store_engine(tmp_path, per_webhook_concurrency=4, max_concurrency=4) as resources:
-        async with Receiver(SECRET, default=Reply(200, delay=1.0)) as slow:
-            add_webhook(resources, "wh_slow", slow.url)
-            store_publish(resources, *[f"e{i}" for i in range(12)])
-            async with dispatching(resources, batch_size=8) as dispatcher:
-                # Taken before the claim loop first runs, and never given back.
-                lease = dispatcher.lease_request()
-                assert lease is not None and lease.limit == 8
-                await slow.wait_for(4)
-                # Four in flight and the eight after them, beside the eight promised, all
-                # leased well before the first requests end.
-                await until(
-                    lambda: sum(r.lease_owner == dispatcher.owner for r in rows(resources)) == 12,
-                    within=0.8,
-                )
-                dispatcher.lease_abandoned(lease)
+    async with (
+        store_engine(tmp_path, per_webhook_concurrency=4, max_concurrency=4) as resources,
+        Receiver(SECRET, default=Reply(200, delay=1.0)) as slow,
+    ):
+        add_webhook(resources, "wh_slow", slow.url)
+        store_publish(resources, *[f"e{i}" for i in range(12)])
+        async with dispatching(resources, batch_size=8) as dispatcher:
+            # Taken before the claim loop first runs, and never given back.
+            lease = dispatcher.lease_request()
+            assert lease is not None
+            assert lease.limit == 8
+            await slow.wait_for(4)
+            # Four in flight and the eight after them, beside the eight promised, all
+            # leased well before the first requests end.
+            await until(
+                lambda: sum(r.lease_owner == dispatcher.owner for r in rows(resources)) == 12,
+                within=0.8,
+            )
+            dispatcher.lease_abandoned(lease)
 
 
 async def test_a_slow_webhook_with_a_backlog_does_not_hold_up_the_others(
