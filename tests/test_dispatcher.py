@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from sqlalchemy import update
 from sqlmodel import Session
 
@@ -323,6 +324,29 @@ async def test_a_410_disables_the_webhook(stubs: Stubs, tokens: Tokens, world: W
     assert delivery.attempt_count == 1
     assert got.webhook.status == webhook_pb2.WEBHOOK_STATUS_DISABLED
     assert "410" in got.webhook.disabled_reason
+
+
+async def test_a_disabled_webhook_moved_to_draft_no_longer_gives_a_reason(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """The disabled reason says why a webhook is disabled: once a person moves it to draft
+    (or archives it), the reason is gone with the status."""
+    owner = tokens.bearer(tokens.user("u-owner"))
+    async with Receiver(SECRET, default=410) as receiver:
+        hook = await create_webhook(stubs, tokens, receiver.url)
+        await publish(stubs, tokens, "evt-gone")
+        await only_delivery(stubs, tokens, hook)
+    moved = await stubs.webhooks.UpdateWebhook(
+        pb.UpdateWebhookRequest(
+            project_id="p-paid",
+            webhook_id=hook,
+            status=webhook_pb2.WEBHOOK_STATUS_DRAFT,
+            update_mask=field_mask_pb2.FieldMask(paths=["status"]),
+        ),
+        metadata=owner,
+    )
+    assert moved.webhook.status == webhook_pb2.WEBHOOK_STATUS_DRAFT
+    assert moved.webhook.disabled_reason == ""
 
 
 async def test_a_410_stops_the_rows_already_held_for_the_webhook(tmp_path: Path) -> None:

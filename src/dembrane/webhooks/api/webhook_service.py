@@ -188,9 +188,11 @@ class WebhookServicer(webhook_service_pb2_grpc.WebhookServiceServicer):
             status = check_status(webhook_status_from_pb(request.status), errors)
             if status is not None:
                 changes["status"] = status.value
+                # The reason says why a webhook is disabled; a change of status (never to
+                # disabled, which only the service sets) ends that.
+                changes["disabled_reason"] = ""
                 if status is WebhookStatus.PUBLISHED:
                     # Re-enabling starts a fresh record: old failures no longer count.
-                    changes["disabled_reason"] = ""
                     changes["failing_since"] = None
         if "url" in paths:
             changes["url"] = await self._check_url(request.url, errors)
