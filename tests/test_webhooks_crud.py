@@ -367,6 +367,22 @@ async def test_delete_removes_the_webhook(stubs: Stubs, tokens: Tokens, world: W
     assert list(listed.webhooks) == []
 
 
+async def test_deletes_at_the_same_time_succeed_once(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """Of several deletes of one webhook at once, one succeeds and the others find no
+    webhook, as when they come one after the other."""
+    created = await create(stubs, tokens)
+    request = pb.DeleteWebhookRequest(project_id="p-paid", webhook_id=created.webhook.id)
+    answers = await asyncio.gather(
+        *(stubs.webhooks.DeleteWebhook(request, metadata=admin(tokens)) for _ in range(4)),
+        return_exceptions=True,
+    )
+    refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(refused) == 3
+    assert all(error.code() == grpc.StatusCode.NOT_FOUND for error in refused)
+
+
 async def test_copyable_lists_published_webhooks_of_other_projects(
     stubs: Stubs, tokens: Tokens, world: World
 ) -> None:

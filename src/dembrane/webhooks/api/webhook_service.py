@@ -226,11 +226,15 @@ class WebhookServicer(webhook_service_pb2_grpc.WebhookServiceServicer):
         webhook_id = await self._webhook(
             request.project_id, request.webhook_id, lambda _session, row: row.id
         )
-        await webhooks.delete_gradually(
+        deleted = await webhooks.delete_gradually(
             self._r.database,
             [webhook_id],
             lambda session: webhooks.delete_webhook(session, webhook_id),
         )
+        if not deleted:
+            # Deleted by a call that ran at the same time: one of them did it, as when they
+            # come one after the other.
+            raise NotFound(rules.WEBHOOK_NOT_FOUND, metadata={"resource": "webhook"})
         return pb.DeleteWebhookResponse()
 
     # -- test, copy, export -------------------------------------------------------------

@@ -156,10 +156,12 @@ def _deletion_done(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
-def delete_webhook(session: Session, webhook_id: str) -> None:
-    """Delete a webhook; its deliveries and their attempts cascade."""
+def delete_webhook(session: Session, webhook_id: str) -> bool:
+    """Delete a webhook; its deliveries and their attempts cascade. False when there was no
+    such webhook (any more): another call deleted it first."""
     session.execute(delete(DeliveryRow).where(col(DeliveryRow.webhook_id) == webhook_id))
-    session.execute(delete(WebhookRow).where(col(WebhookRow.id) == webhook_id))
+    result = session.execute(delete(WebhookRow).where(col(WebhookRow.id) == webhook_id))
+    return rows_changed(result) > 0
 
 
 def resume_pending(session: Session, webhook_id: str, now: float) -> int:
