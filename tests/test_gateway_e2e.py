@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -846,6 +847,29 @@ async def test_a_request_that_is_not_valid_http_logs_one_line_without_a_tracebac
     assert records, "the refusal is logged"
     assert all(r.levelname == "INFO" and r.exc_info is None for r in records)
     assert "is not valid HTTP" in records[0].getMessage()
+
+
+async def test_a_client_gone_in_the_middle_of_its_body_logs_no_error(
+    service: Service, tokens: Tokens, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller that closes its connection after part of the body it announced is the
+    caller's fault: one INFO line, no ERROR and no traceback."""
+    caplog.set_level("INFO")
+    port = int(service.http_url.rsplit(":", 1)[1])
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /api/projects/p-paid/webhooks HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer " + tokens.staff().encode() + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{}"
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    await asyncio.sleep(0.3)
+    gone = [r for r in caplog.records if "connection ended before the request" in r.getMessage()]
+    assert len(gone) == 1
+    assert gone[0].levelname == "INFO"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
 def _values_around_the_limit(secret: str, user: str) -> tuple[str, str]:

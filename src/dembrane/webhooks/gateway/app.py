@@ -132,6 +132,7 @@ DEFAULT_RPC_TIMEOUT = 60.0
 _HEALTH_TIMEOUT = 5.0
 
 _INTERNAL_ERROR = "Internal error"
+_CONNECTION_LOST = "The connection ended before the whole request arrived."
 _NO_STORE = "no-store"
 _DOCUMENT_CACHING = "public, max-age=300"
 _SEVERAL_AUTHORIZATIONS = (
@@ -639,6 +640,16 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _error_response(local_answer(error.status, error.reason))
     except asyncio.CancelledError:
         raise
+    except ConnectionError as error:
+        # The caller went away (say, in the middle of its body): its fault, not ours, and
+        # nobody is left to read an answer.
+        _log.info(
+            "%s %s: the client's connection ended before the request did (%s)",
+            request.method,
+            request.path,
+            type(error).__name__,
+        )
+        return _error_response(local_answer(400, _CONNECTION_LOST))
     except Exception as error:
         # The message of an unexpected error may quote request data (a secret, a token), so
         # only its type and the code path are logged.
