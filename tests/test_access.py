@@ -324,6 +324,30 @@ async def test_directory_rejects_unknown_tier_and_role(stubs: Stubs, tokens: Tok
     assert "role" in error.violations
 
 
+async def test_directory_takes_tier_and_role_names_in_any_case(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """A tier or role sent capitalised, with spaces around, counts as its lowercase name:
+    ``Admin`` on a `` Changemaker`` workspace manages its webhooks."""
+    md = tokens.bearer(tokens.service(SCOPE_DIRECTORY))
+    await stubs.directory.UpsertWorkspace(
+        dpb.UpsertWorkspaceRequest(workspace_id="ws-cased", name="Cased", tier=" Changemaker"),
+        metadata=md,
+    )
+    await stubs.directory.UpsertProject(
+        dpb.UpsertProjectRequest(project_id="p-cased", workspace_id="ws-cased", name="P"),
+        metadata=md,
+    )
+    await stubs.directory.SetMembership(
+        dpb.SetMembershipRequest(workspace_id="ws-cased", user_id="u-cased", role="Admin "),
+        metadata=md,
+    )
+    listed = await stubs.webhooks.ListWebhooks(
+        pb.ListWebhooksRequest(project_id="p-cased"), metadata=tokens.bearer(tokens.user("u-cased"))
+    )
+    assert list(listed.webhooks) == []
+
+
 @pytest.mark.parametrize(
     ("field", "message"),
     [
