@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -227,6 +229,57 @@ async def test_an_answer_that_is_not_http_is_described_on_one_line(
     assert outcome.error.isprintable()
     outcome.error.encode("utf-8")  # no lone surrogates
     assert len(outcome.error) <= 500
+
+
+async def _answer_with(sender: Sender, answer: bytes, *, reset: bool = False) -> AttemptOutcome:
+    """Send to a receiver that reads the request, writes ``answer`` and then ends the
+    connection: closed, or reset (RST) when ``reset``."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        if reset:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            writer.close()
+
+    server = await asyncio.start_server(reply, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        return await sender.send(_request(f"http://127.0.0.1:{port}/hook"))
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_2xx_whose_body_breaks_off_still_accepts_the_event(sender: Sender) -> None:
+    """A receiver that answers 200 and then ends the connection before the body it announced
+    has accepted the event: the attempt succeeds, with the part of the body that came."""
+    outcome = await _answer_with(sender, b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+    assert outcome.success
+    assert outcome.status_code == 200
+    assert outcome.response_body == "short"
+    assert outcome.error == ""
+
+
+async def test_an_error_status_whose_body_breaks_off_keeps_its_status(sender: Sender) -> None:
+    """A 500 whose body breaks off is logged as the 500 it was, and says what went wrong after."""
+    outcome = await _answer_with(sender, b"HTTP/1.1 500 Oops\r\nContent-Length: 100\r\n\r\nfailed")
+    assert not outcome.success
+    assert outcome.status_code == 500
+    assert outcome.response_body == "failed"
+    assert outcome.error.startswith("The receiver answered with status 500, then: ")
+
+
+async def test_a_reset_connection_is_described_as_such(sender: Sender) -> None:
+    """A receiver that resets the connection instead of answering gets the sentence for it,
+    not the operating system's error text."""
+    outcome = await _answer_with(sender, b"", reset=True)
+    assert outcome.status_code is None
+    assert outcome.error == "The receiver reset the connection."
 
 
 async def test_unresolvable_host_is_an_outcome(sender: Sender) -> None:

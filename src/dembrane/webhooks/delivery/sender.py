@@ -144,9 +144,10 @@ def describe_test_outcome(outcome: AttemptOutcome) -> str:
     return f"Webhook returned error status {code}: {outcome.response_body[:200]}"
 
 
-async def _read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
+async def _read_bounded(content: aiohttp.StreamReader, limit: int, chunks: list[bytes]) -> None:
+    """Read at most ``limit`` bytes of an answer into ``chunks``; what arrived before a
+    failure stays there."""
     # Never read an answer whole: a receiver may stream gigabytes back.
-    chunks: list[bytes] = []
     size = 0
     while size < limit:
         chunk = await content.read(limit - size)
@@ -154,7 +155,6 @@ async def _read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
             break
         chunks.append(chunk)
         size += len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _decoded_excerpt(raw: bytes, limit: int) -> str:
@@ -302,21 +302,27 @@ class Sender:
         )
 
         status: int | None = None
+        location: str | None = None
+        retry_after_header: str | None = None
+        chunks: list[bytes] = []
+        unread = ""
         try:
             async with session.post(
                 url, data=req.body, headers=headers, allow_redirects=False
             ) as response:
                 status = response.status
-                raw = await _read_bounded(response.content, RESPONSE_BODY_LIMIT)
                 location = response.headers.get("Location")
-                retry_after_header = (
-                    response.headers.get("Retry-After") if status in _RETRY_AFTER_STATUSES else None
-                )
+                if status in _RETRY_AFTER_STATUSES:
+                    retry_after_header = response.headers.get("Retry-After")
+                await _read_bounded(response.content, RESPONSE_BODY_LIMIT, chunks)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             reason = one_line(self._describe_failure(exc, host, url.port))
-            if status is not None:
-                reason = f"The receiver answered with status {status}, then: {reason}"
-            return self._failed(attempted_at, started, reason)
+            if status is None:
+                return self._failed(attempted_at, started, reason)
+            # The receiver gave its status, then its body broke off: the status is its
+            # answer (a 2xx still accepts the event), and the log says what went wrong.
+            unread = f"The receiver answered with status {status}, then: {reason}"
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
         latency = time.perf_counter() - started
         if 200 <= status < 300:
@@ -333,7 +339,7 @@ class Sender:
                 "which is not followed."
             )
         else:
-            error = f"The receiver answered with status {status}."
+            error = unread or f"The receiver answered with status {status}."
         return AttemptOutcome(
             status_code=status,
             latency=latency,
@@ -388,7 +394,9 @@ class Sender:
             return "The receiver's answer could not be read."
         if isinstance(exc, aiohttp.ClientResponseError):
             return f"The receiver's answer is not valid HTTP: {exc.message.rstrip('.')}."
-        if isinstance(exc, aiohttp.ClientConnectionResetError | ConnectionResetError):
+        if isinstance(exc, aiohttp.ClientConnectionResetError | ConnectionResetError) or (
+            isinstance(exc, OSError) and exc.errno == errno.ECONNRESET
+        ):
             return "The receiver reset the connection."
         detail = str(exc) or type(exc).__name__
         return f"The request failed: {detail.rstrip('.')}."
