@@ -640,9 +640,9 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _error_response(local_answer(error.status, error.reason))
     except asyncio.CancelledError:
         raise
-    except ConnectionError as error:
-        # The caller went away (say, in the middle of its body): its fault, not ours, and
-        # nobody is left to read an answer.
+    except ConnectionResetError as error:
+        # The caller went away (aiohttp says so when a body breaks off): its fault, not ours,
+        # and nobody is left to read an answer.
         _log.info(
             "%s %s: the client's connection ended before the request did (%s)",
             request.method,
