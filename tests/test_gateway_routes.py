@@ -167,6 +167,29 @@ def test_openapi_describes_operations_schemas_and_fields_with_the_protos_comment
     assert latency.endswith("Milliseconds.")
 
 
+def test_openapi_answer_schemas_allow_the_keys_later_versions_add() -> None:
+    """The contract lets answers gain keys, so no answer schema forbids extra ones, and the
+    create answer's description owns up to the secret it carries."""
+    document = build_openapi(ROUTES)
+    schemas = document["components"]["schemas"]
+    for name in ("Webhook", "Delivery", "DeliveryAttempt", "CreateWebhookResponse"):
+        assert "additionalProperties" not in schemas[name], name
+    assert "secret" in schemas["CreateWebhookResponse"]["properties"]
+    assert "once only, its secret" in schemas["CreateWebhookResponse"]["description"]
+    assert document["servers"] == [{"url": "/"}]
+
+
+def test_openapi_speaks_of_rest_where_the_protos_speak_of_grpc_fields() -> None:
+    """Over REST a partial update names its fields by the body's keys, and pages continue
+    from the X-Next-Page-Token header; the descriptions say so."""
+    document = build_openapi(ROUTES)
+    update = document["paths"]["/api/projects/{project_id}/webhooks/{webhook_id}"]["patch"]
+    assert "body's keys over REST" in update["description"]
+    listing = document["paths"]["/api/projects/{project_id}/webhooks"]["get"]
+    token = next(p for p in listing["parameters"] if p["name"] == "page_token")
+    assert "X-Next-Page-Token" in token["description"]
+
+
 def test_openapi_offers_only_settable_statuses_in_requests() -> None:
     schemas = build_openapi(ROUTES)["components"]["schemas"]
     settable = ["published", "draft", "archived"]

@@ -72,6 +72,8 @@ def build_openapi(routes: Sequence[Route], *, title: str = "Dembrane webhooks") 
                 "webhooks is answered whole unless `page_size` or `page_token` asks for a page."
             ),
         },
+        # Relative: the routes are served wherever this document is.
+        "servers": [{"url": "/"}],
         "paths": paths,
         "components": {
             "schemas": builder.schemas,
@@ -211,7 +213,12 @@ class _DocumentBuilder:
         name = route.output_type.name
         if name not in self.schemas:
             inner = next(f for f in rest_fields(route.output_type) if f.proto_name == route.flatten)
-            schema = self._object_schema(inner.message_type)
+            # The answer's own description (the webhook and, once, its secret), not the
+            # inner message's, which says the secret is never among its fields.
+            schema = {
+                **self._object_schema(inner.message_type),
+                **_described(route.output_type.full_name),
+            }
             for field in rest_fields(route.output_type):
                 if field.proto_name != route.flatten:
                     # The extras appear only when set (the generated secret, once).
@@ -240,8 +247,8 @@ class _DocumentBuilder:
             "type": "object",
             "properties": properties,
             "required": list(properties),
-            # Generated from the mapping itself: any other key would be drift, not an extra.
-            "additionalProperties": False,
+            # No additionalProperties: false. The contract lets later versions add keys, and a
+            # client validating answers against this document must not break on them.
         }
 
     def _field_schema(

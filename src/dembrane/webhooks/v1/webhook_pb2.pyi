@@ -101,7 +101,7 @@ Global___DeliveryStatus: _TypeAlias = DeliveryStatus  # noqa: Y015
 @_typing.final
 class Webhook(_message.Message):
     """Webhook is a URL that receives a signed HTTP POST for each event type it subscribes to.
-    The signing secret is never part of this message; see GetWebhookSecret.
+    The signing secret is never one of its fields; see GetWebhookSecret.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -36,7 +36,9 @@ class ListWebhooksRequest(_message.Message):
     page_size: _builtins.int
     """How many webhooks to return at most: 50 when zero, never more than 200."""
     page_token: _builtins.str
-    """The `next_page_token` of a previous call, to continue from there; empty for the first page."""
+    """The next page's token from a previous call (`next_page_token` over gRPC, the
+    `X-Next-Page-Token` header over REST), to continue from there; empty for the first page.
+    """
     def __init__(
         self,
         *,
@@ -231,25 +233,26 @@ class UpdateWebhookRequest(_message.Message):
     webhook_id: _builtins.str
     """The webhook to change. Required."""
     name: _builtins.str
-    """The new name, when `update_mask` names `name`."""
+    """The new name, when the update names `name`."""
     url: _builtins.str
-    """The new URL, when `update_mask` names `url`."""
+    """The new URL, when the update names `url`."""
     secret: _builtins.str
-    """The new signing secret, when `update_mask` names `secret`. The old one stops at once; use
+    """The new signing secret, when the update names `secret`. The old one stops at once; use
     RotateWebhookSecret for a change with a grace period.
     """
     status: _webhook_pb2.WebhookStatus.ValueType
-    """The new status, when `update_mask` names `status`. Disabled is not accepted; published
+    """The new status, when the update names `status`. Disabled is not accepted; published
     re-enables a disabled webhook.
     """
     @_builtins.property
     def events(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The new event types, when `update_mask` names `events`."""
+        """The new event types, when the update names `events`."""
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """The fields to change, among `name`, `url`, `events`, `secret` and `status`. When empty,
-        every one of those fields that is set to a non-default value is changed.
+        every one of those fields that is set to a non-default value is changed. Over REST the
+        body's keys name the fields instead.
         """
 
     def __init__(
@@ -419,7 +422,9 @@ class ListCopyableWebhooksRequest(_message.Message):
     page_size: _builtins.int
     """How many webhooks to return at most: 50 when zero, never more than 200."""
     page_token: _builtins.str
-    """The `next_page_token` of a previous call, to continue from there; empty for the first page."""
+    """The next page's token from a previous call (`next_page_token` over gRPC, the
+    `X-Next-Page-Token` header over REST), to continue from there; empty for the first page.
+    """
     def __init__(
         self,
         *,
@@ -669,7 +674,9 @@ class ListDeliveriesRequest(_message.Message):
     page_size: _builtins.int
     """How many deliveries to return at most: 50 when zero, never more than 200."""
     page_token: _builtins.str
-    """The `next_page_token` of a previous call; empty for the first page."""
+    """The next page's token from a previous call (`next_page_token` over gRPC, the
+    `X-Next-Page-Token` header over REST); empty for the first page.
+    """
     def __init__(
         self,
         *,

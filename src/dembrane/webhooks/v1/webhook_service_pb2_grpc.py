@@ -153,7 +153,8 @@ class WebhookServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateWebhook(self, request, context):
-        """UpdateWebhook changes the fields that `update_mask` names.
+        """UpdateWebhook changes the fields the update names: those in `update_mask` over gRPC, the
+        body's keys over REST (where a key set to null counts as left out).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

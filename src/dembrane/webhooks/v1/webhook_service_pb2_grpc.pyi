@@ -50,7 +50,9 @@ class WebhookServiceStub:
     returns it once in the response.
     """
     UpdateWebhook: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.UpdateWebhookRequest, _webhook_service_pb2.UpdateWebhookResponse]
-    """UpdateWebhook changes the fields that `update_mask` names."""
+    """UpdateWebhook changes the fields the update names: those in `update_mask` over gRPC, the
+    body's keys over REST (where a key set to null counts as left out).
+    """
     DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.DeleteWebhookRequest, _webhook_service_pb2.DeleteWebhookResponse]
     """DeleteWebhook removes a webhook and its pending deliveries."""
     TestWebhook: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.TestWebhookRequest, _webhook_service_pb2.TestWebhookResponse]
@@ -110,7 +112,9 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     returns it once in the response.
     """
     UpdateWebhook: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.UpdateWebhookRequest, _webhook_service_pb2.UpdateWebhookResponse]  # type: ignore[assignment]
-    """UpdateWebhook changes the fields that `update_mask` names."""
+    """UpdateWebhook changes the fields the update names: those in `update_mask` over gRPC, the
+    body's keys over REST (where a key set to null counts as left out).
+    """
     DeleteWebhook: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.DeleteWebhookRequest, _webhook_service_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
     """DeleteWebhook removes a webhook and its pending deliveries."""
     TestWebhook: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.TestWebhookRequest, _webhook_service_pb2.TestWebhookResponse]  # type: ignore[assignment]
@@ -191,7 +195,9 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _webhook_service_pb2.UpdateWebhookRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_webhook_service_pb2.UpdateWebhookResponse, _abc.Awaitable[_webhook_service_pb2.UpdateWebhookResponse]]:
-        """UpdateWebhook changes the fields that `update_mask` names."""
+        """UpdateWebhook changes the fields the update names: those in `update_mask` over gRPC, the
+        body's keys over REST (where a key set to null counts as left out).
+        """
 
     @_abc_1.abstractmethod
     def DeleteWebhook(

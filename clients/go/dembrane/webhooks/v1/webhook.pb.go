@@ -150,7 +150,7 @@ func (DeliveryStatus) EnumDescriptor() ([]byte, []int) {
 }
 
 // Webhook is a URL that receives a signed HTTP POST for each event type it subscribes to.
-// The signing secret is never part of this message; see GetWebhookSecret.
+// The signing secret is never one of its fields; see GetWebhookSecret.
 type Webhook struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The webhook's identifier, assigned by the service (for example `wh_01J...`).

@@ -32,7 +32,8 @@ type ListWebhooksRequest struct {
 	ProjectId string `protobuf:"bytes,1,opt,name=project_id,json=projectId,proto3" json:"project_id,omitempty"`
 	// How many webhooks to return at most: 50 when zero, never more than 200.
 	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
-	// The `next_page_token` of a previous call, to continue from there; empty for the first page.
+	// The next page's token from a previous call (`next_page_token` over gRPC, the
+	// `X-Next-Page-Token` header over REST), to continue from there; empty for the first page.
 	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -402,20 +403,21 @@ type UpdateWebhookRequest struct {
 	ProjectId string `protobuf:"bytes,1,opt,name=project_id,json=projectId,proto3" json:"project_id,omitempty"`
 	// The webhook to change. Required.
 	WebhookId string `protobuf:"bytes,2,opt,name=webhook_id,json=webhookId,proto3" json:"webhook_id,omitempty"`
-	// The new name, when `update_mask` names `name`.
+	// The new name, when the update names `name`.
 	Name string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
-	// The new URL, when `update_mask` names `url`.
+	// The new URL, when the update names `url`.
 	Url string `protobuf:"bytes,4,opt,name=url,proto3" json:"url,omitempty"`
-	// The new event types, when `update_mask` names `events`.
+	// The new event types, when the update names `events`.
 	Events []string `protobuf:"bytes,5,rep,name=events,proto3" json:"events,omitempty"`
-	// The new signing secret, when `update_mask` names `secret`. The old one stops at once; use
+	// The new signing secret, when the update names `secret`. The old one stops at once; use
 	// RotateWebhookSecret for a change with a grace period.
 	Secret string `protobuf:"bytes,6,opt,name=secret,proto3" json:"secret,omitempty"`
-	// The new status, when `update_mask` names `status`. Disabled is not accepted; published
+	// The new status, when the update names `status`. Disabled is not accepted; published
 	// re-enables a disabled webhook.
 	Status WebhookStatus `protobuf:"varint,7,opt,name=status,proto3,enum=dembrane.webhooks.v1.WebhookStatus" json:"status,omitempty"`
 	// The fields to change, among `name`, `url`, `events`, `secret` and `status`. When empty,
-	// every one of those fields that is set to a non-default value is changed.
+	// every one of those fields that is set to a non-default value is changed. Over REST the
+	// body's keys name the fields instead.
 	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,8,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -781,7 +783,8 @@ type ListCopyableWebhooksRequest struct {
 	ProjectId string `protobuf:"bytes,1,opt,name=project_id,json=projectId,proto3" json:"project_id,omitempty"`
 	// How many webhooks to return at most: 50 when zero, never more than 200.
 	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
-	// The `next_page_token` of a previous call, to continue from there; empty for the first page.
+	// The next page's token from a previous call (`next_page_token` over gRPC, the
+	// `X-Next-Page-Token` header over REST), to continue from there; empty for the first page.
 	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1266,7 +1269,8 @@ type ListDeliveriesRequest struct {
 	EventType string `protobuf:"bytes,4,opt,name=event_type,json=eventType,proto3" json:"event_type,omitempty"`
 	// How many deliveries to return at most: 50 when zero, never more than 200.
 	PageSize int32 `protobuf:"varint,5,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
-	// The `next_page_token` of a previous call; empty for the first page.
+	// The next page's token from a previous call (`next_page_token` over gRPC, the
+	// `X-Next-Page-Token` header over REST); empty for the first page.
 	PageToken     string `protobuf:"bytes,6,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

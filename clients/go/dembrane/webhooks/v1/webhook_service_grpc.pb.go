@@ -56,7 +56,8 @@ type WebhookServiceClient interface {
 	// CreateWebhook registers a webhook. When no secret is given the service generates one and
 	// returns it once in the response.
 	CreateWebhook(ctx context.Context, in *CreateWebhookRequest, opts ...grpc.CallOption) (*CreateWebhookResponse, error)
-	// UpdateWebhook changes the fields that `update_mask` names.
+	// UpdateWebhook changes the fields the update names: those in `update_mask` over gRPC, the
+	// body's keys over REST (where a key set to null counts as left out).
 	UpdateWebhook(ctx context.Context, in *UpdateWebhookRequest, opts ...grpc.CallOption) (*UpdateWebhookResponse, error)
 	// DeleteWebhook removes a webhook and its pending deliveries.
 	DeleteWebhook(ctx context.Context, in *DeleteWebhookRequest, opts ...grpc.CallOption) (*DeleteWebhookResponse, error)
@@ -268,7 +269,8 @@ type WebhookServiceServer interface {
 	// CreateWebhook registers a webhook. When no secret is given the service generates one and
 	// returns it once in the response.
 	CreateWebhook(context.Context, *CreateWebhookRequest) (*CreateWebhookResponse, error)
-	// UpdateWebhook changes the fields that `update_mask` names.
+	// UpdateWebhook changes the fields the update names: those in `update_mask` over gRPC, the
+	// body's keys over REST (where a key set to null counts as left out).
 	UpdateWebhook(context.Context, *UpdateWebhookRequest) (*UpdateWebhookResponse, error)
 	// DeleteWebhook removes a webhook and its pending deliveries.
 	DeleteWebhook(context.Context, *DeleteWebhookRequest) (*DeleteWebhookResponse, error)

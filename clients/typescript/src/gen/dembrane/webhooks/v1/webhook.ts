@@ -139,7 +139,7 @@ export function deliveryStatusToJSON(object: DeliveryStatus): string {
 
 /**
  * Webhook is a URL that receives a signed HTTP POST for each event type it subscribes to.
- * The signing secret is never part of this message; see GetWebhookSecret.
+ * The signing secret is never one of its fields; see GetWebhookSecret.
  */
 export interface Webhook {
   /** The webhook's identifier, assigned by the service (for example `wh_01J...`). */

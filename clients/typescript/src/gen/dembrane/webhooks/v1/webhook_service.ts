@@ -44,7 +44,10 @@ export interface ListWebhooksRequest {
   projectId: string;
   /** How many webhooks to return at most: 50 when zero, never more than 200. */
   pageSize: number;
-  /** The `next_page_token` of a previous call, to continue from there; empty for the first page. */
+  /**
+   * The next page's token from a previous call (`next_page_token` over gRPC, the
+   * `X-Next-Page-Token` header over REST), to continue from there; empty for the first page.
+   */
   pageToken: string;
 }
 
@@ -116,25 +119,26 @@ export interface UpdateWebhookRequest {
   projectId: string;
   /** The webhook to change. Required. */
   webhookId: string;
-  /** The new name, when `update_mask` names `name`. */
+  /** The new name, when the update names `name`. */
   name: string;
-  /** The new URL, when `update_mask` names `url`. */
+  /** The new URL, when the update names `url`. */
   url: string;
-  /** The new event types, when `update_mask` names `events`. */
+  /** The new event types, when the update names `events`. */
   events: string[];
   /**
-   * The new signing secret, when `update_mask` names `secret`. The old one stops at once; use
+   * The new signing secret, when the update names `secret`. The old one stops at once; use
    * RotateWebhookSecret for a change with a grace period.
    */
   secret: string;
   /**
-   * The new status, when `update_mask` names `status`. Disabled is not accepted; published
+   * The new status, when the update names `status`. Disabled is not accepted; published
    * re-enables a disabled webhook.
    */
   status: WebhookStatus;
   /**
    * The fields to change, among `name`, `url`, `events`, `secret` and `status`. When empty,
-   * every one of those fields that is set to a non-default value is changed.
+   * every one of those fields that is set to a non-default value is changed. Over REST the
+   * body's keys name the fields instead.
    */
   updateMask: string[] | undefined;
 }
@@ -188,7 +192,10 @@ export interface ListCopyableWebhooksRequest {
   projectId: string;
   /** How many webhooks to return at most: 50 when zero, never more than 200. */
   pageSize: number;
-  /** The `next_page_token` of a previous call, to continue from there; empty for the first page. */
+  /**
+   * The next page's token from a previous call (`next_page_token` over gRPC, the
+   * `X-Next-Page-Token` header over REST), to continue from there; empty for the first page.
+   */
   pageToken: string;
 }
 
@@ -275,7 +282,10 @@ export interface ListDeliveriesRequest {
   eventType: string;
   /** How many deliveries to return at most: 50 when zero, never more than 200. */
   pageSize: number;
-  /** The `next_page_token` of a previous call; empty for the first page. */
+  /**
+   * The next page's token from a previous call (`next_page_token` over gRPC, the
+   * `X-Next-Page-Token` header over REST); empty for the first page.
+   */
   pageToken: string;
 }
 
@@ -3432,7 +3442,10 @@ export const WebhookServiceService = {
       Buffer.from(CreateWebhookResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): CreateWebhookResponse => CreateWebhookResponse.decode(value),
   },
-  /** UpdateWebhook changes the fields that `update_mask` names. */
+  /**
+   * UpdateWebhook changes the fields the update names: those in `update_mask` over gRPC, the
+   * body's keys over REST (where a key set to null counts as left out).
+   */
   updateWebhook: {
     path: "/dembrane.webhooks.v1.WebhookService/UpdateWebhook" as const,
     requestStream: false as const,
@@ -3600,7 +3613,10 @@ export interface WebhookServiceServer extends UntypedServiceImplementation {
    * returns it once in the response.
    */
   createWebhook: handleUnaryCall<CreateWebhookRequest, CreateWebhookResponse>;
-  /** UpdateWebhook changes the fields that `update_mask` names. */
+  /**
+   * UpdateWebhook changes the fields the update names: those in `update_mask` over gRPC, the
+   * body's keys over REST (where a key set to null counts as left out).
+   */
   updateWebhook: handleUnaryCall<UpdateWebhookRequest, UpdateWebhookResponse>;
   /** DeleteWebhook removes a webhook and its pending deliveries. */
   deleteWebhook: handleUnaryCall<DeleteWebhookRequest, DeleteWebhookResponse>;
@@ -3698,7 +3714,10 @@ export interface WebhookServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: CreateWebhookResponse) => void,
   ): ClientUnaryCall;
-  /** UpdateWebhook changes the fields that `update_mask` names. */
+  /**
+   * UpdateWebhook changes the fields the update names: those in `update_mask` over gRPC, the
+   * body's keys over REST (where a key set to null counts as left out).
+   */
   updateWebhook(
     request: UpdateWebhookRequest,
     callback: (error: ServiceError | null, response: UpdateWebhookResponse) => void,
