@@ -14,6 +14,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { credentials, Metadata, type ServiceError } from "@grpc/grpc-js";
 import { SignJWT } from "jose";
 
+import { errorDetails } from "dembrane-webhooks-client/errors";
 import { DirectoryServiceClient } from "dembrane-webhooks-client/v1/directory_service";
 import { Event } from "dembrane-webhooks-client/v1/event";
 import { EventServiceClient, type PublishEventResponse } from "dembrane-webhooks-client/v1/event_service";
@@ -191,5 +192,51 @@ test(
       assert.ok(Date.now() < deadline, `the delivery is still ${DeliveryStatus[delivery.status]}`);
       await sleep(100);
     }
+  },
+);
+
+test(
+  "a refused call's reason and field violations can be read",
+  { skip, timeout: 30_000 },
+  async (t) => {
+    const directory = new DirectoryServiceClient(target, credentials.createInsecure());
+    const webhooks = new WebhookServiceClient(target, credentials.createInsecure());
+    t.after(() => [directory, webhooks].forEach((client) => client.close()));
+    const suffix = randomBytes(5).toString("hex");
+    const workspaceId = `ts-ws-${suffix}`;
+    const projectId = `ts-p-${suffix}`;
+    const adminId = `ts-admin-${suffix}`;
+    const backend = bearer(await mintToken(secret, "ts-backend", "webhooks:directory"));
+    await call((done) =>
+      directory.upsertWorkspace({ workspaceId, name: "Errors", tier: "changemaker" }, backend, done),
+    );
+    await call((done) =>
+      directory.upsertProject({ projectId, workspaceId, name: "Errors", language: "en" }, backend, done),
+    );
+    await call((done) =>
+      directory.setMembership({ workspaceId, userId: adminId, role: "admin" }, backend, done),
+    );
+
+    const admin = bearer(await mintToken(secret, adminId));
+    const error = await call((done) =>
+      webhooks.createWebhook(
+        CreateWebhookRequest.fromPartial({ projectId, name: "Bad", url: "nope", events: [EVENT_TYPE] }),
+        admin,
+        done,
+      ),
+    ).then(
+      () => assert.fail("CreateWebhook took an invalid URL"),
+      (refused: ServiceError) => refused,
+    );
+    const details = errorDetails(error);
+    assert.ok(details, "the error carries no google.rpc.Status");
+    assert.equal(details.code, 3); // INVALID_ARGUMENT
+    assert.equal(details.code, error.code);
+    assert.equal(details.errorInfo?.domain, "webhooks.dembrane.com");
+    assert.equal(details.errorInfo?.reason, "INVALID_ARGUMENT");
+    assert.deepEqual(
+      details.fieldViolations.map((violation) => violation.field),
+      ["url"],
+    );
   },
 );
