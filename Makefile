@@ -31,7 +31,7 @@ TS_CLIENT_DEPS := $(TS_CLIENT)/node_modules/.installed
 
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: help install run demo test test-sqlite test-postgres test-clients generate check-generated lint protodeps bench clean
+.PHONY: help install run demo test test-sqlite test-postgres test-clients generate check-generated lint protodeps breaking bench clean
 
 help:
 	@echo "make run           start the service (gRPC :50051, REST :8080, dispatcher) on SQLite"
@@ -40,6 +40,7 @@ help:
 	@echo "make test-clients  build the Go and TypeScript clients and run them against the service"
 	@echo "make generate      regenerate the Python code and the clients in clients/ from proto/"
 	@echo "make lint          buf lint/format, ruff, mypy --strict"
+	@echo "make breaking      check proto/ stays compatible with main (BASE=<revision> for another)"
 	@echo "make bench         run the benchmarks and write docs/benchmarks.md"
 
 $(UV):
@@ -89,6 +90,11 @@ define run_protoc
 	  --include_source_info --descriptor_set_out=$(1)/$(API_DESCRIPTORS) \
 	  $(PROTO_FILES)
 endef
+
+# Fails when the protos break compatibility with a git revision: `make breaking` compares
+# with main, `make breaking BASE=<revision>` with another.
+breaking: protodeps $(BUF)
+	tools/proto-breaking.sh $(or $(BASE),main)
 
 generate: protodeps $(CLIENT_GEN_TOOLS)
 	@rm -f $(GEN_DIR)/dembrane/webhooks/v1/*_pb2*.py $(GEN_DIR)/dembrane/webhooks/v1/*_pb2*.pyi \
