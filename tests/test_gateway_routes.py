@@ -179,6 +179,15 @@ def test_openapi_answer_schemas_allow_the_keys_later_versions_add() -> None:
     assert document["servers"] == [{"url": "/"}]
 
 
+def test_openapi_lets_an_update_send_null_for_a_list_it_leaves_alone() -> None:
+    """The gateway reads a null key as one not given, lists included; the update's schema
+    says so for its event list as for its other keys."""
+    schemas = build_openapi(ROUTES)["components"]["schemas"]
+    assert schemas["UpdateWebhookBody"]["properties"]["events"]["type"] == ["array", "null"]
+    assert schemas["UpdateWebhookBody"]["properties"]["name"]["type"] == ["string", "null"]
+    assert schemas["Webhook"]["properties"]["events"]["type"] == "array"
+
+
 def test_openapi_speaks_of_rest_where_the_protos_speak_of_grpc_fields() -> None:
     """Over REST a partial update names its fields by the body's keys, and pages continue
     from the X-Next-Page-Token header; the descriptions say so."""

@@ -256,7 +256,9 @@ class _DocumentBuilder:
     ) -> dict[str, Any]:
         schema = self._value_schema(field, request=request)
         if field.repeated:
-            schema = {"type": "array", "items": schema}
+            # A request's list may be null too, read as "not given" like any other key.
+            array_type: Any = ["array", "null"] if request and nullable else "array"
+            schema = {"type": array_type, "items": schema}
         elif field.nullable if nullable is None else nullable:
             if "enum" in schema:
                 schema = {
