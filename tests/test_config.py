@@ -83,7 +83,7 @@ def test_sender_processes_are_auto_or_a_count(raw: str | None, expected: int | N
     assert Settings.from_env(env).sender_processes == expected
 
 
-@pytest.mark.parametrize("raw", ["-1", "two", "1.5", "65"])
+@pytest.mark.parametrize("raw", ["-1", "two", "1.5", "65", "\u00b2", "\u0663"])
 def test_bad_sender_processes_name_the_variable(raw: str) -> None:
     """A bad process count stops start-up with a message naming the variable."""
     with pytest.raises(ConfigError, match="WEBHOOKS_SENDER_PROCESSES"):
@@ -143,9 +143,41 @@ def test_a_public_key_must_load() -> None:
     assert Settings.from_env({"WEBHOOKS_JWT_PUBLIC_KEY": escaped}).jwt_public_key == pem.strip()
 
 
-@pytest.mark.parametrize("value", ["not a url", "ftp://files.example.com", "https://"])
+def _public_pem(key: object) -> str:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()  # type: ignore[attr-defined]
+
+
+def test_a_public_key_must_suit_rs256_or_es256() -> None:
+    """Tokens are checked with RS256 or ES256 only, so a key of another kind (Ed25519, an EC
+    key on P-384), which would load and then refuse every token, stops start-up."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    for key in (
+        ed25519.Ed25519PrivateKey.generate().public_key(),
+        ec.generate_private_key(ec.SECP384R1()).public_key(),
+    ):
+        with pytest.raises(ConfigError, match="WEBHOOKS_JWT_PUBLIC_KEY must be an RSA key"):
+            Settings.from_env({"WEBHOOKS_JWT_PUBLIC_KEY": _public_pem(key)})
+    rsa_pem = _public_pem(rsa.generate_private_key(65537, 2048).public_key())
+    assert Settings.from_env({"WEBHOOKS_JWT_PUBLIC_KEY": rsa_pem}).jwt_public_key == rsa_pem.strip()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "not a url",
+        "ftp://files.example.com",
+        "https://",
+        "https://exa mple.com",
+        "https://dash.example.com?x=1",
+        "https://dash.example.com/#top",
+    ],
+)
 def test_the_dashboard_base_url_must_be_http(value: str) -> None:
-    """The dashboard link in every body must be an http(s) URL with a host."""
+    """The dashboard link in every body is built under this URL: it must be an http(s) URL
+    with a host, and without spaces, a query or a fragment, which would end up inside it."""
     with pytest.raises(ConfigError, match="WEBHOOKS_DASHBOARD_BASE_URL"):
         Settings.from_env({"WEBHOOKS_DASHBOARD_BASE_URL": value})
 

@@ -143,12 +143,15 @@ class Settings:
             )
         return settings
 
-    def warnings(self, *, serving: bool = True) -> list[str]:
+    def warnings(self, *, serving: bool = True, sending: bool = True) -> list[str]:
         """What is risky about these settings though the service can run with them; the
-        token settings count only where calls are ``serving``."""
+        token settings count only where calls are ``serving``, the allowed targets only
+        where requests are ``sending``."""
         found = [_unknown_warning(name, self._known_names()) for name in self.unknown_variables]
         if serving:
             found += self._token_warnings()
+        if not sending:
+            return found
         opened = [
             str(network)
             for network in self.allowed_targets
@@ -200,7 +203,7 @@ class Settings:
             jwt_issuer=reader.optional("WEBHOOKS_JWT_ISSUER"),
             jwt_audience=reader.optional("WEBHOOKS_JWT_AUDIENCE"),
             jwt_leeway=reader.number("WEBHOOKS_JWT_LEEWAY_SECONDS", 30.0, low=0.0, high=86400),
-            dashboard_base_url=reader.http_url(
+            dashboard_base_url=reader.base_url(
                 "WEBHOOKS_DASHBOARD_BASE_URL", "https://dashboard.dembrane.com"
             ).rstrip("/"),
             retry_schedule=reader.schedule("WEBHOOKS_RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE),
@@ -357,22 +360,41 @@ class _Reader:
         if "\n" not in value and "\\n" in value:
             value = value.replace("\\n", "\n")
         from cryptography.exceptions import UnsupportedAlgorithm
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
         from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
         try:
-            load_pem_public_key(value.encode())
+            key = load_pem_public_key(value.encode())
         except (ValueError, TypeError, UnsupportedAlgorithm):
             raise ConfigError(
                 f"{name} must be a PEM public key (RSA or EC), starting with "
                 "-----BEGIN PUBLIC KEY-----."
             ) from None
+        # Tokens are checked with RS256 or ES256 only: any other key (Ed25519, DSA, an EC
+        # key on another curve than P-256) loads, then refuses every token.
+        if not (
+            isinstance(key, rsa.RSAPublicKey)
+            or (isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1")
+        ):
+            raise ConfigError(
+                f"{name} must be an RSA key (for RS256) or an EC key on the P-256 curve (for "
+                "ES256); tokens signed otherwise are not accepted."
+            )
         return value
 
-    def http_url(self, name: str, default: str) -> str:
+    def base_url(self, name: str, default: str) -> str:
+        """An http or https URL that links are built under (``<base>/projects/...``): no
+        spaces or control characters, no query and no fragment, which would end up in the
+        middle of every link."""
         value = self.text(name, default)
         scheme, _, rest = value.partition("://")
         if scheme.lower() not in ("http", "https") or not rest.split("/", 1)[0]:
             raise ConfigError(f"{name} must be an http:// or https:// URL, not {value!r}.")
+        if any(c.isspace() or not c.isprintable() for c in value) or "?" in rest or "#" in rest:
+            raise ConfigError(
+                f"{name} must be a URL without spaces, a query or a fragment (links are built "
+                f"under it), not {value!r}."
+            )
         return value
 
     def database_url(self, name: str, default: str) -> str:
@@ -437,7 +459,7 @@ class _Reader:
         raw = self.optional(name)
         if raw is None or raw.lower() == "auto":
             return None
-        if not raw.isdigit() or int(raw) > high:
+        if not (raw.isascii() and raw.isdigit()) or int(raw) > high:
             raise ConfigError(f"{name} must be 'auto' or a whole number from 0 to {high}.")
         return int(raw)
 
