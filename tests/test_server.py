@@ -442,6 +442,22 @@ async def test_the_standalone_gateway_serves_metrics_on_their_own_port(tmp_path:
     assert f"metrics on http://127.0.0.1:{metrics_port}/metrics" in stderr.decode()
 
 
+async def test_the_standalone_gateway_warns_of_risky_settings(tmp_path: Path) -> None:
+    """`gateway` warns of a misspelt WEBHOOKS_ variable and of a short JWT secret (it checks
+    tokens with it), as `serve` does."""
+    env = _serve_env(tmp_path, WEBHOOKS_JWT_SECRET="short", WEBHOOKS_HTTP_PROT="1")
+    process = await _start_cli(env, "gateway", "--grpc-target", "127.0.0.1:1")
+    try:
+        await _wait_for_port(int(env["WEBHOOKS_HTTP_PORT"]))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
+    log = stderr.decode()
+    assert process.returncode == 0, log
+    assert "WEBHOOKS_HTTP_PROT" in log
+    assert "WEBHOOKS_JWT_SECRET" in log
+
+
 async def test_an_address_not_of_this_machine_stops_start_up_in_one_line(
     tmp_path: Path,
 ) -> None:
@@ -812,7 +828,9 @@ async def test_only_the_ports_a_command_listens_on_must_differ(tmp_path: Path) -
     assert code == 0, stderr
 
 
-@pytest.mark.parametrize("target", ["nonsense", "127.0.0.1:99999", ":50051", "host:"])
+@pytest.mark.parametrize(
+    "target", ["nonsense", "127.0.0.1:99999", ":50051", "host:", "http://127.0.0.1:50051"]
+)
 async def test_gateway_refuses_a_grpc_target_that_is_no_host_and_port(
     tmp_path: Path, target: str
 ) -> None:
@@ -824,6 +842,15 @@ async def test_gateway_refuses_a_grpc_target_that_is_no_host_and_port(
         f"dembrane-webhooks: --grpc-target must be HOST:PORT, such as 127.0.0.1:50051, "
         f"not {target!r}."
     )
+
+
+async def test_migrate_warns_of_a_misspelt_variable(tmp_path: Path) -> None:
+    """`migrate` warns of a WEBHOOKS_ variable no setting reads, as `serve` does."""
+    env = _serve_env(tmp_path, WEBHOOKS_DATABSE_URL="sqlite:///elsewhere.db")
+    code, stderr = await _run_to_exit(env, "migrate")
+    assert code == 0, stderr
+    assert "WEBHOOKS_DATABSE_URL" in stderr
+    assert "WARNING" in stderr
 
 
 async def test_debug_logging_leaves_out_grpcs_line_per_call(tmp_path: Path) -> None:

@@ -189,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "migrate":
         from dembrane.webhooks.store.database import Database, SchemaError
 
+        for warning in settings.warnings(serving=False, sending=False):
+            log.warning("%s", warning)
         try:
             database = Database(settings.database_url)
             database.migrate()
@@ -216,6 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem is not None:
             print(f"dembrane-webhooks: {problem}", file=sys.stderr)
             return 2
+        # A gateway without token settings leaves tokens to the server: nothing to warn of.
+        checks_tokens = bool(settings.jwt_secret or settings.jwt_public_key)
+        for warning in settings.warnings(serving=checks_tokens, sending=False):
+            log.warning("%s", warning)
         try:
             _run(_run_gateway(settings, args.grpc_target))
         except (OSError, StartupError) as error:
@@ -239,7 +245,9 @@ def _target_problem(target: str) -> str | None:
     host, _, port = target.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if host and (port.isascii() and port.isdigit()) and 0 < int(port) < 65536:
+    # A URL (http://host:port) names a scheme gRPC's target syntax would take for a host.
+    plain_host = bool(host) and "/" not in host and not any(c.isspace() for c in host)
+    if plain_host and (port.isascii() and port.isdigit()) and 0 < int(port) < 65536:
         return None
     return f"--grpc-target must be HOST:PORT, such as 127.0.0.1:50051, not {target!r}."
 
