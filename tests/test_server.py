@@ -401,7 +401,12 @@ _REST_TAKEN = "Cannot listen for REST on 127.0.0.1:{port}: the port is taken."
         ("serve", "WEBHOOKS_GRPC_PORT", "Cannot listen for gRPC on 127.0.0.1:{port}"),
         ("serve", "WEBHOOKS_HTTP_PORT", _REST_TAKEN),
         ("gateway", "WEBHOOKS_HTTP_PORT", _REST_TAKEN),
-        ("gateway", "WEBHOOKS_METRICS_PORT", "Cannot listen for metrics on 127.0.0.1:{port} (WE"),
+        (
+            "gateway",
+            "WEBHOOKS_METRICS_PORT",
+            "Cannot listen for metrics on 127.0.0.1:{port} (WEBHOOKS_METRICS_PORT): "
+            "the port is taken.",
+        ),
     ],
     ids=["grpc", "rest", "gateway-rest", "gateway-metrics"],
 )

@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 from dembrane.webhooks import metrics
 from dembrane.webhooks.api.server import GrpcServer, start_grpc_server
 from dembrane.webhooks.auth import TokenVerifier
-from dembrane.webhooks.config import Settings, url_host
+from dembrane.webhooks.config import LISTEN_PROBLEMS, Settings, url_host
 from dembrane.webhooks.delivery.dispatcher import Dispatcher, most_in_flight
 from dembrane.webhooks.delivery.pool import SenderPool, default_processes
 from dembrane.webhooks.delivery.sender import RequestSender, Sender
@@ -162,10 +162,10 @@ def start_metrics(settings: Settings) -> WSGIServer | None:
     try:
         server = serve_metrics(settings.metrics_port, settings.bind)
     except OSError as error:
+        problem = LISTEN_PROBLEMS.get(error.errno or 0, error.strerror or str(error))
         raise StartupError(
             f"Cannot listen for metrics on {url_host(settings.bind)}:"
-            f"{settings.metrics_port} (WEBHOOKS_METRICS_PORT): "
-            f"{error.strerror or error}."
+            f"{settings.metrics_port} (WEBHOOKS_METRICS_PORT): {problem}."
         ) from None
     log.info("metrics on http://%s:%d/metrics", url_host(settings.bind), settings.metrics_port)
     return server
