@@ -103,21 +103,7 @@ function readErrorInfo(bytes: Uint8Array): ErrorInfo {
       info.domain = reader.string();
     } else if (field === 3) {
       // A map entry: key 1, value 2.
-      let key = "";
-      let value = "";
-      fields(reader.bytes(), (entryField, entry, entryType) => {
-        if (entryType !== WireType.LengthDelimited) {
-          return false;
-        }
-        if (entryField === 1) {
-          key = entry.string();
-        } else if (entryField === 2) {
-          value = entry.string();
-        } else {
-          return false;
-        }
-        return true;
-      });
+      const [key, value] = stringPair(reader.bytes());
       info.metadata[key] = value;
     } else {
       return false;
@@ -128,21 +114,21 @@ function readErrorInfo(bytes: Uint8Array): ErrorInfo {
 }
 
 function readViolation(bytes: Uint8Array): FieldViolation {
-  const violation: FieldViolation = { field: "", description: "" };
+  const [field, description] = stringPair(bytes);
+  return { field, description };
+}
+
+/** The string fields 1 and 2 of the message in `bytes` (empty when absent). */
+function stringPair(bytes: Uint8Array): [string, string] {
+  const pair: [string, string] = ["", ""];
   fields(bytes, (field, reader, wireType) => {
-    if (wireType !== WireType.LengthDelimited) {
+    if (wireType !== WireType.LengthDelimited || (field !== 1 && field !== 2)) {
       return false;
     }
-    if (field === 1) {
-      violation.field = reader.string();
-    } else if (field === 2) {
-      violation.description = reader.string();
-    } else {
-      return false;
-    }
+    pair[field - 1] = reader.string();
     return true;
   });
-  return violation;
+  return pair;
 }
 
 /**
