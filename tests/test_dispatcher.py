@@ -734,20 +734,22 @@ async def test_outcomes_that_finish_during_a_write_wait_for_the_next_window(
     """Outcomes trickling in are written a window apart, never in a rushed write of their own."""
     async with store_engine(tmp_path, max_concurrency=64, per_webhook_concurrency=64) as resources:
         database = resources.database
-        write_outcomes = database.run_relaxed
+        write_outcomes = database.run_driver
         writes: list[tuple[float, float, int]] = []
 
-        async def slow_recording(fn: Callable[..., object], *args: object) -> object:
+        async def slow_recording(
+            fn: Callable[..., object], *args: object, relaxed: bool = False
+        ) -> object:
             # Slow each outcome write down, so that others finish while it is under way.
             if fn is not outbox.record_results:
-                return await write_outcomes(fn, *args)
+                return await write_outcomes(fn, *args, relaxed=relaxed)
             started = time.monotonic()
             await asyncio.sleep(0.03)
-            result = await write_outcomes(fn, *args)
+            result = await write_outcomes(fn, *args, relaxed=relaxed)
             writes.append((started, time.monotonic(), len(args[1]) + len(args[2])))  # type: ignore[arg-type]
             return result
 
-        database.run_relaxed = slow_recording  # type: ignore[method-assign,assignment]
+        database.run_driver = slow_recording  # type: ignore[method-assign,assignment]
         # Forty answers, one every 10 ms: outcomes keep finishing across several writes.
         replies = [Reply(200, delay=0.01 * i) for i in range(40)]
         async with Receiver(SECRET, replies=replies) as receiver:
@@ -770,19 +772,21 @@ async def test_an_outcome_that_cannot_be_written_does_not_hold_back_the_others(
     recorded on their own, and the failing one is given up to its lease (sent again later)."""
     async with store_engine(tmp_path) as resources:
         database = resources.database
-        write_outcomes = database.run_relaxed
+        write_outcomes = database.run_driver
         async with Receiver(SECRET) as receiver:
             add_webhook(resources, "wh", receiver.url)
             store_publish(resources, *[f"e{i}" for i in range(5)])
             (poisoned,) = [r.id for r in rows(resources) if r.event_id == "e2"]
 
-            async def failing_for_one(fn: Callable[..., object], *args: object) -> object:
+            async def failing_for_one(
+                fn: Callable[..., object], *args: object, relaxed: bool = False
+            ) -> object:
                 outcomes = args[1] if fn is outbox.record_results else []
                 if any(r.delivery_id == poisoned for r in outcomes):  # type: ignore[attr-defined]
                     raise RuntimeError("this outcome cannot be written")
-                return await write_outcomes(fn, *args)
+                return await write_outcomes(fn, *args, relaxed=relaxed)
 
-            database.run_relaxed = failing_for_one  # type: ignore[method-assign,assignment]
+            database.run_driver = failing_for_one  # type: ignore[method-assign,assignment]
             async with dispatching(resources):
                 await receiver.wait_for(5)
                 await until(

@@ -14,7 +14,13 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from dembrane.webhooks.domain.access import Tier
 from dembrane.webhooks.store import directory
-from dembrane.webhooks.store.database import WAL_SIZE_LIMIT, Database, OutageLog
+from dembrane.webhooks.store.database import (
+    WAL_SIZE_LIMIT,
+    Database,
+    DriverSession,
+    OutageLog,
+    Transaction,
+)
 from dembrane.webhooks.store.tables import WebhookRow
 
 from harness import fresh_database_url
@@ -180,3 +186,45 @@ def test_an_existing_database_others_may_read_is_narrowed_and_lock_files_are_pri
         os.umask(old)
         again.close()
     assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+
+
+async def test_a_driver_transaction_commits_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A hot transaction on SQLite's driver connection keeps every write when it returns and
+    none when it raises, as a Session's transaction would."""
+    database = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    database.migrate()
+
+    def add(session: Transaction, workspace_id: str, fail: bool) -> None:
+        assert isinstance(session, DriverSession)
+        cursor = session.cursor()
+        cursor.execute(
+            "INSERT INTO workspaces (id, name, tier, created_at, updated_at) "
+            "VALUES (?, 'W', 'changemaker', 0, 0)",
+            (workspace_id,),
+        )
+        if fail:
+            raise RuntimeError("refused after the write")
+
+    await database.run_driver(add, "kept", False)
+    with pytest.raises(RuntimeError):
+        await database.run_driver(add, "undone", True)
+    stored = database.call(lambda s: s.execute(text("SELECT id FROM workspaces")).scalars().all())
+    assert stored == ["kept"]
+    database.close()
+
+
+async def test_driver_transactions_sync_to_disk_unless_relaxed(tmp_path: Path) -> None:
+    """A hot transaction commits at the configured sync level (what publishing promises a
+    caller), and a relaxed one (bookkeeping) without the disk sync."""
+    database = Database(f"sqlite:///{tmp_path / 'db.sqlite'}", sqlite_synchronous="FULL")
+    database.migrate()
+
+    def level(session: Transaction) -> int:
+        assert isinstance(session, DriverSession)
+        return int(session.cursor().execute("PRAGMA synchronous").fetchone()[0])
+
+    full, normal = 2, 1
+    assert await database.run_driver(level) == full
+    assert await database.run_driver(level, relaxed=True) == normal
+    assert await database.run_driver(level) == full
+    database.close()

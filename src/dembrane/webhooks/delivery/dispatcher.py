@@ -48,8 +48,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 
-from sqlmodel import Session
-
 from dembrane.webhooks import metrics
 from dembrane.webhooks.config import LEASE_MARGIN_SECONDS, Settings
 from dembrane.webhooks.delivery.backlog import BacklogWatch
@@ -60,7 +58,7 @@ from dembrane.webhooks.domain.access import tier_allows_webhooks
 from dembrane.webhooks.domain.ids import new_id
 from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.store import outbox
-from dembrane.webhooks.store.database import OutageLog, store_unavailable
+from dembrane.webhooks.store.database import OutageLog, Transaction, store_unavailable
 from dembrane.webhooks.store.listener import DueListener
 from dembrane.webhooks.store.outbox import (
     AttemptRecord,
@@ -518,8 +516,8 @@ class Dispatcher:
             if not self._waiting_for_room and want > 0:
                 excluded = self._excluded(now, mono)
                 try:
-                    claims, next_due = await self._db.run_relaxed(
-                        self._claim, want, excluded, self._quota()
+                    claims, next_due = await self._db.run_driver(
+                        self._claim, want, excluded, self._quota(), relaxed=True
                     )
                     self._claim_outage.succeeded()
                 except Exception as error:
@@ -580,7 +578,7 @@ class Dispatcher:
 
     def _claim(
         self,
-        session: Session,
+        session: Transaction,
         want: int,
         excluded: dict[str, float],
         quota: outbox.Quota | None,
@@ -1125,7 +1123,7 @@ class Dispatcher:
         self, results: list[DeliveryResult], releases: list[Release], holds: dict[str, float]
     ) -> None:
         """Write outcomes, releases and hold-backs in one transaction, then act on its effects."""
-        effects = await self._db.run_relaxed(
+        effects = await self._db.run_driver(
             outbox.record_results,
             self.owner,
             results,
@@ -1133,6 +1131,7 @@ class Dispatcher:
             time.time(),
             self._settings.disable_after_seconds,
             [HoldBack(webhook_id, until) for webhook_id, until in holds.items()],
+            relaxed=True,
         )
         if effects.stale:
             log.warning(

@@ -43,7 +43,7 @@ from dembrane.webhooks.domain.ids import new_id
 from dembrane.webhooks.domain.paging import Cursor
 from dembrane.webhooks.domain.payload import EventData, ProjectInfo, render_body
 from dembrane.webhooks.domain.webhooks import signing_secrets
-from dembrane.webhooks.store.database import rows_changed
+from dembrane.webhooks.store.database import DriverSession, Transaction, rows_changed
 from dembrane.webhooks.store.tables import AttemptRow, DeliveryRow, EventRow, WebhookRow
 
 __all__ = [
@@ -96,15 +96,24 @@ def _table(name: str) -> Table:
     return SQLModel.metadata.tables[name]
 
 
-def _is_postgres(session: Session) -> bool:
+def _is_postgres(session: Transaction) -> bool:
+    if isinstance(session, DriverSession):
+        return False
     return session.get_bind().dialect.name == "postgresql"
+
+
+def _orm(session: Transaction) -> Session:
+    """The Session of a PostgreSQL transaction (a driver's connection is SQLite's only)."""
+    if isinstance(session, DriverSession):
+        raise TypeError("this statement needs a Session")
+    return session
 
 
 #: The PostgreSQL channel on which new due work is announced to every replica's dispatcher.
 DUE_CHANNEL = "webhooks_due"
 
 
-def announce_due(session: Session) -> None:
+def announce_due(session: Transaction) -> None:
     """Tell the dispatchers of every replica that work came due (PostgreSQL only).
 
     The notification is sent when the transaction commits, never before, and PostgreSQL
@@ -112,7 +121,7 @@ def announce_due(session: Session) -> None:
     database and wakes its own dispatcher.
     """
     if _is_postgres(session):
-        session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": DUE_CHANNEL})
+        _orm(session).execute(text("SELECT pg_notify(:channel, '')"), {"channel": DUE_CHANNEL})
 
 
 def _clip(value: str, limit: int) -> str:
@@ -187,7 +196,7 @@ class Published:
 
 
 def publish_events(
-    session: Session,
+    session: Transaction,
     events: Sequence[EventData],
     *,
     now: float,
@@ -245,7 +254,7 @@ def _as_duplicate(outcome: PublishOutcome) -> PublishOutcome:
     return PublishOutcome(outcome.event_id, True, outcome.delivery_count, outcome.skip_reason)
 
 
-def _select_in(session: Session, sql: str, ids: Iterable[str]) -> list[Any]:
+def _select_in(session: Transaction, sql: str, ids: Iterable[str]) -> list[Any]:
     """Rows of ``sql``, whose ``{ids}`` stands for membership in ``ids``, on the raw driver.
 
     The hot path of publishing skips SQLAlchemy's statement machinery, which costs more than
@@ -280,7 +289,9 @@ def _same_event(event: EventData, project_id: str, event_type: str) -> None:
         )
 
 
-def _stored_outcomes(session: Session, events: Sequence[EventData]) -> dict[str, PublishOutcome]:
+def _stored_outcomes(
+    session: Transaction, events: Sequence[EventData]
+) -> dict[str, PublishOutcome]:
     """The outcomes of the events already stored, as duplicates.
 
     Raises ``AlreadyExists`` when a stored event with one of the ids is of another project
@@ -311,7 +322,7 @@ class _ProjectFacts:
     subscribers: list[tuple[str, frozenset[str], _WebhookFacts]]
 
 
-def _project_facts(session: Session, project_ids: Iterable[str]) -> dict[str, _ProjectFacts]:
+def _project_facts(session: Transaction, project_ids: Iterable[str]) -> dict[str, _ProjectFacts]:
     """Each known project with its tier and its webhooks (archived ones aside), in one
     statement."""
     rows = _select_in(
@@ -355,7 +366,7 @@ def _project_facts(session: Session, project_ids: Iterable[str]) -> dict[str, _P
 
 
 def _insert_fresh(
-    session: Session,
+    session: Transaction,
     events: Sequence[EventData],
     now: float,
     dashboard_base_url: str,
@@ -439,7 +450,7 @@ def _insert_fresh(
         _claim_leased(leased, bodies, facts, published)
         return outcomes
 
-    inserted = _insert_events_once(session, event_rows)
+    inserted = _insert_events_once(_orm(session), event_rows)
     if len(inserted) < len(event_rows):
         # Another transaction stored some of these ids between our read and our insert:
         # theirs is the first publication.
@@ -447,7 +458,7 @@ def _insert_fresh(
         outcomes.update(_stored_outcomes(session, raced))
     delivery_rows = [row for event_id in inserted for row in deliveries[event_id]]
     if delivery_rows:
-        session.execute(_table("deliveries").insert(), delivery_rows)
+        _orm(session).execute(_table("deliveries").insert(), delivery_rows)
     written = {row["id"] for row in delivery_rows}
     _claim_leased([row for row in leased if row["id"] in written], bodies, facts, published)
     return outcomes
@@ -635,8 +646,10 @@ MAX_EXCLUDED = 200
 _MAX_VALUES_ROWS = 1024
 
 
-def _cursor(session: Session) -> Any:
+def _cursor(session: Transaction) -> Any:
     """A DBAPI cursor on the session's connection, inside the session's transaction."""
+    if isinstance(session, DriverSession):
+        return session.cursor()
     return session.connection().connection.cursor()
 
 
@@ -812,7 +825,7 @@ def _claims(
 
 
 def claim_due(
-    session: Session,
+    session: Transaction,
     owner: str,
     now: float,
     lease_seconds: float,
@@ -896,7 +909,9 @@ def _lease_due_postgres(
     return sorted(cursor.fetchall(), key=lambda row: order[row[0]])
 
 
-def next_due_time(session: Session, excluded: Mapping[str, float] | None = None) -> float | None:
+def next_due_time(
+    session: Transaction, excluded: Mapping[str, float] | None = None
+) -> float | None:
     """When the earliest pending delivery is due (leased ones at their lease's end).
 
     Rows of the webhooks in ``excluded`` (as ``claim_due`` counts them) are not looked at.
@@ -1092,7 +1107,7 @@ def _owned(cursor: Any, postgres: bool, owner: str, ids: list[str]) -> set[str]:
 
 
 def record_results(
-    session: Session,
+    session: Transaction,
     owner: str,
     results: Sequence[DeliveryResult],
     releases: Sequence[Release],

@@ -23,11 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from sqlmodel import Session
-
 from dembrane.webhooks.domain.payload import EventData
 from dembrane.webhooks.store import outbox
-from dembrane.webhooks.store.database import Database
+from dembrane.webhooks.store.database import Database, Transaction
 
 #: The most events one shared transaction takes; a call is never split.
 MAX_GROUP_EVENTS = 1000
@@ -125,7 +123,7 @@ class PublishQueue:
         lease = None if claimer is None else claimer.lease_request()
         published = outbox.Published()
         try:
-            outcomes = await self._db.run(self._store, events, lease, published)
+            outcomes = await self._db.run_driver(self._store, events, lease, published)
         except BaseException:
             if claimer is not None and lease is not None:
                 claimer.lease_abandoned(lease)
@@ -144,7 +142,7 @@ class PublishQueue:
     async def _write_each(self, group: list[_Call]) -> None:
         for call in group:
             try:
-                outcomes = await self._db.run(self._store, list(call.events))
+                outcomes = await self._db.run_driver(self._store, list(call.events))
             except Exception as error:
                 if not call.done.done():
                     call.done.set_exception(error)
@@ -155,7 +153,7 @@ class PublishQueue:
 
     def _store(
         self,
-        session: Session,
+        session: Transaction,
         events: list[EventData],
         lease: outbox.Lease | None = None,
         published: outbox.Published | None = None,
