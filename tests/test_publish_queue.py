@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlmodel import Session
@@ -13,8 +15,8 @@ from sqlmodel import Session
 from dembrane.webhooks.domain.access import Tier
 from dembrane.webhooks.domain.errors import FailedPrecondition
 from dembrane.webhooks.domain.payload import EventData, ReportData
-from dembrane.webhooks.store import directory, outbox
-from dembrane.webhooks.store.database import Database
+from dembrane.webhooks.store import directory, outbox, publish_queue
+from dembrane.webhooks.store.database import Database, StoreUnavailable, Transaction
 from dembrane.webhooks.store.publish_queue import PublishQueue
 from dembrane.webhooks.store.tables import WebhookRow
 
@@ -194,14 +196,91 @@ async def test_a_failed_transaction_gives_the_lease_back(database: Database) -> 
     assert database.call(lambda s: outbox.event_row(s, "ok-1")) is not None
 
 
-async def test_callers_never_wait_on_a_writer_that_is_gone(database: Database) -> None:
-    """If the writer task is cancelled (at shutdown), its waiting callers are released at once
-    instead of hanging."""
+class HeldStore:
+    """Stands in for a queue's store function: the first transaction waits until released,
+    and each notes how many events it took and when it wrote them."""
+
+    def __init__(self, queue: PublishQueue) -> None:
+        self._store = queue._store
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.runs: list[tuple[int, float]] = []
+        queue._store = self  # type: ignore[method-assign]
+
+    def __call__(self, session: Transaction, events: list[EventData], *rest: Any) -> Any:
+        if not self.started.is_set():
+            self.started.set()
+            self.release.wait(10)
+        result = self._store(session, events, *rest)
+        self.runs.append((len(events), time.monotonic()))
+        return result
+
+
+async def test_the_next_transaction_starts_without_waiting_for_the_event_loop(
+    database: Database,
+) -> None:
+    """Calls that arrive while a transaction is written go together into the next one, which
+    the store starts as soon as the first is done, even while the event loop is busy."""
     queue = PublishQueue(database, "https://dash.example.test", lambda: None)
-    call = asyncio.create_task(queue.publish([report("gone-1")]))
-    await asyncio.sleep(0)
-    writer = queue._writer
-    assert writer is not None
-    writer.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(call, timeout=5)
+    store = HeldStore(queue)
+    first = asyncio.create_task(queue.publish([report("a1")]))
+    await asyncio.to_thread(store.started.wait, 10)
+    later = [asyncio.create_task(queue.publish([report(f"b{i}")])) for i in range(3)]
+    await asyncio.sleep(0.05)
+    store.release.set()
+    time.sleep(0.5)  # noqa: ASYNC251 - the event loop is kept busy on purpose
+    busy_until = time.monotonic()
+    answers = await asyncio.gather(first, *later)
+    assert [o.event_id for outcomes in answers for o in outcomes] == ["a1", "b0", "b1", "b2"]
+    assert [count for count, _at in store.runs] == [1, 3]
+    assert store.runs[1][1] < busy_until
+    database.close()
+
+
+async def test_calls_beyond_one_transactions_limit_go_in_the_next(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When more calls wait than one transaction takes, the rest go into the following ones;
+    none is left waiting."""
+    monkeypatch.setattr(publish_queue, "MAX_GROUP_EVENTS", 2)
+    queue = PublishQueue(database, "https://dash.example.test", lambda: None)
+    store = HeldStore(queue)
+    first = asyncio.create_task(queue.publish([report("a1")]))
+    await asyncio.to_thread(store.started.wait, 10)
+    later = [asyncio.create_task(queue.publish([report(f"b{i}")])) for i in range(5)]
+    await asyncio.sleep(0.05)
+    store.release.set()
+    answers = await asyncio.wait_for(asyncio.gather(first, *later), timeout=10)
+    assert [len(outcomes) for outcomes in answers] == [1] * 6
+    assert [count for count, _at in store.runs] == [1, 2, 2, 1]
+    assert database.call(lambda s: outbox.pending_count(s)) == 6
+    database.close()
+
+
+async def test_callers_never_wait_on_a_closed_store(database: Database) -> None:
+    """Once the store is closed (the service stopping), a publish call fails at once instead
+    of waiting for a transaction that never comes."""
+    queue = PublishQueue(database, "https://dash.example.test", lambda: None)
+    database.close()
+    with pytest.raises(RuntimeError):
+        await asyncio.wait_for(queue.publish([report("late")]), timeout=5)
+
+
+async def test_a_store_that_fails_before_the_transaction_starts_answers_every_call(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the store cannot even open a transaction (a lost connection, a vanished file),
+    the waiting calls hear the error, and the queue writes the calls that come after."""
+
+    def unreachable(*_args: object, **_kwargs: object) -> Any:
+        raise StoreUnavailable("the store is out of reach")
+
+    queue = PublishQueue(database, "https://dash.example.test", lambda: None)
+    with monkeypatch.context() as patch:
+        patch.setattr(database, "call_driver", unreachable)
+        patch.setattr(database, "run_driver", unreachable)
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(queue.publish([report("lost")]), timeout=5)
+    outcomes = await asyncio.wait_for(queue.publish([report("after")]), timeout=5)
+    assert [o.event_id for o in outcomes] == ["after"]
+    database.close()

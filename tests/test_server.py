@@ -512,6 +512,7 @@ async def test_calls_while_the_store_is_down_are_unavailable(
     )
     request = epb.PublishEventRequest(event=event)
     metadata = tokens.bearer(tokens.service(SCOPE_PUBLISH))
+    monkeypatch.setattr(service.resources.database, "call_driver", _store_down)
     monkeypatch.setattr(service.resources.database, "run_driver", _store_down)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stubs.events.PublishEvent(request, metadata=metadata)

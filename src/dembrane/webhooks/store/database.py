@@ -346,6 +346,16 @@ class Database:
         call = self._call_on_driver if self.is_sqlite else self._call_with
         return await loop.run_in_executor(self._executor, call, fn, args, not relaxed)
 
+    def call_driver(self, fn: Callable[..., T], *args: Any, relaxed: bool = False) -> T:
+        """``run_driver``'s transaction, synchronously (on one of the store's threads)."""
+        call = self._call_on_driver if self.is_sqlite else self._call_with
+        return call(fn, args, not relaxed)
+
+    def submit(self, fn: Callable[..., object], *args: Any) -> None:
+        """Queue ``fn(*args)`` for the store's threads without waiting for it; ``fn`` reports
+        back itself. Raises ``RuntimeError`` once the store is closed."""
+        self._executor.submit(fn, *args)
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(session, *args)`` in one transaction on the store's threads."""
         loop = asyncio.get_running_loop()

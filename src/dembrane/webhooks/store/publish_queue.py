@@ -1,10 +1,17 @@
 """Group commit for publishing: concurrent publish calls share one transaction.
 
 A commit costs a disk sync, which dwarfs the work of storing one event. Calls that arrive
-while a transaction is being written wait for the next one and go in together, so under load
-each sync acknowledges many calls, and an idle service still writes a lone call at once
-(nothing waits for company). A call is answered only after the transaction holding its
-events has committed.
+while a transaction is being written go in together in the next one, so under load each
+sync acknowledges many calls, and an idle service still writes a lone call at once (nothing
+waits for company). A call is answered only after the transaction holding its events has
+committed.
+
+The next transaction is handed to the store's thread while the current one is still being
+written, and takes its calls only when it starts: the thread goes from one commit straight
+to the next with every call that came meanwhile, instead of waiting for the event loop to
+notice the first commit and wake it again. Each such wake-up costs about as much as the
+transaction itself on a busy machine. When a transaction has committed, the store's thread
+hands its answers to the event loop in one callback.
 
 If a shared transaction fails (say one call names a project the directory does not know),
 every call of the group is written again on its own, so one caller's mistake never fails
@@ -18,7 +25,11 @@ the call is acknowledged, with no claim transaction of its own in between.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -26,6 +37,8 @@ from typing import Protocol
 from dembrane.webhooks.domain.payload import EventData
 from dembrane.webhooks.store import outbox
 from dembrane.webhooks.store.database import Database, Transaction
+
+log = logging.getLogger(__name__)
 
 #: The most events one shared transaction takes; a call is never split.
 MAX_GROUP_EVENTS = 1000
@@ -52,6 +65,19 @@ class _Call:
     )
 
 
+@dataclass
+class _Write:
+    """One shared transaction: handed to the store's thread, answered on the event loop."""
+
+    claimer: Claimer | None
+    lease: outbox.Lease | None
+    #: The calls it took when it started (empty until then).
+    group: list[_Call] = field(default_factory=list)
+    published: outbox.Published = field(default_factory=outbox.Published)
+    outcomes: list[outbox.PublishOutcome] = field(default_factory=list)
+    error: BaseException | None = None
+
+
 class PublishQueue:
     """Writes publish calls in shared transactions, one transaction at a time."""
 
@@ -66,78 +92,106 @@ class PublishQueue:
         self._dashboard_base_url = dashboard_base_url
         self._on_stored = on_stored
         self._claimer = claimer
-        self._waiting: list[_Call] = []
-        #: The calls of the transaction being written.
-        self._current: list[_Call] = []
-        self._writer: asyncio.Task[None] | None = None
+        #: Guards ``_waiting`` and ``_write_queued``, shared with the store's thread.
+        self._lock = threading.Lock()
+        #: Held for a transaction: one at a time, even where the store has several threads.
+        self._writing = threading.Lock()
+        self._waiting: deque[_Call] = deque()
+        #: Whether a transaction is handed over that has not taken its calls yet.
+        self._write_queued = False
+        #: Calls written again one by one after their shared transaction failed.
+        self._retries: set[asyncio.Task[None]] = set()
 
     async def publish(self, events: Sequence[EventData]) -> list[outbox.PublishOutcome]:
         """Store ``events`` (one call's, all or nothing) and their deliveries."""
         call = _Call(events)
-        self._waiting.append(call)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_all(), name="webhooks-publish")
-            self._writer.add_done_callback(self._writer_done)
-        # Shielded: a caller that goes away must not cancel a transaction others wait on.
+        with self._lock:
+            self._waiting.append(call)
+            hand_over = not self._write_queued
+            self._write_queued = True
+        if hand_over:
+            self._hand_over(asyncio.get_running_loop())
+        # Shielded: a caller that goes away leaves its events to be written all the same.
         return await asyncio.shield(call.done)
 
-    async def _write_all(self) -> None:
-        while self._waiting:
-            group = self._take_group()
-            self._current = group
-            try:
-                await self._write_group(group)
-            except Exception:
-                await self._write_each(group)
-            self._current = []
-
-    def _writer_done(self, task: asyncio.Task[None]) -> None:
-        """Never leave a caller waiting on a writer that is gone (cancelled at shutdown)."""
-        error = None if task.cancelled() else task.exception()
-        if (error is None and not task.cancelled()) or task is not self._writer:
-            # Finished with nothing left, or a newer writer owns what waits now.
-            return
-        stranded, self._current, self._waiting = self._current + self._waiting, [], []
-        for call in stranded:
-            if call.done.done():
-                continue
-            if error is None:
-                call.done.cancel()
-            else:
-                call.done.set_exception(error)
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Give the store's thread a transaction for the calls waiting when it starts."""
+        claimer = self._claimer()
+        write = _Write(claimer, None if claimer is None else claimer.lease_request())
+        try:
+            self._db.submit(self._write_on_store_thread, write, loop)
+        except RuntimeError as error:  # the store is closed: the service is stopping
+            with self._lock:
+                write.group = self._take_group()
+            write.error = error
+            self._written(write)
 
     def _take_group(self) -> list[_Call]:
+        """The calls of the next transaction (hold ``_lock``); later ones wait for another."""
         group: list[_Call] = []
         total = 0
         while self._waiting:
             size = len(self._waiting[0].events)
             if group and total + size > MAX_GROUP_EVENTS:
                 break
-            group.append(self._waiting.pop(0))
+            group.append(self._waiting.popleft())
             total += size
+        self._write_queued = False
         return group
 
-    async def _write_group(self, group: list[_Call]) -> None:
-        events = [event for call in group for event in call.events]
-        claimer = self._claimer()
-        lease = None if claimer is None else claimer.lease_request()
-        published = outbox.Published()
+    def _write_on_store_thread(self, write: _Write, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            outcomes = await self._db.run_driver(self._store, events, lease, published)
-        except BaseException:
+            with self._writing:
+                with self._lock:
+                    write.group = self._take_group()
+                events = [event for call in write.group for event in call.events]
+                if events:
+                    write.outcomes = self._db.call_driver(
+                        self._store, events, write.lease, write.published
+                    )
+        except BaseException as error:  # answered on the event loop, like a result
+            write.error = error
+        # A closed event loop has nobody left to answer.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._written, write)
+
+    def _written(self, write: _Write) -> None:
+        """Answer the calls of a finished transaction (on the event loop)."""
+        claimer, lease = write.claimer, write.lease
+        if write.error is not None:
             if claimer is not None and lease is not None:
                 claimer.lease_abandoned(lease)
-            raise
-        if claimer is not None and lease is not None:
-            claimer.admit_leased(lease, published.claims)
-        if lease is None or published.left_due:
-            self._stored(outcomes)
-        start = 0
-        for call in group:
-            end = start + len(call.events)
-            if not call.done.done():
-                call.done.set_result(outcomes[start:end])
-            start = end
+            if write.group:
+                retry = asyncio.get_running_loop().create_task(
+                    self._write_each(write.group), name="webhooks-publish-each"
+                )
+                self._retries.add(retry)
+                retry.add_done_callback(self._retries.discard)
+        else:
+            try:
+                if claimer is not None and lease is not None:
+                    claimer.admit_leased(lease, write.published.claims)
+                if lease is None or write.published.left_due:
+                    self._stored(write.outcomes)
+            except Exception:
+                # The events are stored: their callers hear so all the same, and rows the
+                # dispatcher did not take are sent once their lease runs out.
+                log.exception(
+                    "handing %d new deliveries to the dispatcher failed",
+                    len(write.published.claims),
+                )
+            start = 0
+            for call in write.group:
+                end = start + len(call.events)
+                if not call.done.done():
+                    call.done.set_result(write.outcomes[start:end])
+                start = end
+        with self._lock:
+            hand_over = bool(self._waiting) and not self._write_queued
+            self._write_queued = self._write_queued or hand_over
+        if hand_over:
+            # Calls beyond the last transaction's limit: the next one takes them.
+            self._hand_over(asyncio.get_running_loop())
 
     async def _write_each(self, group: list[_Call]) -> None:
         for call in group:
