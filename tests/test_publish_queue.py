@@ -284,3 +284,26 @@ async def test_a_store_that_fails_before_the_transaction_starts_answers_every_ca
     outcomes = await asyncio.wait_for(queue.publish([report("after")]), timeout=5)
     assert [o.event_id for o in outcomes] == ["after"]
     database.close()
+
+
+async def test_a_caller_that_goes_away_leaves_the_others_answered_and_its_events_stored(
+    database: Database,
+) -> None:
+    """A caller cancelled while its call waits (a client that hung up) stops waiting, but the
+    transaction goes on: the calls grouped with it get their answers, and its events are
+    stored all the same, as the caller may already count on."""
+    queue = PublishQueue(database, "https://dash.example.test", lambda: None)
+    store = HeldStore(queue)
+    first = asyncio.create_task(queue.publish([report("a1")]))
+    await asyncio.to_thread(store.started.wait, 10)
+    gone = asyncio.create_task(queue.publish([report("gone-1")]))
+    kept = asyncio.create_task(queue.publish([report("kept-1")]))
+    await asyncio.sleep(0.05)
+    gone.cancel()
+    store.release.set()
+    answers = await asyncio.wait_for(asyncio.gather(first, kept), timeout=10)
+    assert [o.event_id for outcomes in answers for o in outcomes] == ["a1", "kept-1"]
+    assert gone.cancelled()
+    assert [count for count, _at in store.runs] == [1, 2]
+    assert database.call(lambda s: outbox.event_row(s, "gone-1")) is not None
+    database.close()
