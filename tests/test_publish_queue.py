@@ -216,17 +216,26 @@ class HeldStore:
         return result
 
 
+async def behind_a_held_transaction(
+    database: Database, later_ids: list[str]
+) -> tuple[HeldStore, asyncio.Task[Any], list[asyncio.Task[Any]]]:
+    """A queue whose first transaction (event a1) is held on the store's thread, with a call
+    for each of ``later_ids`` waiting behind it: the store, the first call, the later ones."""
+    queue = PublishQueue(database, "https://dash.example.test", lambda: None)
+    store = HeldStore(queue)
+    first = asyncio.create_task(queue.publish([report("a1")]))
+    await asyncio.to_thread(store.started.wait, 10)
+    later = [asyncio.create_task(queue.publish([report(i)])) for i in later_ids]
+    await asyncio.sleep(0.05)
+    return store, first, later
+
+
 async def test_the_next_transaction_starts_without_waiting_for_the_event_loop(
     database: Database,
 ) -> None:
     """Calls that arrive while a transaction is written go together into the next one, which
     the store starts as soon as the first is done, even while the event loop is busy."""
-    queue = PublishQueue(database, "https://dash.example.test", lambda: None)
-    store = HeldStore(queue)
-    first = asyncio.create_task(queue.publish([report("a1")]))
-    await asyncio.to_thread(store.started.wait, 10)
-    later = [asyncio.create_task(queue.publish([report(f"b{i}")])) for i in range(3)]
-    await asyncio.sleep(0.05)
+    store, first, later = await behind_a_held_transaction(database, ["b0", "b1", "b2"])
     store.release.set()
     time.sleep(0.5)  # noqa: ASYNC251 - the event loop is kept busy on purpose
     busy_until = time.monotonic()
@@ -243,12 +252,7 @@ async def test_calls_beyond_one_transactions_limit_go_in_the_next(
     """When more calls wait than one transaction takes, the rest go into the following ones;
     none is left waiting."""
     monkeypatch.setattr(publish_queue, "MAX_GROUP_EVENTS", 2)
-    queue = PublishQueue(database, "https://dash.example.test", lambda: None)
-    store = HeldStore(queue)
-    first = asyncio.create_task(queue.publish([report("a1")]))
-    await asyncio.to_thread(store.started.wait, 10)
-    later = [asyncio.create_task(queue.publish([report(f"b{i}")])) for i in range(5)]
-    await asyncio.sleep(0.05)
+    store, first, later = await behind_a_held_transaction(database, [f"b{i}" for i in range(5)])
     store.release.set()
     answers = await asyncio.wait_for(asyncio.gather(first, *later), timeout=10)
     assert [len(outcomes) for outcomes in answers] == [1] * 6
@@ -292,13 +296,7 @@ async def test_a_caller_that_goes_away_leaves_the_others_answered_and_its_events
     """A caller cancelled while its call waits (a client that hung up) stops waiting, but the
     transaction goes on: the calls grouped with it get their answers, and its events are
     stored all the same, as the caller may already count on."""
-    queue = PublishQueue(database, "https://dash.example.test", lambda: None)
-    store = HeldStore(queue)
-    first = asyncio.create_task(queue.publish([report("a1")]))
-    await asyncio.to_thread(store.started.wait, 10)
-    gone = asyncio.create_task(queue.publish([report("gone-1")]))
-    kept = asyncio.create_task(queue.publish([report("kept-1")]))
-    await asyncio.sleep(0.05)
+    store, first, (gone, kept) = await behind_a_held_transaction(database, ["gone-1", "kept-1"])
     gone.cancel()
     store.release.set()
     answers = await asyncio.wait_for(asyncio.gather(first, kept), timeout=10)
