@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, TypeVar, cast
 
 import psycopg
 from sqlalchemy import Engine, create_engine, event, text
@@ -343,8 +343,8 @@ class Database:
         """Like ``run`` (``run_relaxed`` when ``relaxed``), for functions that take a
         ``Transaction``: on SQLite they get the driver's connection without a Session."""
         loop = asyncio.get_running_loop()
-        call = self._call_on_driver if self.is_sqlite else self._call_with
-        return await loop.run_in_executor(self._executor, call, fn, args, not relaxed)
+        call = functools.partial(self.call_driver, fn, *args, relaxed=relaxed)
+        return await loop.run_in_executor(self._executor, call)
 
     def call_driver(self, fn: Callable[..., T], *args: Any, relaxed: bool = False) -> T:
         """``run_driver``'s transaction, synchronously (on one of the store's threads)."""
@@ -390,8 +390,7 @@ class Database:
         pooled = self.engine.raw_connection()
         try:
             self._set_synchronous(pooled, durable)
-            connection = pooled.driver_connection
-            assert isinstance(connection, sqlite3.Connection)
+            connection = cast(sqlite3.Connection, pooled.driver_connection)
             try:
                 result = fn(DriverSession(connection), *args)
                 connection.commit()
