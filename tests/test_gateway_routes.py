@@ -199,6 +199,14 @@ def test_openapi_speaks_of_rest_where_the_protos_speak_of_grpc_fields() -> None:
     assert "X-Next-Page-Token" in token["description"]
 
 
+def test_openapi_bounds_the_grace_period_as_the_server_does() -> None:
+    """A rotation's grace period is 0 to 7 days; the schema says so, so that clients and
+    validators refuse a longer one before the server does."""
+    schemas = build_openapi(ROUTES)["components"]["schemas"]
+    grace = schemas["RotateWebhookSecretBody"]["properties"]["grace_period_seconds"]
+    assert (grace["minimum"], grace["maximum"]) == (0, 7 * 24 * 3600)
+
+
 def test_openapi_offers_only_settable_statuses_in_requests() -> None:
     schemas = build_openapi(ROUTES)["components"]["schemas"]
     settable = ["published", "draft", "archived"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from pathlib import Path
 
 import grpc
@@ -448,6 +449,29 @@ async def test_rotation_keeps_the_previous_secret_for_the_grace_period(
             ),
             metadata=admin(tokens),
         )
+    assert "grace_period" in rich_error(caught.value).violations
+
+
+async def test_a_grace_period_of_exactly_seven_days_is_taken(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """The longest grace period (7 days, the OpenAPI schema's maximum) is allowed, a second
+    more is not: the schema and the server draw the line in the same place."""
+    created = await create(stubs, tokens, secret="first-secret-value")
+
+    def rotate(seconds: int) -> pb.RotateWebhookSecretRequest:
+        return pb.RotateWebhookSecretRequest(
+            project_id="p-paid",
+            webhook_id=created.webhook.id,
+            grace_period=duration_pb2.Duration(seconds=seconds),
+        )
+
+    before = time.time()
+    rotated = await stubs.webhooks.RotateWebhookSecret(rotate(7 * 86400), metadata=admin(tokens))
+    expires = rotated.previous_secret_expire_time.seconds
+    assert int(before) + 7 * 86400 - 1 <= expires <= time.time() + 7 * 86400 + 1
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stubs.webhooks.RotateWebhookSecret(rotate(7 * 86400 + 1), metadata=admin(tokens))
     assert "grace_period" in rich_error(caught.value).violations
 
 

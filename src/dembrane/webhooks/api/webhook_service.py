@@ -34,6 +34,8 @@ from dembrane.webhooks.domain.payload import (
     test_event,
 )
 from dembrane.webhooks.domain.webhooks import (
+    DEFAULT_GRACE_SECONDS,
+    MAX_GRACE_SECONDS,
     URL_MAX,
     WebhookStatus,
     check_events,
@@ -52,8 +54,6 @@ from dembrane.webhooks.v1 import webhook_service_pb2 as pb
 T = TypeVar("T")
 
 UPDATABLE_FIELDS = ("name", "url", "events", "secret", "status")
-DEFAULT_GRACE_SECONDS = 24 * 3600
-MAX_GRACE_SECONDS = 7 * 24 * 3600
 
 Context = grpc.aio.ServicerContext[object, object]
 

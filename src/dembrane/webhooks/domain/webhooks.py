@@ -23,6 +23,10 @@ NAME_MAX = 200
 URL_MAX = 2048
 SECRET_MIN = 8
 SECRET_MAX = 256
+#: How long a rotated-out secret keeps signing, unless the rotation says otherwise.
+DEFAULT_GRACE_SECONDS = 24 * 3600
+#: The longest grace period a rotation may ask for.
+MAX_GRACE_SECONDS = 7 * 24 * 3600
 #: The prefix of secrets in the Standard Webhooks form: ``whsec_`` + base64 of the key.
 STANDARD_PREFIX = "whsec_"
 

@@ -14,6 +14,7 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor
 
 from dembrane.webhooks import __version__
+from dembrane.webhooks.domain.webhooks import MAX_GRACE_SECONDS
 from dembrane.webhooks.gateway.comments import api_comments
 from dembrane.webhooks.gateway.json_mapping import (
     FieldKind,
@@ -301,6 +302,9 @@ class _DocumentBuilder:
                 schema = {"type": "number", "description": "Seconds."}
                 if request:
                     schema["minimum"] = 0
+                    longest = _LONGEST_DURATIONS.get(field.descriptor.full_name)
+                    if longest is not None:
+                        schema["maximum"] = longest
                 return schema
             case FieldKind.OBJECT:
                 return {"type": "object"}
@@ -308,6 +312,12 @@ class _DocumentBuilder:
                 return self._message_ref(field.message_type)
             case _:
                 raise TypeError(f"No schema for {field.descriptor.full_name}.")
+
+
+#: Request durations the service bounds above, in seconds, by the field's full proto name.
+_LONGEST_DURATIONS = {
+    "dembrane.webhooks.v1.RotateWebhookSecretRequest.grace_period": MAX_GRACE_SECONDS,
+}
 
 
 def _shadowing_literals(route: Route, parameter: str, routes: Sequence[Route]) -> set[str]:
