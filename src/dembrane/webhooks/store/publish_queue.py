@@ -107,8 +107,7 @@ class PublishQueue:
         call = _Call(events)
         with self._lock:
             self._waiting.append(call)
-            hand_over = not self._write_queued
-            self._write_queued = True
+            hand_over = self._needs_hand_over()
         if hand_over:
             self._hand_over(asyncio.get_running_loop())
         # A caller that goes away cancels only its own answer: its events are written all the
@@ -123,29 +122,35 @@ class PublishQueue:
         try:
             self._db.submit(self._write_on_store_thread, write, loop)
         except RuntimeError as error:  # the store is closed: the service is stopping
-            with self._lock:
-                write.group = self._take_group()
+            write.group = self._take_group()
             write.error = error
             self._written(write)
 
+    def _needs_hand_over(self) -> bool:
+        """Whether calls wait with no transaction handed over for them; if so, the caller
+        hands one over now (hold ``_lock``)."""
+        hand_over = bool(self._waiting) and not self._write_queued
+        self._write_queued |= hand_over
+        return hand_over
+
     def _take_group(self) -> list[_Call]:
-        """The calls of the next transaction (hold ``_lock``); later ones wait for another."""
+        """The calls of the next transaction; later ones wait for another."""
         group: list[_Call] = []
         total = 0
-        while self._waiting:
-            size = len(self._waiting[0].events)
-            if group and total + size > MAX_GROUP_EVENTS:
-                break
-            group.append(self._waiting.popleft())
-            total += size
-        self._write_queued = False
+        with self._lock:
+            while self._waiting:
+                size = len(self._waiting[0].events)
+                if group and total + size > MAX_GROUP_EVENTS:
+                    break
+                group.append(self._waiting.popleft())
+                total += size
+            self._write_queued = False
         return group
 
     def _write_on_store_thread(self, write: _Write, loop: asyncio.AbstractEventLoop) -> None:
         try:
             with self._writing:
-                with self._lock:
-                    write.group = self._take_group()
+                write.group = self._take_group()
                 events = [event for call in write.group for event in call.events]
                 if events:
                     write.outcomes = self._db.call_driver(
@@ -189,8 +194,7 @@ class PublishQueue:
                     call.done.set_result(write.outcomes[start:end])
                 start = end
         with self._lock:
-            hand_over = bool(self._waiting) and not self._write_queued
-            self._write_queued = self._write_queued or hand_over
+            hand_over = self._needs_hand_over()
         if hand_over:
             # Calls beyond the last transaction's limit: the next one takes them.
             self._hand_over(asyncio.get_running_loop())
