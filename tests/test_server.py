@@ -639,6 +639,8 @@ async def _refused_while_read_only(
     await read_only(True)
     try:
         await _health_becomes(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # What /healthz on the metrics port says too.
+        assert service.problem() == "The store is unavailable."
         await _refuses_for_want_of_store(stubs, tokens, world)
     finally:
         await read_only(False)
@@ -752,20 +754,92 @@ async def test_metrics_count_what_was_published_and_sent(
     assert not any("evt-metrics" in key or world.paid_project in key for key in after)
 
 
+async def _get_json(url: str) -> tuple[int, object]:
+    async with aiohttp.ClientSession() as http, http.get(url) as reply:
+        if reply.content_type != "application/json":
+            return reply.status, await reply.text()
+        return reply.status, await reply.json()
+
+
 async def test_metrics_can_have_a_port_of_their_own(tmp_path: Path) -> None:
-    """WEBHOOKS_METRICS_PORT serves /metrics apart from the gateway (a worker has none), and
-    only there: another path is 404, so a health probe pointed at it by mistake fails."""
+    """WEBHOOKS_METRICS_PORT serves /metrics apart from the gateway (a worker has none) and
+    /healthz, the worker's probe; any other path is 404, so a probe pointed at a wrong
+    path fails."""
     port = unused_port()
     running = Service(make_settings(tmp_path, metrics_port=port), Parts(grpc=False, gateway=False))
     await running.start()
     try:
         values = await _metric_values(f"http://127.0.0.1:{port}/metrics")
         assert "webhooks_deliveries_in_flight{}" in values
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{port}/healthz") as reply,
-        ):
-            assert reply.status == 404
+        assert await _get_json(f"http://127.0.0.1:{port}/healthz") == (200, {"status": "ok"})
+        status, text = await _get_json(f"http://127.0.0.1:{port}/health")
+        assert (status, text) == (404, "Not found; this port serves /metrics and /healthz.\n")
+    finally:
+        await running.stop()
+
+
+def test_a_process_is_unhealthy_until_started_and_once_stopping(tmp_path: Path) -> None:
+    """Health probes hear "starting" before every part runs, so an orchestrator sends no
+    work to a process that cannot take it yet."""
+    service = Service(make_settings(tmp_path), Parts(grpc=False, gateway=False))
+    assert service.problem() == "The service is starting."
+
+
+async def test_a_stopping_worker_reports_it_on_its_health_port(tmp_path: Path) -> None:
+    """From the moment stopping begins, the worker's /healthz answers 503 "shutting down",
+    while its dispatcher still finishes what it holds."""
+    port = unused_port()
+    running = Service(make_settings(tmp_path, metrics_port=port), Parts(grpc=False, gateway=False))
+    await running.start()
+    assert running.problem() is None
+    assert running.dispatcher is not None
+    finishing = asyncio.Event()
+    real_stop = running.dispatcher.stop
+
+    async def slow_stop() -> None:
+        finishing.set()
+        await asyncio.sleep(0.3)
+        await real_stop()
+
+    running.dispatcher.stop = slow_stop  # type: ignore[method-assign]
+    stopping = asyncio.create_task(running.stop())
+    await finishing.wait()
+    status, body = await _get_json(f"http://127.0.0.1:{port}/healthz")
+    await stopping
+    assert (status, body) == (
+        503,
+        {"status": "unavailable", "detail": "The service is shutting down."},
+    )
+
+
+@pytest.mark.sqlite_only
+async def test_a_worker_without_its_store_is_unhealthy(tmp_path: Path) -> None:
+    """A worker whose store is gone answers /healthz with 503 and says why, once its
+    dispatcher next looks at the store: an orchestrator can restart or page on it."""
+    port = unused_port()
+    settings = make_settings(tmp_path, metrics_port=port)
+    running = Service(settings, Parts(grpc=False, gateway=False))
+    await running.start()
+    try:
+        assert running.resources is not None
+        path = Path(running.resources.database.engine.url.database or "")
+        for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            name.unlink(missing_ok=True)
+        await asyncio.sleep(FILE_CHECK_SECONDS + 0.05)
+        running.resources.wake_dispatcher()
+        url = f"http://127.0.0.1:{port}/healthz"
+        for _ in range(100):
+            status, body = await _get_json(url)
+            if status != 200:
+                break
+            await asyncio.sleep(0.05)
+        assert (status, body) == (
+            503,
+            {
+                "status": "unavailable",
+                "detail": "The store is unavailable; deliveries wait until it is back.",
+            },
+        )
     finally:
         await running.stop()
 

@@ -15,6 +15,7 @@ Every update happens on the event loop's thread, so plain additions are safe.
 from __future__ import annotations
 
 import bisect
+import json
 import os
 import socket
 import threading
@@ -194,21 +195,47 @@ class _QuietHandler(WSGIRequestHandler):
         return
 
 
-def serve_metrics(port: int, host: str) -> WSGIServer:
-    """Serve ``GET /metrics`` on ``host:port`` from a thread; any other path is 404, so a
-    health probe pointed here by mistake does not pass. Stop it with ``shutdown()``."""
+def serve_metrics(
+    port: int, host: str, health: Callable[[], str | None] | None = None
+) -> WSGIServer:
+    """Serve ``GET /metrics`` on ``host:port`` from a thread. Stop it with ``shutdown()``.
+
+    With ``health`` (what stops the process from doing its work now, or None), ``GET /healthz``
+    answers 200 ``{"status": "ok"}`` or 503 with that sentence: the probe of a ``worker``,
+    which has no REST port. Any other path is 404, so a probe pointed at the wrong path fails.
+    """
     metrics_app = make_wsgi_app()
 
-    def only_metrics(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/metrics":
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO")
+        if path == "/metrics":
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/healthz" and health is not None:
+            return _health_answer(health(), start_response)
         start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"Not found; the metrics are at /metrics.\n"]
+        where = "/metrics and /healthz" if health is not None else "/metrics"
+        return [f"Not found; this port serves {where}.\n".encode()]
 
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
-    server: WSGIServer = make_server(
-        host, port, only_metrics, server_class, handler_class=_QuietHandler
-    )
+    server: WSGIServer = make_server(host, port, app, server_class, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
+
+
+def _health_answer(problem: str | None, start_response: Any) -> list[bytes]:
+    """The answer of ``/healthz``, shaped as the REST gateway's."""
+    if problem is None:
+        status, body = "200 OK", {"status": "ok"}
+    else:
+        status, body = "503 Service Unavailable", {"status": "unavailable", "detail": problem}
+    payload = json.dumps(body).encode()
+    start_response(
+        status,
+        [
+            ("Content-Type", "application/json; charset=utf-8"),
+            ("Content-Length", str(len(payload))),
+            ("Cache-Control", "no-store"),
+        ],
+    )
+    return [payload]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 from wsgiref.simple_server import WSGIServer
@@ -58,6 +59,9 @@ class Service:
         self._sender: RequestSender | None = None
         self._lock: IO[bytes] | None = None
         self._metrics: WSGIServer | None = None
+        #: Set once every part has started, cleared when stopping begins (see ``problem``).
+        self._running = False
+        self._stopping = False
         self.grpc_port = 0
         self.http_port = 0
 
@@ -76,6 +80,21 @@ class Service:
         except BaseException:
             await self.stop()
             raise
+        self._running = True
+
+    def problem(self) -> str | None:
+        """What keeps this process from doing its work now, in a sentence; None when nothing
+        does. ``/healthz`` on the metrics port answers with it (read from that port's thread).
+        """
+        if self._stopping:
+            return "The service is shutting down."
+        if not self._running:
+            return "The service is starting."
+        if self.grpc is not None and not self.grpc.store_available:
+            return "The store is unavailable."
+        if self.dispatcher is not None:
+            return self.dispatcher.problem()
+        return None
 
     async def _start(self) -> None:
         settings = self.settings
@@ -103,7 +122,7 @@ class Service:
             log.info("gRPC listening on %s", self.grpc_target)
         # Every port is bound before the dispatcher starts: a port that is taken stops the
         # start-up before anything is sent.
-        self._metrics = start_metrics(settings)
+        self._metrics = start_metrics(settings, self.problem)
         if self.parts.gateway and self.parts.grpc:
             app = create_app(
                 grpc_target=self.grpc_target,
@@ -120,6 +139,7 @@ class Service:
 
     async def stop(self) -> None:
         """Stop taking calls, let in-flight ones finish, then release the dispatcher's work."""
+        self._running, self._stopping = False, True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SHUTDOWN_GRACE_SECONDS
         if self.grpc is not None:
@@ -154,13 +174,15 @@ def file_problem(error: OSError) -> str:
     )
 
 
-def start_metrics(settings: Settings) -> WSGIServer | None:
-    """Serve ``/metrics`` on ``WEBHOOKS_METRICS_PORT`` when it is set; stop it with
-    ``shutdown()`` and ``server_close()``."""
+def start_metrics(
+    settings: Settings, health: Callable[[], str | None] | None = None
+) -> WSGIServer | None:
+    """Serve ``/metrics`` on ``WEBHOOKS_METRICS_PORT`` when it is set, and ``/healthz`` from
+    ``health`` when given; stop it with ``shutdown()`` and ``server_close()``."""
     if not settings.metrics_port:
         return None
     try:
-        server = serve_metrics(settings.metrics_port, settings.bind)
+        server = serve_metrics(settings.metrics_port, settings.bind, health)
     except OSError as error:
         problem = LISTEN_PROBLEMS.get(error.errno or 0, error.strerror or str(error))
         raise StartupError(

@@ -80,6 +80,8 @@ class GrpcServer:
         self.port = port
         self.health = health_servicer
         self.admission = admission
+        #: Whether the last look at the store found it taking writes.
+        self.store_available = True
         self._watch = asyncio.create_task(self._watch_store(database), name="webhooks-health")
 
     async def _watch_store(self, database: Database) -> None:
@@ -96,6 +98,7 @@ class GrpcServer:
                 healthy, detail = True, ""
             except Exception as error:
                 healthy, detail = False, describe_store_error(error)
+            self.store_available = healthy
             if healthy == serving:
                 continue
             serving = healthy

@@ -463,6 +463,16 @@ class Dispatcher:
             self._listener.start()
         self._r.claimer = self
 
+    def problem(self) -> str | None:
+        """What keeps this dispatcher from delivering now, in a sentence; None when nothing
+        does (for health probes, which may ask from another thread)."""
+        task = self._claim_task
+        if task is None or task.done():
+            return "The dispatcher is not running."
+        if self._claim_outage.ongoing or self._flush_outage.ongoing:
+            return "The store is unavailable; deliveries wait until it is back."
+        return None
+
     async def stop(self) -> None:
         """Stop claiming, hand back or finish what is held, and write every outcome."""
         claim_task, self._claim_task = self._claim_task, None

@@ -142,6 +142,11 @@ class OutageLog:
                 describe_store_error(error),
             )
 
+    @property
+    def ongoing(self) -> bool:
+        """Whether the store has been out of reach since the work last went through."""
+        return self._since is not None
+
     def succeeded(self) -> None:
         """Note that the work went through; ends an outage."""
         if self._since is not None:
