@@ -7,13 +7,17 @@ and side B, each on its own SQLite file with its own sender process and its own 
 one shared receiver, and publishes to them in turns: single-event ``PublishEvent`` calls at
 a steady rate for a few seconds, A then B, then B then A, round after round. Both sides
 therefore meet the same machine. It prints, for each side, the acknowledgement and
-publish-to-receiver p50/p99 over all its rounds and round by round, and in how many rounds
-B was faster.
+publish-to-receiver p50/p99 over all its rounds and round by round, the CPU time the
+service (its sender processes included) used per event in each round, and in how many
+rounds B was faster or used less CPU. With ``--batch N`` the rounds publish ``PublishEvents``
+calls of N events at the same event rate, as scenario 2 does: the CPU per event then
+shows the cost of the delivery path more than that of a call.
 
     python -m bench.compare --b WEBHOOKS_SENDER_PROCESSES=0
     python -m bench.compare --b-serve-arg=--no-dispatcher        # publishing alone
     python -m bench.compare --b-source ../other-checkout/src      # another version's code
     python -m bench.compare --rounds 12 --seconds 4 --rate 300
+    python -m bench.compare --b-source ../other/src --batch 100 --rate 2000   # CPU per event
 
 Settings not given keep the benchmark's (``bench/service.py``). With ``--no-dispatcher`` a
 side delivers nothing, and its publish-to-receiver figures are left out.
@@ -55,6 +59,8 @@ class Side:
     acks: list[float] = field(default_factory=list)
     to_receiver: list[float] = field(default_factory=list)
     rounds: list[tuple[float, float]] = field(default_factory=list)
+    #: CPU seconds per event, round by round (None where ``/proc`` could not tell).
+    cpu: list[float | None] = field(default_factory=list)
     service: ServiceProcess | None = None
     client: BenchClient | None = None
     hook: int = 0
@@ -103,28 +109,43 @@ async def _start(side: Side, receiver: ReceiverProcess, workdir: Path) -> None:
 
 
 async def _round(
-    side: Side, receiver: ReceiverProcess, number: int, rate: float, seconds: float
+    side: Side, receiver: ReceiverProcess, number: int, rate: float, seconds: float, batch: int
 ) -> None:
     client = side.client
+    service = side.service
     assert client is not None
-    count = int(rate * seconds)
-    events = [make_event(f"cmp-{side.name}-{number}-{i}", _PROJECT) for i in range(count)]
+    assert service is not None
+    calls = max(1, int(rate * seconds / batch))
+    events = [make_event(f"cmp-{side.name}-{number}-{i}", _PROJECT) for i in range(calls * batch)]
     sent_at: dict[str, float] = {}
     acks: list[float] = []
 
     async def publish(index: int) -> None:
-        event = events[index]
+        chunk = events[index * batch : (index + 1) * batch]
         wall, started = time.time(), time.perf_counter()
-        await client.publish_one(event)
+        if batch == 1:
+            await client.publish_one(chunk[0])
+        else:
+            await client.publish_batch(chunk)
         acks.append(time.perf_counter() - started)
-        sent_at[event.id] = wall
+        for event in chunk:
+            sent_at[event.id] = wall
 
     await receiver.reset()
-    await paced(rate, count, publish)
+    cpu_before = service.cpu_seconds()
+    await paced(rate / batch, calls, publish)
     if side.delivers:
-        await receiver.wait_delivered(count, deadline=time.monotonic() + _DELIVERY_DEADLINE_SECONDS)
+        await receiver.wait_delivered(
+            len(events), deadline=time.monotonic() + _DELIVERY_DEADLINE_SECONDS
+        )
         arrivals = await receiver.arrivals()
         side.to_receiver += [arrivals[i] - sent_at[i] for i in sent_at if i in arrivals]
+    # Every outcome is written within a flush interval of its arrival.
+    await asyncio.sleep(0.2)
+    cpu_after = service.cpu_seconds()
+    side.cpu.append(
+        None if cpu_before is None or cpu_after is None else (cpu_after - cpu_before) / len(events)
+    )
     side.acks += acks
     side.rounds.append((percentile(acks, 50) or 0.0, percentile(acks, 99) or 0.0))
 
@@ -151,6 +172,10 @@ def _report(a: Side, b: Side) -> str:
             "  ack p50/p99 by round (ms): "
             + " ".join(f"{p50 * 1000:.0f}/{p99 * 1000:.0f}" for p50, p99 in side.rounds)
         )
+        lines.append(
+            f"  CPU per event (ms): median {_cpu_ms(_median(side.cpu))}; by round: "
+            + " ".join(_cpu_ms(value) for value in side.cpu)
+        )
     rounds = len(a.rounds)
     faster50 = sum(pb[0] < pa[0] for pa, pb in zip(a.rounds, b.rounds, strict=True))
     faster99 = sum(pb[1] < pa[1] for pa, pb in zip(a.rounds, b.rounds, strict=True))
@@ -160,7 +185,25 @@ def _report(a: Side, b: Side) -> str:
         f"B against A: ack p50 {ratio}; B faster in {faster50} of {rounds} rounds at p50, "
         f"{faster99} of {rounds} at p99"
     )
+    cheaper = sum(
+        pb is not None and pa is not None and pb < pa for pa, pb in zip(a.cpu, b.cpu, strict=True)
+    )
+    cpu_a, cpu_b = _median(a.cpu), _median(b.cpu)
+    cpu_ratio = f"{cpu_b / cpu_a:.2f}x" if cpu_a and cpu_b else "-"
+    lines.append(
+        f"B against A: CPU per event {cpu_ratio} (medians); B used less in {cheaper} of "
+        f"{rounds} rounds"
+    )
     return "\n".join(lines)
+
+
+def _cpu_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.3f}"
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    return percentile(known, 50) if known else None
 
 
 def _settings(items: Sequence[str]) -> dict[str, str]:
@@ -173,7 +216,9 @@ def _settings(items: Sequence[str]) -> dict[str, str]:
     return settings
 
 
-async def compare(a: Side, b: Side, *, rounds: int, seconds: float, rate: float) -> str:
+async def compare(
+    a: Side, b: Side, *, rounds: int, seconds: float, rate: float, batch: int = 1
+) -> str:
     with tempfile.TemporaryDirectory(prefix="webhooks-compare-") as folder:
         workdir = Path(folder)
         async with ReceiverProcess() as receiver:
@@ -183,7 +228,7 @@ async def compare(a: Side, b: Side, *, rounds: int, seconds: float, rate: float)
                 for number in range(rounds):
                     order = (a, b) if number % 2 == 0 else (b, a)
                     for side in order:
-                        await _round(side, receiver, number, rate, seconds)
+                        await _round(side, receiver, number, rate, seconds, batch)
                         # Let the side just measured finish its writes before the other starts.
                         await asyncio.sleep(1.0)
                     print(f"round {number + 1} of {rounds} done", file=sys.stderr)
@@ -227,10 +272,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     parser.add_argument("--rounds", type=int, default=8, help="rounds per side (default 8)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of a round")
-    parser.add_argument("--rate", type=float, default=500.0, help="calls per second")
+    parser.add_argument("--rate", type=float, default=500.0, help="events per second")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="events per call: 1 (the default) publishes with PublishEvent, more with "
+        "PublishEvents, as scenario 2 does",
+    )
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.seconds <= 0 or args.rate <= 0:
-        parser.error("--rounds, --seconds and --rate must be positive")
+    if args.rounds < 1 or args.seconds <= 0 or args.rate <= 0 or args.batch < 1:
+        parser.error("--rounds, --seconds, --rate and --batch must be positive")
     sides = [
         Side(
             name=name.upper(),
@@ -241,7 +293,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         for index, name in enumerate(("a", "b"))
     ]
-    report = asyncio.run(compare(*sides, rounds=args.rounds, seconds=args.seconds, rate=args.rate))
+    report = asyncio.run(
+        compare(*sides, rounds=args.rounds, seconds=args.seconds, rate=args.rate, batch=args.batch)
+    )
     print(report)
 
 

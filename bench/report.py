@@ -251,8 +251,9 @@ One run measures each figure once, and this machine's speed drifts by up to a th
 minutes, so a single run cannot show a change smaller than that. `bench.compare` runs two
 services side by side (different settings, `serve` arguments, or another checkout's code
 with `--b-source`) and publishes to them in alternating rounds of single-event calls at
-500/s, so both meet the same machine; it reports each side's acknowledgement and
-publish-to-receiver p50/p99 and in how many rounds each was faster.
+500/s (or, with `--batch 100 --rate 2000`, calls of 100 events as scenario 2 makes), so
+both meet the same machine; it reports each side's acknowledgement and publish-to-receiver
+p50/p99, the CPU each used per event, and in how many rounds each was faster or cheaper.
 
 A database URL (the flag or `WEBHOOKS_DATABASE_URL`) is emptied before each run, so point
 it at a scratch database: the benchmark refuses one holding workspaces it did not create.
