@@ -9,6 +9,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -245,6 +246,36 @@ async def test_sigterm_lets_in_flight_calls_finish(tmp_path: Path) -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_sigterm_during_start_up_stops_at_once(tmp_path: Path) -> None:
+    """SIGTERM while start-up waits on a database server that takes the connection but never
+    answers ends the process at once with status 0, rather than after the connection's
+    10 s timeout with a failure."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    silent.setblocking(False)
+    port = silent.getsockname()[1]
+    env = _serve_env(tmp_path, WEBHOOKS_DATABASE_URL=f"postgresql://u@127.0.0.1:{port}/db")
+    process = await _start_cli(env, "serve")
+    loop = asyncio.get_running_loop()
+    try:
+        # The service is migrating once it has connected.
+        connection, _ = await asyncio.wait_for(loop.sock_accept(silent), timeout=30)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+        took = time.monotonic() - signalled
+        connection.close()
+    finally:
+        silent.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0
+    assert took < 5
+    assert "shutting down before start-up finished" in stderr.decode()
 
 
 async def test_sigterm_answers_every_call_it_holds_ok_or_unavailable(tmp_path: Path) -> None:

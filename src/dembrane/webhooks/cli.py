@@ -71,7 +71,20 @@ async def _serve_until_signalled(service: Service) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await service.start()
+    # A signal during start-up (a database that does not answer yet) stops it there, rather
+    # than once every part has started.
+    starting = asyncio.ensure_future(service.start())
+    signalled = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    if not starting.done():
+        log.info("shutting down before start-up finished")
+        starting.cancel()
+        # ``start`` stops the parts already started before it gives up.
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return
+    starting.result()
     heap.settle()
     try:
         await stop.wait()

@@ -8,8 +8,10 @@ is ready on first start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
@@ -103,7 +105,7 @@ class Service:
                 settings.database_url, sqlite_synchronous=settings.sqlite_synchronous
             )
             log.info("database: %s", database.describe())
-            await database.offload(database.migrate)
+            await _on_own_thread(database.migrate, "migrate")
         except SchemaError as error:
             raise StartupError(f"cannot use the database: {error}") from None
         except OSError as error:  # the SQLite file's folder or lock files
@@ -163,6 +165,37 @@ class Service:
         if self._lock is not None:
             self._lock.close()
         self._sender = self._database = self._lock = None
+
+
+async def _on_own_thread(fn: Callable[[], None], name: str) -> None:
+    """Run ``fn`` on a daemon thread of its own and wait for it.
+
+    Migrating may wait a long time (a database server that takes connections but does not
+    answer, another replica's migration holding the lock). Stopped meanwhile, start-up need
+    not wait for it, and the process can exit while the thread still waits.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():
+            return  # the waiter went away
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            fn()
+        except BaseException as raised:
+            error = raised
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    await done
 
 
 def file_problem(error: OSError) -> str:
