@@ -378,11 +378,6 @@ class Database:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._call_with, fn, args, False)
 
-    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a plain blocking ``fn(*args)`` (no session) on the store's threads."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
-
     def _call_with(self, fn: Callable[..., T], args: tuple[Any, ...], durable: bool) -> T:
         self._check_file()
         with self.session() as session, session.begin():
