@@ -809,7 +809,7 @@ async def test_metrics_can_have_a_port_of_their_own(tmp_path: Path) -> None:
         await running.stop()
 
 
-def test_a_process_is_unhealthy_until_started_and_once_stopping(tmp_path: Path) -> None:
+def test_a_process_is_unhealthy_until_started(tmp_path: Path) -> None:
     """Health probes hear "starting" before every part runs, so an orchestrator sends no
     work to a process that cannot take it yet."""
     service = Service(make_settings(tmp_path), Parts(grpc=False, gateway=False))
