@@ -792,10 +792,13 @@ async def _get_json(url: str) -> tuple[int, object]:
         return reply.status, await reply.json()
 
 
-async def test_metrics_can_have_a_port_of_their_own(tmp_path: Path) -> None:
+async def test_metrics_can_have_a_port_of_their_own(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """WEBHOOKS_METRICS_PORT serves /metrics apart from the gateway (a worker has none) and
-    /healthz, the worker's probe; any other path is 404, so a probe pointed at a wrong
-    path fails."""
+    /healthz, the worker's probe, as the log says; any other path is 404, so a probe
+    pointed at a wrong path fails."""
+    caplog.set_level("INFO", logger="dembrane.webhooks.service")
     port = unused_port()
     running = Service(make_settings(tmp_path, metrics_port=port), Parts(grpc=False, gateway=False))
     await running.start()
@@ -805,6 +808,8 @@ async def test_metrics_can_have_a_port_of_their_own(tmp_path: Path) -> None:
         assert await _get_json(f"http://127.0.0.1:{port}/healthz") == (200, {"status": "ok"})
         status, text = await _get_json(f"http://127.0.0.1:{port}/health")
         assert (status, text) == (404, "Not found; this port serves /metrics and /healthz.\n")
+        base = f"http://127.0.0.1:{port}"
+        assert f"metrics on {base}/metrics, health on {base}/healthz" in caplog.text
     finally:
         await running.stop()
 

@@ -222,7 +222,11 @@ def start_metrics(
             f"Cannot listen for metrics on {url_host(settings.bind)}:"
             f"{settings.metrics_port} (WEBHOOKS_METRICS_PORT): {problem}."
         ) from None
-    log.info("metrics on http://%s:%d/metrics", url_host(settings.bind), settings.metrics_port)
+    base = f"http://{url_host(settings.bind)}:{settings.metrics_port}"
+    if health is None:
+        log.info("metrics on %s/metrics", base)
+    else:
+        log.info("metrics on %s/metrics, health on %s/healthz", base, base)
     return server
 
 
