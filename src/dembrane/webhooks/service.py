@@ -61,8 +61,8 @@ class Service:
         self._sender: RequestSender | None = None
         self._lock: IO[bytes] | None = None
         self._metrics: WSGIServer | None = None
-        #: Set once every part has started, cleared when stopping begins (see ``problem``).
-        self._running = False
+        #: Whether every part has started, and whether stopping has begun (see ``problem``).
+        self._started = False
         self._stopping = False
         self.grpc_port = 0
         self.http_port = 0
@@ -82,7 +82,7 @@ class Service:
         except BaseException:
             await self.stop()
             raise
-        self._running = True
+        self._started = True
 
     def problem(self) -> str | None:
         """What keeps this process from doing its work now, in a sentence; None when nothing
@@ -90,7 +90,7 @@ class Service:
         """
         if self._stopping:
             return "The service is shutting down."
-        if not self._running:
+        if not self._started:
             return "The service is starting."
         if self.grpc is not None and not self.grpc.store_available:
             return "The store is unavailable."
@@ -141,7 +141,7 @@ class Service:
 
     async def stop(self) -> None:
         """Stop taking calls, let in-flight ones finish, then release the dispatcher's work."""
-        self._running, self._stopping = False, True
+        self._stopping = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SHUTDOWN_GRACE_SECONDS
         if self.grpc is not None:
