@@ -635,10 +635,18 @@ async def test_on_sqlite_a_restart_takes_over_leases_at_once(tmp_path: Path) -> 
             await receiver.wait_for(1)
 
 
-async def test_stopping_hands_back_work_in_flight(tmp_path: Path) -> None:
+#: Requests sent from the test's process, and from a sender process (whose answers come back
+#: to the dispatcher through a future rather than a task).
+SENDERS = pytest.mark.parametrize("processes", [0, 1], ids=["in-process", "sender-process"])
+
+
+@SENDERS
+async def test_stopping_hands_back_work_in_flight(tmp_path: Path, processes: int) -> None:
     """Stop releases rows being sent and rows waiting, due at once, for the next start; the
     requests it cut off are in the log as attempts without an answer."""
-    async with store_engine(tmp_path, per_webhook_concurrency=2) as resources:
+    async with store_engine(
+        tmp_path, per_webhook_concurrency=2, sender_processes=processes
+    ) as resources:
         async with Receiver(SECRET, default=Reply(200, delay=30)) as receiver:
             add_webhook(resources, "wh", receiver.url)
             store_publish(resources, *[f"e{i}" for i in range(6)])
@@ -667,12 +675,13 @@ async def test_stopping_hands_back_work_in_flight(tmp_path: Path) -> None:
                 await until(lambda: all(r.status == "succeeded" for r in rows(resources)))
 
 
+@SENDERS
 async def test_a_request_cut_off_by_stopping_does_not_start_the_failure_clock(
-    tmp_path: Path,
+    tmp_path: Path, processes: int
 ) -> None:
     """A request that stopping cuts off is logged, but the webhook does not count as failing
     from it: the service stopped, the receiver did not fail."""
-    async with store_engine(tmp_path) as resources:
+    async with store_engine(tmp_path, sender_processes=processes) as resources:
         async with Receiver(SECRET, default=Reply(200, delay=30)) as receiver:
             add_webhook(resources, "wh", receiver.url)
             store_publish(resources, "e1")
@@ -685,9 +694,10 @@ async def test_a_request_cut_off_by_stopping_does_not_start_the_failure_clock(
         assert webhook.failing_since is None
 
 
-async def test_stopping_lets_quick_requests_finish(tmp_path: Path) -> None:
+@SENDERS
+async def test_stopping_lets_quick_requests_finish(tmp_path: Path, processes: int) -> None:
     """Requests that answer within the drain timeout are recorded, not handed back."""
-    async with store_engine(tmp_path) as resources:
+    async with store_engine(tmp_path, sender_processes=processes) as resources:
         async with Receiver(SECRET, default=Reply(200, delay=0.3)) as receiver:
             add_webhook(resources, "wh", receiver.url)
             store_publish(resources, "e1")

@@ -43,14 +43,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, replace
+from typing import Any
 
 from dembrane.webhooks import metrics
 from dembrane.webhooks.config import LEASE_MARGIN_SECONDS, Settings
 from dembrane.webhooks.delivery.backlog import BacklogWatch
+from dembrane.webhooks.delivery.pool import SenderPool, WireOutcome
 from dembrane.webhooks.delivery.retention import RetentionTask
 from dembrane.webhooks.delivery.retry import RetryPolicy, trips_breaker
 from dembrane.webhooks.delivery.sender import AttemptOutcome, OutboundRequest
@@ -426,6 +429,8 @@ class Dispatcher:
         self._held_ids: set[str] = set()
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Requests handed to sender processes, by delivery id: their answers' futures.
+        self._answers: dict[str, asyncio.Future[WireOutcome]] = {}
         self._results: list[DeliveryResult] = []
         self._releases: list[Release] = []
         #: Webhooks whose breaker opened: their rows in the store wait out the cool-down.
@@ -496,11 +501,13 @@ class Dispatcher:
         for lane in self._lanes.values():
             while lane.waiting:
                 self._release(lane.waiting.popleft().claim, now)
-        tasks = list(self._tasks)
-        if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=self._drain_timeout)
-            for task in pending:
-                task.cancel()
+        in_flight: list[asyncio.Future[Any]] = [*self._tasks, *self._answers.values()]
+        if in_flight:
+            _done, pending = await asyncio.wait(in_flight, timeout=self._drain_timeout)
+            for waiting in pending:
+                # An answer's future runs ``_answered`` (registered first) before ``gather``
+                # sees it end: every request cut off is recorded before the flush below.
+                waiting.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
         self._closing = True
@@ -869,21 +876,33 @@ class Dispatcher:
         if suspect:
             self._suspect.add(claim.delivery_id)
         lane.started[claim.delivery_id] = mono
-        task = asyncio.create_task(self._deliver(lane, claim))
+        request = OutboundRequest(
+            url=claim.url,
+            body=claim.body,
+            event_type=claim.event_type,
+            event_id=claim.event_id,
+            delivery_id=claim.delivery_id,
+            secrets=claim.secrets(now),
+        )
+        sender = self._r.sender
+        if isinstance(sender, SenderPool):
+            # A worker's answer comes back as a future: a callback takes it, so a request
+            # costs no task and no coroutine here (a tenth of this loop's time per delivery).
+            handed = sender.submit(request)
+            if handed is not None:
+                answer, attempted_at = handed
+                self._answers[claim.delivery_id] = answer
+                answer.add_done_callback(
+                    functools.partial(self._answered, sender, lane, claim, attempted_at)
+                )
+                return
+        task = asyncio.create_task(self._deliver(lane, claim, request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, lane: _Lane, claim: DeliveryClaim) -> None:
+    async def _deliver(self, lane: _Lane, claim: DeliveryClaim, request: OutboundRequest) -> None:
         outcome: AttemptOutcome | None = None
         try:
-            request = OutboundRequest(
-                url=claim.url,
-                body=claim.body,
-                event_type=claim.event_type,
-                event_id=claim.event_id,
-                delivery_id=claim.delivery_id,
-                secrets=claim.secrets(time.time()),
-            )
             outcome = await self._r.sender.send(request)
         except asyncio.CancelledError:
             # Stopping: the receiver may or may not have the request; sending it again
@@ -895,25 +914,56 @@ class Dispatcher:
             log.exception("sending delivery %s failed unexpectedly", claim.delivery_id)
             self._queue_release(claim.delivery_id, time.time() + MIN_DEFER_SECONDS)
         finally:
-            if outcome is None or outcome.lost:
-                # No verdict on the receiver: a half-open breaker may send another probe.
-                lane.breaker.abandoned()
-            lane.in_flight -= 1
-            lane.started.pop(claim.delivery_id, None)
-            lane.last_used = time.monotonic()
-            self._suspect.discard(claim.delivery_id)
-            for parked in self._parked:
-                self._mark_ready(parked)
-            self._in_flight -= 1
-            metrics.STATS.in_flight -= 1
-            self._held -= 1
-            self._held_ids.discard(claim.delivery_id)
-            if lane.waiting:
-                self._mark_ready(claim.webhook_id)
-            if lane.full and lane.held <= self._lane_limit // 2:
-                # Claims left its rows in the store; now it has room for a good share again.
-                lane.full = False
-                self._r.wake_dispatcher()
+            self._request_ended(lane, claim, outcome)
+        self._take_outcome(lane, claim, outcome)
+
+    def _answered(
+        self,
+        sender: SenderPool,
+        lane: _Lane,
+        claim: DeliveryClaim,
+        attempted_at: float,
+        answer: asyncio.Future[WireOutcome],
+    ) -> None:
+        """A worker answered the request ``_start`` handed it (or ``stop`` gave up on it)."""
+        del self._answers[claim.delivery_id]
+        if answer.cancelled():
+            # Stopping cut it off, as in ``_deliver``.
+            self._queue_result(self._cut_off(lane, claim))
+            self._request_ended(lane, claim, None)
+            return
+        outcome = sender.outcome(answer, attempted_at)
+        self._request_ended(lane, claim, outcome)
+        self._take_outcome(lane, claim, outcome)
+
+    def _request_ended(
+        self, lane: _Lane, claim: DeliveryClaim, outcome: AttemptOutcome | None
+    ) -> None:
+        """Free the slot of ``claim``'s request, with or without an ``outcome``."""
+        if outcome is None or outcome.lost:
+            # No verdict on the receiver: a half-open breaker may send another probe.
+            lane.breaker.abandoned()
+        lane.in_flight -= 1
+        lane.started.pop(claim.delivery_id, None)
+        lane.last_used = time.monotonic()
+        self._suspect.discard(claim.delivery_id)
+        for parked in self._parked:
+            self._mark_ready(parked)
+        self._in_flight -= 1
+        metrics.STATS.in_flight -= 1
+        self._held -= 1
+        self._held_ids.discard(claim.delivery_id)
+        if lane.waiting:
+            self._mark_ready(claim.webhook_id)
+        if lane.full and lane.held <= self._lane_limit // 2:
+            # Claims left its rows in the store; now it has room for a good share again.
+            lane.full = False
+            self._r.wake_dispatcher()
+
+    def _take_outcome(
+        self, lane: _Lane, claim: DeliveryClaim, outcome: AttemptOutcome | None
+    ) -> None:
+        """Judge ``outcome`` (None: the request failed in this process) and start what may."""
         if outcome is not None:
             self._queue_result(self._judge(lane, claim, outcome))
         self._pump()

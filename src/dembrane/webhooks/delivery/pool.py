@@ -315,35 +315,55 @@ class SenderPool:
 
     async def send(self, req: OutboundRequest, *, timestamp: int | None = None) -> AttemptOutcome:
         """POST ``req`` once from a worker; like ``Sender.send``, never raises for the network."""
-        if not self._running:
-            raise RuntimeError("The sender pool is not started; await SenderPool.start() first.")
-        attempted_at = time.time()
-        worker = self._pick()
-        if worker is None:
+        handed = self.submit(req, timestamp=timestamp)
+        if handed is None:
             # Every worker is gone: wait for a replacement rather than fail attempts.
+            attempted_at = time.time()
             self._restart_lost()
             if self._restarts:
                 await asyncio.wait(
                     list(self._restarts.values()), return_when=asyncio.FIRST_COMPLETED
                 )
-            worker = self._pick()
-            if worker is None:
+            handed = self.submit(req, timestamp=timestamp)
+            if handed is None:
                 return _lost(attempted_at, "No delivery worker process is running.")
+        answer, attempted_at = handed
+        with contextlib.suppress(_WorkerLost):
+            await answer
+        return self.outcome(answer, attempted_at)
+
+    def submit(
+        self, req: OutboundRequest, *, timestamp: int | None = None
+    ) -> tuple[asyncio.Future[WireOutcome], float] | None:
+        """Hand ``req`` to a worker at once: the future of the worker's answer and the time
+        of the attempt, for ``outcome``. None when no worker is running (``send`` waits for
+        one). Cancelling the future forgets the request; the worker may still send it.
+
+        Without a task or a coroutine per request, this is the dispatcher's path; ``send``
+        is built on it.
+        """
+        if not self._running:
+            raise RuntimeError("The sender pool is not started; await SenderPool.start() first.")
+        worker = self._pick()
+        if worker is None:
+            return None
         token = next(self._tokens)
-        future: asyncio.Future[WireOutcome] = asyncio.get_running_loop().create_future()
-        worker.pending[token] = future
+        answer: asyncio.Future[WireOutcome] = asyncio.get_running_loop().create_future()
+        worker.pending[token] = answer
         worker.submit(token, req, timestamp)
-        try:
-            status, latency, body, error, retry_after, sent_at = await future
-        except _WorkerLost:
+        return answer, time.time()
+
+    def outcome(self, answer: asyncio.Future[WireOutcome], attempted_at: float) -> AttemptOutcome:
+        """The outcome a finished (not cancelled) ``submit`` future stands for."""
+        if answer.exception() is not None:
+            # Only ``_WorkerLost`` is ever set: the worker died with the request out.
             self._restart_lost()
             return _lost(
                 attempted_at,
                 "The delivery worker process stopped during the attempt; "
                 "the receiver may or may not have the request.",
             )
-        finally:
-            worker.pending.pop(token, None)
+        status, latency, body, error, retry_after, sent_at = answer.result()
         return AttemptOutcome(
             status_code=status,
             latency=latency,
