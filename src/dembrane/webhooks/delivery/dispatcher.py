@@ -48,12 +48,10 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Any
 
 from dembrane.webhooks import metrics
 from dembrane.webhooks.config import LEASE_MARGIN_SECONDS, Settings
 from dembrane.webhooks.delivery.backlog import BacklogWatch
-from dembrane.webhooks.delivery.pool import SenderPool, WireOutcome
 from dembrane.webhooks.delivery.retention import RetentionTask
 from dembrane.webhooks.delivery.retry import RetryPolicy, trips_breaker
 from dembrane.webhooks.delivery.sender import AttemptOutcome, OutboundRequest
@@ -428,9 +426,8 @@ class Dispatcher:
         self._reserved = 0
         self._held_ids: set[str] = set()
         self._in_flight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-        #: Requests handed to sender processes, by delivery id: their answers' futures.
-        self._answers: dict[str, asyncio.Future[WireOutcome]] = {}
+        #: Requests in flight, by delivery id: the futures of their outcomes.
+        self._answers: dict[str, asyncio.Future[AttemptOutcome]] = {}
         self._results: list[DeliveryResult] = []
         self._releases: list[Release] = []
         #: Webhooks whose breaker opened: their rows in the store wait out the cool-down.
@@ -501,13 +498,13 @@ class Dispatcher:
         for lane in self._lanes.values():
             while lane.waiting:
                 self._release(lane.waiting.popleft().claim, now)
-        in_flight: list[asyncio.Future[Any]] = [*self._tasks, *self._answers.values()]
+        in_flight = list(self._answers.values())
         if in_flight:
             _done, pending = await asyncio.wait(in_flight, timeout=self._drain_timeout)
-            for waiting in pending:
-                # An answer's future runs ``_answered`` (registered first) before ``gather``
-                # sees it end: every request cut off is recorded before the flush below.
-                waiting.cancel()
+            for answer in pending:
+                # Its ``_answered`` (registered first) runs before ``gather`` sees it end:
+                # every request cut off is recorded before the flush below.
+                answer.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
         self._closing = True
@@ -884,55 +881,29 @@ class Dispatcher:
             delivery_id=claim.delivery_id,
             secrets=claim.secrets(now),
         )
-        sender = self._r.sender
-        if isinstance(sender, SenderPool):
-            # A worker's answer comes back as a future: a callback takes it, so a request
-            # costs no task and no coroutine here (a tenth of this loop's time per delivery).
-            handed = sender.submit(request)
-            if handed is not None:
-                answer, attempted_at = handed
-                self._answers[claim.delivery_id] = answer
-                answer.add_done_callback(
-                    functools.partial(self._answered, sender, lane, claim, attempted_at)
-                )
-                return
-        task = asyncio.create_task(self._deliver(lane, claim, request))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # The outcome comes back as a future and a callback takes it: with sender
+        # processes, a request costs no task and no coroutine here.
+        answer = self._r.sender.submit(request)
+        self._answers[claim.delivery_id] = answer
+        answer.add_done_callback(functools.partial(self._answered, lane, claim))
 
-    async def _deliver(self, lane: _Lane, claim: DeliveryClaim, request: OutboundRequest) -> None:
-        outcome: AttemptOutcome | None = None
-        try:
-            outcome = await self._r.sender.send(request)
-        except asyncio.CancelledError:
+    def _answered(
+        self, lane: _Lane, claim: DeliveryClaim, answer: asyncio.Future[AttemptOutcome]
+    ) -> None:
+        """The request ``_start`` made has ended: answered, failed, or cut off by ``stop``."""
+        del self._answers[claim.delivery_id]
+        if answer.cancelled():
             # Stopping: the receiver may or may not have the request; sending it again
             # after the restart keeps the promise of at least once. The request cut off is
             # an attempt of its own in the log, as every request made is.
             self._queue_result(self._cut_off(lane, claim))
-            raise
-        except Exception:
-            log.exception("sending delivery %s failed unexpectedly", claim.delivery_id)
-            self._queue_release(claim.delivery_id, time.time() + MIN_DEFER_SECONDS)
-        finally:
-            self._request_ended(lane, claim, outcome)
-        self._take_outcome(lane, claim, outcome)
-
-    def _answered(
-        self,
-        sender: SenderPool,
-        lane: _Lane,
-        claim: DeliveryClaim,
-        attempted_at: float,
-        answer: asyncio.Future[WireOutcome],
-    ) -> None:
-        """A worker answered the request ``_start`` handed it (or ``stop`` gave up on it)."""
-        del self._answers[claim.delivery_id]
-        if answer.cancelled():
-            # Stopping cut it off, as in ``_deliver``.
-            self._queue_result(self._cut_off(lane, claim))
             self._request_ended(lane, claim, None)
             return
-        outcome = sender.outcome(answer, attempted_at)
+        error = answer.exception()
+        if error is not None:
+            log.error("sending delivery %s failed unexpectedly", claim.delivery_id, exc_info=error)
+            self._queue_release(claim.delivery_id, time.time() + MIN_DEFER_SECONDS)
+        outcome = None if error is not None else answer.result()
         self._request_ended(lane, claim, outcome)
         self._take_outcome(lane, claim, outcome)
 

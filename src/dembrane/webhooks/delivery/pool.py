@@ -49,10 +49,6 @@ _START_TIMEOUT_SECONDS = 60.0
 #: Requests a worker may have out before the next worker is given work (see ``_pick``).
 SPILL_AT = 16
 
-#: What a worker answers per request: status, latency, body excerpt, error, retry-after,
-#: attempted-at (Unix seconds).
-WireOutcome = tuple[int | None, float, str, str, float | None, float]
-
 
 @dataclass(frozen=True)
 class SenderOptions:
@@ -112,8 +108,11 @@ class FrameBatch:
             write_frame(self._writer, batch)
 
 
-class _WorkerLost(Exception):
-    """The worker process ended before answering."""
+#: What an attempt cut short by its worker's end says.
+_WORKER_LOST = (
+    "The delivery worker process stopped during the attempt; "
+    "the receiver may or may not have the request."
+)
 
 
 class _Worker:
@@ -126,7 +125,8 @@ class _Worker:
         self._options = options
         self._on_lost = on_lost
         self.process: subprocess.Popen[bytes] | None = None
-        self.pending: dict[int, asyncio.Future[WireOutcome]] = {}
+        #: Requests out, by token: the future of each outcome and when it was handed over.
+        self.pending: dict[int, tuple[asyncio.Future[AttemptOutcome], float]] = {}
         self.started_at = 0.0
         self.alive = False
         self._writer: asyncio.StreamWriter | None = None
@@ -184,18 +184,30 @@ class _Worker:
             self._fail(message[0])
 
     def _fail(self, token: int) -> None:
-        future = self.pending.pop(token, None)
-        if future is not None and not future.done():
-            future.set_exception(_WorkerLost())
+        """The request ``token`` has no answer coming: it is a lost attempt."""
+        entry = self.pending.pop(token, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(_lost(entry[1], _WORKER_LOST))
+        self._on_lost()
 
     async def _read_answers(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
                 answers = await read_frame(reader)
-                for token, *fields in answers:
-                    future = self.pending.pop(token, None)
-                    if future is not None and not future.done():
-                        future.set_result(tuple(fields))
+                for token, status, latency, body, error, retry_after, sent_at in answers:
+                    entry = self.pending.pop(token, None)
+                    if entry is None or entry[0].done():
+                        continue  # given up on (cancelled) meanwhile
+                    entry[0].set_result(
+                        AttemptOutcome(
+                            status_code=status,
+                            latency=latency,
+                            response_body=body,
+                            error=error,
+                            retry_after=retry_after,
+                            attempted_at=datetime.fromtimestamp(sent_at, UTC),
+                        )
+                    )
         except (asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError):
             pass
         finally:
@@ -315,63 +327,36 @@ class SenderPool:
 
     async def send(self, req: OutboundRequest, *, timestamp: int | None = None) -> AttemptOutcome:
         """POST ``req`` once from a worker; like ``Sender.send``, never raises for the network."""
-        handed = self.submit(req, timestamp=timestamp)
-        if handed is None:
-            # Every worker is gone: wait for a replacement rather than fail attempts.
-            attempted_at = time.time()
-            self._restart_lost()
-            if self._restarts:
-                await asyncio.wait(
-                    list(self._restarts.values()), return_when=asyncio.FIRST_COMPLETED
-                )
-            handed = self.submit(req, timestamp=timestamp)
-            if handed is None:
-                return _lost(attempted_at, "No delivery worker process is running.")
-        answer, attempted_at = handed
-        with contextlib.suppress(_WorkerLost):
-            await answer
-        return self.outcome(answer, attempted_at)
+        return await self.submit(req, timestamp=timestamp)
 
     def submit(
         self, req: OutboundRequest, *, timestamp: int | None = None
-    ) -> tuple[asyncio.Future[WireOutcome], float] | None:
-        """Hand ``req`` to a worker at once: the future of the worker's answer and the time
-        of the attempt, for ``outcome``. None when no worker is running (``send`` waits for
-        one). Cancelling the future forgets the request; the worker may still send it.
-
-        Without a task or a coroutine per request, this is the dispatcher's path; ``send``
-        is built on it.
-        """
+    ) -> asyncio.Future[AttemptOutcome]:
+        """Hand ``req`` to a worker at once; the future of its outcome (a lost attempt when
+        the worker ends first). Cancelling the future forgets the request, which the worker
+        may still send. No task or coroutine per request: the dispatcher's path."""
         if not self._running:
             raise RuntimeError("The sender pool is not started; await SenderPool.start() first.")
         worker = self._pick()
         if worker is None:
-            return None
+            # Every worker is gone: wait for a replacement rather than fail attempts.
+            return asyncio.ensure_future(self._send_after_restart(req, timestamp))
         token = next(self._tokens)
-        answer: asyncio.Future[WireOutcome] = asyncio.get_running_loop().create_future()
-        worker.pending[token] = answer
+        outcome: asyncio.Future[AttemptOutcome] = asyncio.get_running_loop().create_future()
+        worker.pending[token] = (outcome, time.time())
         worker.submit(token, req, timestamp)
-        return answer, time.time()
+        return outcome
 
-    def outcome(self, answer: asyncio.Future[WireOutcome], attempted_at: float) -> AttemptOutcome:
-        """The outcome a finished (not cancelled) ``submit`` future stands for."""
-        if answer.exception() is not None:
-            # Only ``_WorkerLost`` is ever set: the worker died with the request out.
-            self._restart_lost()
-            return _lost(
-                attempted_at,
-                "The delivery worker process stopped during the attempt; "
-                "the receiver may or may not have the request.",
-            )
-        status, latency, body, error, retry_after, sent_at = answer.result()
-        return AttemptOutcome(
-            status_code=status,
-            latency=latency,
-            response_body=body,
-            error=error,
-            retry_after=retry_after,
-            attempted_at=datetime.fromtimestamp(sent_at, UTC),
-        )
+    async def _send_after_restart(
+        self, req: OutboundRequest, timestamp: int | None
+    ) -> AttemptOutcome:
+        attempted_at = time.time()
+        self._restart_lost()
+        if self._restarts:
+            await asyncio.wait(list(self._restarts.values()), return_when=asyncio.FIRST_COMPLETED)
+        if self._pick() is None:
+            return _lost(attempted_at, "No delivery worker process is running.")
+        return await self.submit(req, timestamp=timestamp)
 
     def _restart_lost(self) -> None:
         if not self._running:

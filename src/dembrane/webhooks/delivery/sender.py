@@ -8,6 +8,7 @@ and with one sentence saying what went wrong, ready for the delivery log.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import errno
 import math
@@ -105,6 +106,11 @@ class RequestSender(Protocol):
     async def send(
         self, req: OutboundRequest, *, timestamp: int | None = None
     ) -> AttemptOutcome: ...
+
+    def submit(self, req: OutboundRequest) -> asyncio.Future[AttemptOutcome]:
+        """Start sending ``req``; the future of its outcome. Cancelling it abandons the
+        request (the receiver may or may not have it)."""
+        ...
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
@@ -353,6 +359,10 @@ class Sender:
             ),
             attempted_at=attempted_at,
         )
+
+    def submit(self, req: OutboundRequest) -> asyncio.Future[AttemptOutcome]:
+        """``send`` as a task, whose future the dispatcher takes the outcome from."""
+        return asyncio.ensure_future(self.send(req))
 
     @staticmethod
     def _failed(attempted_at: datetime, started: float, error: str) -> AttemptOutcome:
