@@ -18,6 +18,7 @@ from dembrane.webhooks.delivery.sender import (
     AttemptOutcome,
     OutboundRequest,
     Sender,
+    _target,
     describe_test_outcome,
     parse_retry_after,
 )
@@ -70,6 +71,53 @@ async def test_receiver_verifies_all_three_ways(sender: Sender, secret: str) -> 
     assert received.headers["X-Dembrane-Delivery"] == "dlv_1"
     assert received.headers["content-type"] == "application/json"
     assert received.headers["User-Agent"].startswith("Dembrane-Webhook/")
+
+
+async def test_the_request_carries_the_contracts_headers_and_no_others(sender: Sender) -> None:
+    """Besides ``Host`` and ``Content-Length``, a receiver gets exactly the headers the
+    contract lists: no cookies, no compression offers, nothing of the client's own."""
+    async with Receiver("s") as receiver:
+        request = _request(receiver.url, "s")
+        await sender.send(request)
+        [received] = receiver.requests
+    assert sorted(name.lower() for name in received.headers) == sorted(
+        [
+            "host",
+            "content-length",
+            "content-type",
+            "user-agent",
+            "x-dembrane-event",
+            "x-webhook-event",
+            "x-dembrane-delivery",
+            "x-dembrane-signature",
+            "x-webhook-signature",
+            "webhook-id",
+            "webhook-timestamp",
+            "webhook-signature",
+        ]
+    )
+    assert received.headers["Host"] == f"127.0.0.1:{receiver.port}"
+    assert received.headers["Content-Length"] == str(len(request.body))
+    assert received.method == "POST"
+
+
+@pytest.mark.parametrize(
+    ("url", "start"),
+    [
+        ("http://example.com/hook", "POST /hook HTTP/1.1\r\nHost: example.com\r\n"),
+        ("http://example.com:80/a?b=1", "POST /a?b=1 HTTP/1.1\r\nHost: example.com\r\n"),
+        ("https://example.com:443", "POST / HTTP/1.1\r\nHost: example.com\r\n"),
+        ("https://example.com:8443/x", "POST /x HTTP/1.1\r\nHost: example.com:8443\r\n"),
+        ("http://[2001:db8::1]:8080/x", "POST /x HTTP/1.1\r\nHost: [2001:db8::1]:8080\r\n"),
+        ("http://B\u00fccher.example/x", "POST /x HTTP/1.1\r\nHost: xn--bcher-kva.example\r\n"),
+    ],
+)
+def test_the_request_line_and_host_follow_the_url(url: str, start: str) -> None:
+    """The request line carries the URL's path and query; ``Host`` names the host as sent
+    (IDNA-encoded, IPv6 in brackets) and its port only when it is not the scheme's own."""
+    target = _target(url)
+    assert not isinstance(target, str)
+    assert target.start == start
 
 
 async def test_rotation_verifies_with_either_secret(sender: Sender) -> None:

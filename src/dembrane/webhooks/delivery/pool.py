@@ -1,8 +1,9 @@
 """Sending from worker processes, so HTTP work runs on other cores than the store and gRPC.
 
-Python runs one thread of Python code at a time in a process, and an HTTP request through
-aiohttp costs about as much CPU as everything else a delivery needs (publishing, claiming,
-recording) put together. ``SenderPool`` hands each signed request to one of a few worker
+Python runs one thread of Python code at a time in a process, and signing, sending and
+reading an HTTP request is a large share of the CPU a delivery needs; in the service's own
+process it would hold the interpreter's lock against publishing, claiming and recording.
+``SenderPool`` hands each signed request to one of a few worker
 processes (``delivery/worker.py``) that each run a ``Sender`` of their own: the same SSRF
 policy, the same timeouts, their own keep-alive connections. The dispatcher keeps every
 decision (leases, lanes, caps, the breaker, retries, what is recorded); a worker only sends

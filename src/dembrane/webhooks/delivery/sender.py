@@ -1,7 +1,7 @@
 """The HTTP sender: one signed POST per attempt, its answer classified into an outcome.
 
-One ``aiohttp.ClientSession`` serves every request so connections to a receiver are kept
-alive and reused. A network problem never raises: refused connections, unresolvable hosts,
+One ``HttpClient`` serves every request so connections to a receiver are kept alive and
+reused. A network problem never raises: refused connections, unresolvable hosts,
 timeouts and refused targets all come back as an ``AttemptOutcome`` without a status code
 and with one sentence saying what went wrong, ready for the delivery log.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import errno
 import math
 import time
 from dataclasses import dataclass
@@ -19,13 +18,10 @@ from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Protocol
 
-import aiohttp
-from yarl import URL
-
+from dembrane.webhooks.delivery.http import Failure, HttpClient, HttpFailure
 from dembrane.webhooks.delivery.signing import signature_headers, user_agent
 from dembrane.webhooks.delivery.targets import (
     PolicyResolver,
-    TargetBlockedError,
     TargetPolicy,
     literal_refusal,
     request_url,
@@ -48,10 +44,12 @@ RESPONSE_BODY_LIMIT = 20_000
 # Where a Retry-After header is honoured (Too Many Requests, Service Unavailable).
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
 
-# Literal-IP checks and parsed URLs are cached (per host, per URL): every delivery to a
+# Literal-IP checks and parsed targets are cached (per host, per URL): every delivery to a
 # webhook asks the same; the cap only bounds memory on odd workloads.
 _LITERAL_CACHE_SIZE = 4096
 _URL_CACHE_SIZE = 4096
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,19 +148,6 @@ def describe_test_outcome(outcome: AttemptOutcome) -> str:
     return f"Webhook returned error status {code}: {outcome.response_body[:200]}"
 
 
-async def _read_bounded(content: aiohttp.StreamReader, limit: int, chunks: list[bytes]) -> None:
-    """Read at most ``limit`` bytes of an answer into ``chunks``; what arrived before a
-    failure stays there."""
-    # Never read an answer whole: a receiver may stream gigabytes back.
-    size = 0
-    while size < limit:
-        chunk = await content.read(limit - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-
-
 def _decoded_excerpt(raw: bytes, limit: int) -> str:
     """``raw`` as UTF-8 text, with replacement characters for invalid bytes.
 
@@ -180,8 +165,41 @@ def _host_port(host: str, port: int | None) -> str:
     return shown if port is None else f"{shown}:{port}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where a webhook URL's requests go, and how their first lines read."""
+
+    scheme: str
+    host: str
+    port: int
+    #: The request line and ``Host`` header, ready to be followed by the other headers.
+    start: str
+
+
+def _target(raw: str) -> _Target | str:
+    """The target of the webhook URL ``raw``, or why it cannot be sent to."""
+    try:
+        url = request_url(raw)
+    except (ValueError, TypeError):
+        return "The webhook URL is not a valid URL."
+    host = url.raw_host
+    scheme = url.scheme
+    port = url.port
+    if not host or scheme not in _DEFAULT_PORTS or port is None:
+        return "The webhook URL must be an http or https URL with a host."
+    shown = f"[{host}]" if ":" in host else host
+    if port != _DEFAULT_PORTS[scheme]:
+        shown = f"{shown}:{port}"
+    return _Target(
+        scheme=scheme,
+        host=host,
+        port=port,
+        start=f"POST {url.raw_path_qs} HTTP/1.1\r\nHost: {shown}\r\n",
+    )
+
+
 class Sender:
-    """Sends signed webhook requests over one shared, keep-alive HTTP session.
+    """Sends signed webhook requests over one shared set of keep-alive connections.
 
     Use ``async with Sender(...) as sender`` or call ``start()`` and ``close()``.
     """
@@ -198,41 +216,30 @@ class Sender:
         self._request_timeout = request_timeout
         self._policy = policy
         self._max_connections = max_connections
-        # aiohttp rounds timeouts of 5 s or more up to the loop clock's next whole second,
-        # which made a 5 s timeout end anywhere up to 6 s; ``inf`` keeps them exact.
-        self._timeout = aiohttp.ClientTimeout(
-            total=request_timeout, sock_connect=connect_timeout, ceil_threshold=math.inf
-        )
         self._user_agent = user_agent()
-        self._session: aiohttp.ClientSession | None = None
+        self._client: HttpClient | None = None
         self._resolver: PolicyResolver | None = None
         self._literal_checks: dict[str, str | None] = {}
-        self._urls: dict[str, URL] = {}
+        self._targets: dict[str, _Target | str] = {}
 
     async def start(self) -> None:
-        """Open the session; idempotent."""
-        if self._session is not None:
+        """Open the client; idempotent."""
+        if self._client is not None:
             return
         self._resolver = PolicyResolver(self._policy)
-        connector = aiohttp.TCPConnector(limit=self._max_connections, resolver=self._resolver)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            # A receiver's cookies must never travel to another receiver.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            # Only a bounded prefix of the answer is kept, so ask for it uncompressed
-            # rather than inflate a body of unknown size.
-            auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding",),
+        self._client = HttpClient(
+            resolver=self._resolver,
+            connect_timeout=self._connect_timeout,
+            request_timeout=self._request_timeout,
+            max_connections=self._max_connections,
         )
 
     async def close(self) -> None:
-        """Close the session and its connections; idempotent."""
-        session, self._session = self._session, None
+        """Close the client and its connections; idempotent."""
+        client, self._client = self._client, None
         resolver, self._resolver = self._resolver, None
-        if session is not None:
-            await session.close()
-        # The connector closes only resolvers it made itself.
+        if client is not None:
+            await client.close()
         if resolver is not None:
             await resolver.close()
 
@@ -259,17 +266,17 @@ class Sender:
         refusal = cache[host] = literal_refusal(host, self._policy)
         return refusal
 
-    def _url(self, raw: str) -> URL:
-        cache = self._urls
+    def _target(self, raw: str) -> _Target | str:
+        cache = self._targets
         try:
             return cache[raw]
         except KeyError:
             pass
-        url = request_url(raw)
+        target = _target(raw)
         if len(cache) >= _URL_CACHE_SIZE:
             cache.clear()
-        cache[raw] = url
-        return url
+        cache[raw] = target
+        return target
 
     async def send(self, req: OutboundRequest, *, timestamp: int | None = None) -> AttemptOutcome:
         """POST ``req`` once, signed for this attempt, and classify the answer.
@@ -277,22 +284,17 @@ class Sender:
         ``timestamp`` (Unix seconds) defaults to now; it is signed into ``webhook-signature``.
         Never raises for network problems; raises ``RuntimeError`` if the sender is not started.
         """
-        session = self._session
-        if session is None:
+        client = self._client
+        if client is None:
             raise RuntimeError("The sender is not started; await Sender.start() first.")
         attempted_at = datetime.now(UTC)
         started = time.perf_counter()
 
-        try:
-            url = self._url(req.url)
-        except (ValueError, TypeError):
-            return self._failed(attempted_at, started, "The webhook URL is not a valid URL.")
-        host = url.raw_host
-        if not host or url.scheme not in ("http", "https"):
-            return self._failed(
-                attempted_at, started, "The webhook URL must be an http or https URL with a host."
-            )
-        # IP literals never pass through the connector's resolver, so they are judged here.
+        target = self._target(req.url)
+        if isinstance(target, str):
+            return self._failed(attempted_at, started, target)
+        host = target.host
+        # IP literals are never resolved, so they are judged here.
         refusal = self._literal_refusal(host)
         if refusal is not None:
             return self._failed(attempted_at, started, refusal)
@@ -306,35 +308,29 @@ class Sender:
             body=req.body,
             user_agent=self._user_agent,
         )
+        head = "".join(
+            [
+                target.start,
+                *[f"{name}: {value}\r\n" for name, value in headers.items()],
+                f"Content-Length: {len(req.body)}\r\n\r\n",
+            ]
+        ).encode()
 
-        status: int | None = None
-        location: str | None = None
-        retry_after_header: str | None = None
-        chunks: list[bytes] = []
-        unread = ""
         try:
-            async with session.post(
-                url, data=req.body, headers=headers, allow_redirects=False
-            ) as response:
-                status = response.status
-                location = response.headers.get("Location")
-                if status in _RETRY_AFTER_STATUSES:
-                    retry_after_header = response.headers.get("Retry-After")
-                await _read_bounded(response.content, RESPONSE_BODY_LIMIT, chunks)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            reason = one_line(self._describe_failure(exc, host, url.port))
-            if status is None:
-                return self._failed(attempted_at, started, reason)
-            # The receiver gave its status, then its body broke off: the status is its
-            # answer (a 2xx still accepts the event), and the log says what went wrong.
-            unread = f"The receiver answered with status {status}, then: {reason}"
-        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
+            answer = await client.post(
+                (target.scheme, host, target.port), head, req.body, limit=RESPONSE_BODY_LIMIT
+            )
+        except HttpFailure as failure:
+            reason = self._describe_failure(failure, host, target.port)
+            return self._failed(attempted_at, started, reason)
         latency = time.perf_counter() - started
+
+        status = answer.status
         if 200 <= status < 300:
             error = ""
         elif 300 <= status < 400:
             # The header is the receiver's text: undecodable bytes, line breaks and all.
+            location = answer.location
             error = (
                 one_line(
                     f"The receiver answered with a redirect to {location[:500]}, which is not "
@@ -344,18 +340,24 @@ class Sender:
                 else f"The receiver answered with a redirect (status {status}), "
                 "which is not followed."
             )
+        elif answer.broken is not None:
+            # The receiver gave its status, then its body broke off: the status is its
+            # answer (a 2xx still accepts the event), and the log says what went wrong.
+            reason = self._describe_failure(answer.broken, host, target.port)
+            error = f"The receiver answered with status {status}, then: {reason}"
         else:
-            error = unread or f"The receiver answered with status {status}."
+            error = f"The receiver answered with status {status}."
+        retry_after = answer.retry_after
         return AttemptOutcome(
             status_code=status,
             latency=latency,
             # A NUL would not fit a PostgreSQL text column, and the log must always be written.
-            response_body=printable(_decoded_excerpt(raw, RESPONSE_BODY_LIMIT)),
+            response_body=printable(_decoded_excerpt(answer.body, RESPONSE_BODY_LIMIT)),
             error=error,
             retry_after=(
                 None
-                if retry_after_header is None
-                else parse_retry_after(retry_after_header, datetime.now(UTC))
+                if retry_after is None or status not in _RETRY_AFTER_STATUSES
+                else parse_retry_after(retry_after, datetime.now(UTC))
             ),
             attempted_at=attempted_at,
         )
@@ -375,38 +377,30 @@ class Sender:
             attempted_at=attempted_at,
         )
 
-    def _describe_failure(self, exc: BaseException, host: str, port: int | None) -> str:
+    def _describe_failure(self, failure: HttpFailure, host: str, port: int) -> str:
         # Messages name host and port only: a URL may carry tokens in its query string.
         where = _host_port(host, port)
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            return f"Could not connect to {where} within {self._connect_timeout:g} seconds."
-        if isinstance(exc, TimeoutError):
-            return f"No answer within {self._request_timeout:g} seconds."
-        if isinstance(exc, aiohttp.ClientConnectorDNSError):
-            if isinstance(exc.os_error, TargetBlockedError):
-                return str(exc.os_error)
-            return f"The host {host} could not be resolved."
-        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-            return f"The TLS certificate of {where} could not be verified."
-        if isinstance(exc, aiohttp.ClientSSLError):
-            return f"The TLS handshake with {where} failed."
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            os_error = exc.os_error
-            if os_error.errno == errno.ECONNREFUSED or isinstance(os_error, ConnectionRefusedError):
+        detail = one_line(failure.detail).rstrip(".")
+        match failure.kind:
+            case Failure.CONNECT_TIMEOUT:
+                return f"Could not connect to {where} within {self._connect_timeout:g} seconds."
+            case Failure.TIMEOUT:
+                return f"No answer within {self._request_timeout:g} seconds."
+            case Failure.BLOCKED:
+                return failure.detail
+            case Failure.UNRESOLVED:
+                return f"The host {host} could not be resolved."
+            case Failure.CERTIFICATE:
+                return f"The TLS certificate of {where} could not be verified."
+            case Failure.TLS:
+                return f"The TLS handshake with {where} failed."
+            case Failure.REFUSED:
                 return f"Connection refused by {where}."
-            detail = os_error.strerror or str(os_error) or type(os_error).__name__
-            return f"Could not connect to {where}: {detail.rstrip('.')}."
-        if isinstance(exc, aiohttp.ServerDisconnectedError):
-            return "The receiver closed the connection without a complete answer."
-        if isinstance(exc, aiohttp.InvalidURL):
-            return "The webhook URL is not a valid URL."
-        if isinstance(exc, aiohttp.ClientPayloadError):
-            return "The receiver's answer could not be read."
-        if isinstance(exc, aiohttp.ClientResponseError):
-            return f"The receiver's answer is not valid HTTP: {exc.message.rstrip('.')}."
-        if isinstance(exc, aiohttp.ClientConnectionResetError | ConnectionResetError) or (
-            isinstance(exc, OSError) and exc.errno == errno.ECONNRESET
-        ):
-            return "The receiver reset the connection."
-        detail = str(exc) or type(exc).__name__
-        return f"The request failed: {detail.rstrip('.')}."
+            case Failure.CONNECT:
+                return f"Could not connect to {where}: {detail or 'the connection failed'}."
+            case Failure.CLOSED:
+                return "The receiver closed the connection without a complete answer."
+            case Failure.RESET:
+                return "The receiver reset the connection."
+            case Failure.INVALID:
+                return f"The receiver's answer is not valid HTTP: {detail or 'unreadable'}."
