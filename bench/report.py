@@ -92,9 +92,8 @@ def describe_machine(database: str, load: tuple[float | None, float | None]) -> 
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = cores
-    libraries = ", ".join(
-        f"{name} {_version(name)}" for name in ("grpcio", "aiohttp", "SQLAlchemy", "uvloop")
-    )
+    names = ("grpcio", "aiohttp", "httptools", "SQLAlchemy", "uvloop")
+    libraries = ", ".join(f"{name} {_version(name)}" for name in names)
     return Machine(
         cpu=_cpu_model(),
         cores=cores,
@@ -184,7 +183,10 @@ publish, commit, claim, sign, POST, record.
    again right after each of its rounds, and each round is set against the mean of the two
    measurements around it (all are in the notes): a shared machine's speed drifts during a
    run, and one measurement half a minute away from a round could flatter or wrong it. The
-   figure in the table is the C of the round shown for scenario 2.
+   figure in the table is the C of the round shown for scenario 2. The service itself
+   does not send through aiohttp but through its own HTTP/1.1 client (`delivery/http.py`),
+   which spends about a quarter of aiohttp's CPU per request; C stays the bare aiohttp
+   loop, the common client a team would write.
 2. **Throughput.** `PublishEvents` in batches of 100 (4 calls in flight) to a single
    webhook, which may use the whole concurrency
    (`WEBHOOKS_PER_WEBHOOK_CONCURRENCY` = the global one). Deliveries per second from the
