@@ -200,6 +200,16 @@ async def test_an_answer_saying_close_is_not_kept(client: HttpClient) -> None:
     assert server.connections == 2
 
 
+async def test_bytes_after_the_answer_end_the_connections_use(client: HttpClient) -> None:
+    """A receiver that sends more than its answer (the start of another) gets its answer
+    read, and the next request a new connection, not the stray bytes as its answer."""
+    async with RawServer(answer(OK + b"HTTP/1.1 500 Stray\r\n")) as server:
+        first = await _post(client, server.port)
+        second = await _post(client, server.port)
+    assert (first.status, second.status) == (200, 200)
+    assert server.connections == 2
+
+
 async def test_an_answer_without_a_length_ends_with_the_connection(client: HttpClient) -> None:
     """An answer with neither length nor chunks is the bytes that came before the close."""
     async with RawServer(answer(b"HTTP/1.1 500 Oops\r\n\r\nall of it", keep=False)) as server:
