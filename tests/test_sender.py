@@ -224,7 +224,7 @@ async def test_timeout_is_an_outcome() -> None:
 
 async def test_a_timeout_of_five_seconds_ends_at_five_seconds() -> None:
     """A request timeout of 5 s or more ends the attempt then, not up to a second later at
-    the next whole second of the loop's clock, where aiohttp would round it."""
+    the next whole second of the loop's clock, where some clients round it."""
     async with (
         Sender(connect_timeout=1.0, request_timeout=5.0, policy=LOOPBACK) as sender,
         Receiver("s", default=Reply(200, delay=8.0)) as receiver,
@@ -252,10 +252,9 @@ async def test_a_timeout_of_five_seconds_ends_at_five_seconds() -> None:
 async def test_an_answer_that_is_not_http_is_described_on_one_line(
     sender: Sender, answer: bytes
 ) -> None:
-    """aiohttp's parser errors quote the receiver's bytes over several lines, and a header's
-    undecodable bytes come out as lone surrogates; the attempt's error keeps them on one line
-    of text any database takes, so no receiver can add lines to the log or stop it being
-    written."""
+    """Parser errors may quote the receiver's bytes, line breaks included, and a header may
+    carry undecodable bytes; the attempt's error keeps them on one line of text any database
+    takes, so no receiver can add lines to the log or stop it being written."""
 
     async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")

@@ -288,9 +288,10 @@ async def check_target(url: str, policy: TargetPolicy) -> None:
 
 
 class PolicyResolver(AbstractResolver):
-    """An aiohttp resolver that drops the addresses the policy refuses.
+    """A resolver (aiohttp's interface, over its default resolver) that drops the addresses
+    the policy refuses.
 
-    Used by the sender's connector, it judges the very addresses the socket will connect
+    Used by the sender's HTTP client, it judges the very addresses the socket will connect
     to, so a host cannot pass the check when saved and point elsewhere when used.
     """
 
