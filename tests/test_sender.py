@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import struct
@@ -208,6 +209,31 @@ async def test_connection_refused_is_an_outcome(sender: Sender) -> None:
     assert not outcome.success
     assert outcome.error == f"Connection refused by 127.0.0.1:{port}."
     assert outcome.response_body == ""
+
+
+async def test_a_connect_timeout_is_an_outcome() -> None:
+    """A receiver whose host takes no new connections (its queue of them is full) gives no
+    status, within the connect timeout, and the sentence naming host and port."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    # Connections nobody accepts fill the queue; the kernel drops the next one's handshake.
+    fillers = [socket.socket() for _ in range(4)]
+    try:
+        for filler in fillers:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        async with Sender(connect_timeout=0.3, request_timeout=5.0, policy=LOOPBACK) as sender:
+            outcome = await sender.send(_request(f"http://127.0.0.1:{port}/hook"))
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+    assert outcome.status_code is None
+    assert outcome.error == f"Could not connect to 127.0.0.1:{port} within 0.3 seconds."
+    assert outcome.latency < 2.0
 
 
 async def test_timeout_is_an_outcome() -> None:
