@@ -33,18 +33,23 @@ class RawServer:
     """A loopback server that reads whole requests and lets ``handler`` answer each; the
     connection ends when the handler returns False or the client closes it."""
 
-    def __init__(self, handler: Handler, *, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, handler: Handler, *, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self._handler = handler
         self._tls = tls
+        self._host = host
         self.connections = 0
         self.open = 0
         self.most_open = 0
         self.requests = 0
+        #: The request line and headers of every request, in order.
+        self.heads: list[bytes] = []
         self.closed_by_client = 0
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._tls)
+        self._server = await asyncio.start_server(self._serve, self._host, 0, ssl=self._tls)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -76,6 +81,7 @@ class RawServer:
                         length = int(value)
                 await reader.readexactly(length)
                 self.requests += 1
+                self.heads.append(head)
                 keep = await self._handler(reader, writer, served)
                 served += 1
                 if not keep:
@@ -141,6 +147,29 @@ async def test_consecutive_requests_share_one_connection(client: HttpClient) -> 
     assert [a.status for a in answers] == [200, 200, 200]
     assert [a.body for a in answers] == [b"ok"] * 3
     assert server.connections == 1
+
+
+async def test_an_ipv6_literal_is_connected_to_as_written() -> None:
+    """A URL whose host is an IPv6 literal reaches the receiver on that address, with the
+    literal in brackets in ``Host``, when the policy allows it."""
+    policy = TargetPolicy([ipaddress.ip_network("::1/128")])
+    async with (
+        RawServer(answer(OK), host="::1") as server,
+        Sender(connect_timeout=2.0, request_timeout=5.0, policy=policy) as sender,
+    ):
+        outcome = await sender.send(
+            OutboundRequest(
+                url=f"http://[::1]:{server.port}/hook",
+                body=b"{}",
+                event_type="conversation.started",
+                event_id="evt_1",
+                delivery_id="dlv_1",
+                secrets=("s",),
+            )
+        )
+        port = server.port
+    assert outcome.success, outcome.error
+    assert f"\r\nHost: [::1]:{port}\r\n".encode() in server.heads[0]
 
 
 async def test_a_kept_connection_the_receiver_dropped_is_replaced(client: HttpClient) -> None:
