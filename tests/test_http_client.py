@@ -117,6 +117,18 @@ async def _post(
     return await client.post((scheme, "127.0.0.1", port), _head(port, body), body, limit=limit)
 
 
+def _outbound(url: str) -> OutboundRequest:
+    """A small signed request to ``url``, for tests that go through the ``Sender``."""
+    return OutboundRequest(
+        url=url,
+        body=b"{}",
+        event_type="conversation.started",
+        event_id="evt_1",
+        delivery_id="dlv_1",
+        secrets=("s",),
+    )
+
+
 @contextlib.asynccontextmanager
 async def _client(**options: Any) -> AsyncIterator[HttpClient]:
     """A client allowed to reach loopback, with short timeouts unless ``options`` say."""
@@ -157,16 +169,7 @@ async def test_an_ipv6_literal_is_connected_to_as_written() -> None:
         RawServer(answer(OK), host="::1") as server,
         Sender(connect_timeout=2.0, request_timeout=5.0, policy=policy) as sender,
     ):
-        outcome = await sender.send(
-            OutboundRequest(
-                url=f"http://[::1]:{server.port}/hook",
-                body=b"{}",
-                event_type="conversation.started",
-                event_id="evt_1",
-                delivery_id="dlv_1",
-                secrets=("s",),
-            )
-        )
+        outcome = await sender.send(_outbound(f"http://[::1]:{server.port}/hook"))
         port = server.port
     assert outcome.success, outcome.error
     assert f"\r\nHost: [::1]:{port}\r\n".encode() in server.heads[0]
@@ -380,16 +383,7 @@ async def test_https_verifies_the_receivers_certificate(tmp_path: Path) -> None:
         RawServer(answer(OK), tls=served) as server,
     ):
         got = await _post(client, server.port, scheme="https")
-        refused = await sender.send(
-            OutboundRequest(
-                url=f"https://127.0.0.1:{server.port}/hook",
-                body=b"{}",
-                event_type="conversation.started",
-                event_id="evt_1",
-                delivery_id="dlv_1",
-                secrets=("s",),
-            )
-        )
+        refused = await sender.send(_outbound(f"https://127.0.0.1:{server.port}/hook"))
         port = server.port
     assert (got.status, got.body) == (200, b"ok")
     assert server.requests == 1
