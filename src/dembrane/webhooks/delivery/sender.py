@@ -187,9 +187,8 @@ def _target(raw: str) -> _Target | str:
     port = url.port
     if not host or scheme not in _DEFAULT_PORTS or port is None:
         return "The webhook URL must be an http or https URL with a host."
-    shown = f"[{host}]" if ":" in host else host
-    if port != _DEFAULT_PORTS[scheme]:
-        shown = f"{shown}:{port}"
+    # The port is left out where it is the scheme's own, as browsers write it.
+    shown = _host_port(host, None if port == _DEFAULT_PORTS[scheme] else port)
     return _Target(
         scheme=scheme,
         host=host,
