@@ -55,6 +55,7 @@ from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.service import Service
 from dembrane.webhooks.store import directory, outbox, webhooks
 from dembrane.webhooks.store.database import Database
+from dembrane.webhooks.store.publish_queue import PublishQueue
 from dembrane.webhooks.store.tables import DeliveryRow, WebhookRow
 from dembrane.webhooks.v1 import (
     event_pb2,
@@ -1117,6 +1118,39 @@ async def test_an_open_breaker_holds_deliveries_back_without_using_attempts(
         assert sum(1 for r in found if r.attempt_count == 0) == 3
         (line,) = [r.getMessage() for r in caplog.records if "keeps failing" in r.getMessage()]
         assert "webhook wh keeps failing (last: The receiver answered with status 500)" in line
+
+
+async def test_events_published_during_a_cool_down_are_due_when_it_ends(tmp_path: Path) -> None:
+    """A webhook's deliveries published while its breaker is open are written due at the
+    cool-down's end, like those it held back when it opened, not due at once where every
+    claim until then would walk past them."""
+    late_event = EventData("late", "conversation.started", "p", OCCURRED, ConversationData("c"))
+    async with (
+        store_engine(tmp_path, per_webhook_concurrency=1) as resources,
+        Receiver(SECRET, default=500) as receiver,
+    ):
+        add_webhook(resources, "wh", receiver.url)
+        store_publish(resources, "e1", "e2", "e3")
+        breaker = BreakerSettings(failure_threshold=2, open_seconds=30)
+        async with dispatching(resources, breaker=breaker) as dispatcher:
+            cool_down_ends = time.time() + 25
+            await until(
+                lambda: all(
+                    r.lease_owner is None
+                    and r.next_attempt_at is not None
+                    and r.next_attempt_at > cool_down_ends
+                    for r in rows(resources)
+                )
+            )
+            held_back = max(r.next_attempt_at or 0.0 for r in rows(resources))
+            queue = PublishQueue(
+                resources.database, "https://d.test", lambda: None, lambda: dispatcher
+            )
+            await queue.publish([late_event])
+            [late] = [r for r in rows(resources) if r.event_id == "late"]
+        assert len(receiver.requests) == 2
+    assert late.lease_owner is None
+    assert late.next_attempt_at == pytest.approx(held_back, abs=1.0)
 
 
 async def test_an_outage_is_logged_once_and_its_end_too(

@@ -106,9 +106,15 @@ async def test_the_same_id_in_two_grouped_calls_is_stored_once(database: Databas
 class RecordingClaimer:
     """A dispatcher stand-in that leases up to ``limit`` rows and keeps what it is given."""
 
-    def __init__(self, limit: int, excluded: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        limit: int,
+        excluded: dict[str, float] | None = None,
+        held_until: dict[str, float] | None = None,
+    ) -> None:
         self.limit = limit
         self.excluded = excluded or {}
+        self.held_until = held_until or {}
         self.until = time.time() + 60
         self.admitted: list[outbox.DeliveryClaim] = []
         self.abandoned = 0
@@ -116,7 +122,9 @@ class RecordingClaimer:
 
     def lease_request(self) -> outbox.Lease | None:
         self.outstanding += 1
-        return outbox.Lease("dsp_test", self.until, self.limit, self.excluded)
+        return outbox.Lease(
+            "dsp_test", self.until, self.limit, self.excluded, held_until=self.held_until
+        )
 
     def admit_leased(self, lease: outbox.Lease, claims: list[outbox.DeliveryClaim]) -> None:
         self.outstanding -= 1
@@ -133,6 +141,28 @@ def _leases(database: Database, event_ids: list[str]) -> dict[str, tuple[str | N
         return {row.event_id: (row.lease_owner, row.next_attempt_at or 0.0) for row in rows}
 
     return database.call(read)
+
+
+async def test_rows_of_a_webhook_cooling_down_are_due_when_it_ends(database: Database) -> None:
+    """A new row of a webhook the dispatcher holds back until its cool-down ends is written
+    due then, not leased; if a person changed the webhook since the dispatcher saw it, the
+    row is due at once instead."""
+    seen = database.call(lambda s: s.get(WebhookRow, "wh_1").updated_at)
+    ends = time.time() + 300
+    due: dict[str, tuple[str | None, float]] = {}
+    for event_id, saw in (("held", seen), ("changed", seen - 1)):
+        claimer = RecordingClaimer(10, excluded={"wh_1": saw}, held_until={"wh_1": ends})
+        queue = PublishQueue(
+            database, "https://dash.example.test", lambda: None, lambda c=claimer: c
+        )
+        await queue.publish([report(event_id)])
+        due.update(_leases(database, [event_id]))
+        assert claimer.admitted == []
+    assert due["held"] == (None, ends)
+    owner, changed_due = due["changed"]
+    assert owner is None
+    assert changed_due <= time.time()
+    database.close()
 
 
 async def test_new_rows_are_leased_to_the_dispatcher_in_the_same_transaction(

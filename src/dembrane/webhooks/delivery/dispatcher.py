@@ -555,12 +555,19 @@ class Dispatcher:
             return None
         self._reserved += want
         now = time.time()
+        excluded = self._excluded(now, time.monotonic())
         return outbox.Lease(
             owner=self.owner,
             until=now + self._lease,
             limit=want,
-            excluded=self._excluded(now, time.monotonic()),
+            excluded=excluded,
             quota=self._quota(),
+            held_until={
+                webhook_id: open_until
+                for webhook_id in excluded
+                if (open_until := self._lanes[webhook_id].breaker.open_until) is not None
+                and now < open_until
+            },
         )
 
     def admit_leased(self, lease: outbox.Lease, claims: list[DeliveryClaim]) -> None:

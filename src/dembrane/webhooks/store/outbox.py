@@ -185,6 +185,10 @@ class Lease:
     excluded: Mapping[str, float] = field(default_factory=dict)
     #: The most rows of each webhook to lease, if bounded.
     quota: Quota | None = None
+    #: Webhooks cooling down (breaker open), with the cool-down's end: their new rows are
+    #: written due then, as the breaker held back their older ones, rather than due now at
+    #: the front of the due index, where every claim until then would walk past them.
+    held_until: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -433,7 +437,7 @@ def _insert_fresh(
             }
         )
 
-    leased = _lease_rows(deliveries, lease, published)
+    leased = _lease_rows(deliveries, lease, published, facts)
 
     if not _is_postgres(session):
         # One process owns a SQLite database and this transaction read the ids above, so
@@ -492,8 +496,10 @@ def _lease_rows(
     deliveries: Mapping[str, list[dict[str, Any]]],
     lease: Lease | None,
     published: Published | None,
+    facts: Mapping[str, _ProjectFacts],
 ) -> list[dict[str, Any]]:
-    """Mark up to the lease's limit of new pending rows as leased; count the rest."""
+    """Mark up to the lease's limit of new pending rows as leased, and those of webhooks
+    cooling down as due when the cool-down ends; count the rows not leased."""
     if lease is None or published is None:
         return []
     candidates = [
@@ -510,6 +516,24 @@ def _lease_rows(
     for row in leased:
         row["next_attempt_at"] = lease.until
         row["lease_owner"] = lease.owner
+    if lease.held_until:
+        # Not if a person changed the webhook since the dispatcher looked (a new address,
+        # a new status): as with ``excluded``, its rows are then due at once.
+        seen_now = {
+            webhook_id: hook.updated_at
+            for project in facts.values()
+            for webhook_id, _types, hook in project.subscribers
+            if webhook_id in lease.held_until
+        }
+        for row in candidates:
+            webhook_id = row["webhook_id"]
+            held_until = lease.held_until.get(webhook_id)
+            if (
+                held_until is not None
+                and row["lease_owner"] is None
+                and lease.excluded.get(webhook_id) == seen_now.get(webhook_id)
+            ):
+                row["next_attempt_at"] = max(row["next_attempt_at"], held_until)
     published.left_due += len(candidates) - len(leased)
     return leased
 
