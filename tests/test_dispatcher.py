@@ -237,6 +237,16 @@ async def until(check: Callable[[], bool], within: float = 10.0) -> None:
             await asyncio.sleep(0.01)
 
 
+async def until_held_back(resources: Resources, beyond: float) -> None:
+    """Wait until every delivery is back in the store, unleased, due after ``beyond``."""
+    await until(
+        lambda: all(
+            r.lease_owner is None and r.next_attempt_at is not None and r.next_attempt_at > beyond
+            for r in rows(resources)
+        )
+    )
+
+
 async def warm_up(resources: Resources, webhook_id: str) -> None:
     """Publish the event ``warm`` (once) and wait until its delivery to ``webhook_id`` has
     succeeded: from then on the receiver is known to answer."""
@@ -1102,15 +1112,7 @@ async def test_an_open_breaker_holds_deliveries_back_without_using_attempts(
             store_publish(resources, *[f"e{i}" for i in range(5)])
             breaker = BreakerSettings(failure_threshold=2, open_seconds=30)
             async with dispatching(resources, breaker=breaker):
-                cool_down_ends = time.time() + 25
-                await until(
-                    lambda: all(
-                        r.lease_owner is None
-                        and r.next_attempt_at is not None
-                        and r.next_attempt_at > cool_down_ends
-                        for r in rows(resources)
-                    )
-                )
+                await until_held_back(resources, beyond=time.time() + 25)
             assert len(receiver.requests) == 2
         found = rows(resources)
         assert all(r.status == "pending" for r in found)
@@ -1133,15 +1135,7 @@ async def test_events_published_during_a_cool_down_are_due_when_it_ends(tmp_path
         store_publish(resources, "e1", "e2", "e3")
         breaker = BreakerSettings(failure_threshold=2, open_seconds=30)
         async with dispatching(resources, breaker=breaker) as dispatcher:
-            cool_down_ends = time.time() + 25
-            await until(
-                lambda: all(
-                    r.lease_owner is None
-                    and r.next_attempt_at is not None
-                    and r.next_attempt_at > cool_down_ends
-                    for r in rows(resources)
-                )
-            )
+            await until_held_back(resources, beyond=time.time() + 25)
             held_back = max(r.next_attempt_at or 0.0 for r in rows(resources))
             queue = PublishQueue(
                 resources.database, "https://d.test", lambda: None, lambda: dispatcher
