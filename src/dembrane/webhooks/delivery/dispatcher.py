@@ -435,8 +435,9 @@ class Dispatcher:
         #: Lost attempts of deliveries not finished yet, which take no slot of the schedule.
         #: Kept in memory only: after a restart they count like any failed attempt.
         self._lost: dict[str, int] = {}
-        #: When the earliest cool-down of a lane that claims leave out ends (Unix seconds).
-        self._cool_down_ends: float | None = None
+        #: The webhooks claims leave out that are cooling down (breaker open), with when each
+        #: cool-down ends (Unix seconds), as the last ``_excluded`` found them.
+        self._cooling: dict[str, float] = {}
         self._flush_wanted = asyncio.Event()
         self._waiting_for_room = False
         self._stopping = False
@@ -562,12 +563,7 @@ class Dispatcher:
             limit=want,
             excluded=excluded,
             quota=self._quota(),
-            held_until={
-                webhook_id: open_until
-                for webhook_id in excluded
-                if (open_until := self._lanes[webhook_id].breaker.open_until) is not None
-                and now < open_until
-            },
+            held_until=self._cooling,
         )
 
     def admit_leased(self, lease: outbox.Lease, claims: list[DeliveryClaim]) -> None:
@@ -632,7 +628,7 @@ class Dispatcher:
         rows are claimed again, so the lane learns of a new address or status.
         """
         excluded: dict[str, float] = {}
-        cool_down_ends: float | None = None
+        cooling: dict[str, float] = {}
         # Receivers not known to answer have all the slots they may have: rows claimed for
         # them would only wait.
         suspects_full = len(self._suspect) >= self._suspect_max
@@ -648,12 +644,10 @@ class Dispatcher:
             ):
                 continue
             excluded[webhook_id] = lane.updated_at
-            open_until = lane.breaker.open_until
-            if open_until is not None and now < open_until:
-                cool_down_ends = (
-                    open_until if cool_down_ends is None else min(cool_down_ends, open_until)
-                )
-        self._cool_down_ends = cool_down_ends
+            if lane.breaker.is_open(now):
+                assert lane.breaker.open_until is not None
+                cooling[webhook_id] = lane.breaker.open_until
+        self._cooling = cooling
         return excluded
 
     async def _idle(self, work: asyncio.Event, next_due: float | None) -> None:
@@ -663,9 +657,10 @@ class Dispatcher:
             # request that frees it wakes the loop.
             if next_due is not None:
                 timeout = min(timeout, max(0.0, next_due - time.time()))
-            if self._cool_down_ends is not None:
+            if self._cooling:
                 # Rows a claim left out come due for it when their webhook's cool-down ends.
-                timeout = min(timeout, max(0.0, self._cool_down_ends - time.time()))
+                cool_down_ends = min(self._cooling.values())
+                timeout = min(timeout, max(0.0, cool_down_ends - time.time()))
         if any(lane.waiting for lane in self._lanes.values()):
             timeout = min(timeout, LANE_CHECK_SECONDS)
         if timeout <= 0:
