@@ -49,8 +49,6 @@ _RETRY_AFTER_STATUSES = frozenset({429, 503})
 _LITERAL_CACHE_SIZE = 4096
 _URL_CACHE_SIZE = 4096
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
 
 @dataclass(frozen=True, slots=True)
 class OutboundRequest:
@@ -185,10 +183,10 @@ def _target(raw: str) -> _Target | str:
     host = url.raw_host
     scheme = url.scheme
     port = url.port
-    if not host or scheme not in _DEFAULT_PORTS or port is None:
+    if not host or scheme not in ("http", "https") or port is None:
         return "The webhook URL must be an http or https URL with a host."
     # The port is left out where it is the scheme's own, as browsers write it.
-    shown = _host_port(host, None if port == _DEFAULT_PORTS[scheme] else port)
+    shown = _host_port(host, None if url.is_default_port() else port)
     return _Target(
         scheme=scheme,
         host=host,
