@@ -34,7 +34,7 @@ from typing import cast
 
 import httptools
 
-from dembrane.webhooks.delivery.targets import PolicyResolver, TargetBlockedError
+from dembrane.webhooks.delivery.targets import PolicyResolver, TargetBlockedError, is_ip_literal
 
 __all__ = ["Answer", "Failure", "HttpClient", "HttpFailure"]
 
@@ -405,7 +405,7 @@ class HttpClient:
             raise HttpFailure(Failure.TIMEOUT) from None
 
     async def _addresses(self, host: str, port: int) -> list[tuple[int, str]]:
-        if _is_ip(host):
+        if is_ip_literal(host):
             return [(socket.AF_INET6 if ":" in host else socket.AF_INET, host)]
         try:
             results = await self._resolver.resolve(host, port, socket.AF_UNSPEC)
@@ -467,19 +467,7 @@ class HttpClient:
         await asyncio.sleep(0)
 
 
-_DEFAULT_CONTEXT: ssl.SSLContext | None = None
-
-
+@functools.cache
 def _default_context() -> ssl.SSLContext:
-    global _DEFAULT_CONTEXT
-    if _DEFAULT_CONTEXT is None:
-        _DEFAULT_CONTEXT = ssl.create_default_context()
-    return _DEFAULT_CONTEXT
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-    except OSError:
-        return False
-    return True
+    """The system trust store's context, made once (loading it takes milliseconds)."""
+    return ssl.create_default_context()

@@ -162,6 +162,11 @@ def _parse_ip(text: str) -> IPAddress | None:
         return None
 
 
+def is_ip_literal(host: str) -> bool:
+    """Whether ``host`` is an IP address rather than a name to resolve."""
+    return _parse_ip(host) is not None
+
+
 def _refusal_sentence(subject: str, ip: IPAddress | str, kind: str) -> str:
     return f"{subject} {ip}, {kind}; webhooks must target public addresses."
 
