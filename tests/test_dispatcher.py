@@ -1056,6 +1056,125 @@ async def test_hanging_receivers_leave_every_slot_to_receivers_that_answer(
             await dead.stop()
 
 
+async def test_failing_receivers_take_turns_at_the_slot_of_receivers_not_known_to_answer(
+    tmp_path: Path,
+) -> None:
+    """Two failing webhooks share the one slot of receivers not known to answer: the one kept
+    waiting starts as soon as the other's request ends, not after its rows were handed back
+    for a second."""
+    async with store_engine(
+        tmp_path, max_concurrency=2, per_webhook_concurrency=1, request_timeout=30
+    ) as resources:
+        assert suspect_slots(2) == 1
+        slow_failure = Reply(500, delay=0.4)
+        async with (
+            Receiver(SECRET, default=slow_failure) as one,
+            Receiver(SECRET, default=slow_failure) as two,
+        ):
+            add_webhook(resources, "wh_1", one.url)
+            add_webhook(resources, "wh_2", two.url)
+            store_publish(resources, *[f"e{i}" for i in range(4)])
+            async with dispatching(resources, breaker=BreakerSettings(failure_threshold=100)):
+                await one.wait_for(2, within=10)
+                await two.wait_for(2, within=10)
+            first = min(r.received_at for r in one.requests + two.requests)
+            # Turns of 0.4 s: each has its second request by 0.8 s. Kept waiting until its
+            # rows were handed back, one would wait over 2 s.
+            for receiver in (one, two):
+                assert receiver.requests[1].received_at - first < 1.6
+
+
+async def test_a_new_webhook_kept_waiting_starts_when_an_answering_slot_frees(
+    tmp_path: Path,
+) -> None:
+    """A new webhook's first request, kept waiting while hanging receivers hold their own
+    slots and receivers that answer hold all but the reserve of theirs, starts as soon as
+    one of those answers."""
+    async with store_engine(
+        tmp_path, max_concurrency=4, per_webhook_concurrency=3, request_timeout=30
+    ) as resources:
+        dead = Receiver(SECRET, default=Reply(200, delay=60))
+        await dead.start()
+        try:
+            async with (
+                Receiver(SECRET, replies=[200], default=Reply(200, delay=0.6)) as good,
+                Receiver(SECRET) as new,
+            ):
+                add_webhook(resources, "good", good.url, events=f'["{SUMMARIZED}"]')
+                store_publish(resources, "warm", event_type=SUMMARIZED)
+                async with dispatching(resources, drain_timeout=0.2):
+                    await good.wait_for(1)
+                    add_webhook(resources, "dead", dead.url)
+                    store_publish(resources, "d1", "d2")
+                    resources.wake_dispatcher()
+                    # The dead receiver holds both slots of receivers not known to answer.
+                    await dead.wait_for(suspect_slots(4), within=10)
+                    add_webhook(resources, "new", new.url, events='["conversation.transcribed"]')
+                    # Three slow requests to the good receiver leave fewer free slots than
+                    # the reserve kept from new webhooks: the new one waits for an answer.
+                    store_publish(resources, "g1", "g2", "g3", event_type=SUMMARIZED)
+                    store_publish(resources, "n1", event_type="conversation.transcribed")
+                    published = time.time()
+                    resources.wake_dispatcher()
+                    (request,) = await new.wait_for(1, within=10)
+            assert len(good.requests) == 4
+            # The good receiver answers after 0.6 s. Kept waiting until its row was handed
+            # back, the new webhook would wait over 2 s.
+            assert request.received_at - published < 1.5
+        finally:
+            await dead.stop()
+
+
+async def test_a_webhook_given_a_new_address_starts_when_an_answering_slot_frees(
+    tmp_path: Path,
+) -> None:
+    """A webhook whose address changed while its row waited for a slot counts as new again:
+    with hanging receivers holding their own slots, it takes a slot of receivers that answer
+    as soon as enough of those are free, not after its row was handed back."""
+    async with store_engine(
+        tmp_path, max_concurrency=4, per_webhook_concurrency=4, request_timeout=30
+    ) as resources:
+        dead = Receiver(SECRET, default=Reply(200, delay=60))
+        await dead.start()
+        try:
+            async with (
+                Receiver(SECRET, replies=[200], default=Reply(200, delay=0.8)) as busy,
+                Receiver(SECRET) as old,
+                Receiver(SECRET) as moved,
+            ):
+                transcribed = "conversation.transcribed"
+                add_webhook(resources, "busy", busy.url, events=f'["{SUMMARIZED}"]')
+                add_webhook(resources, "hook", old.url, events=f'["{transcribed}"]')
+                store_publish(resources, "warm", event_type=SUMMARIZED)
+                store_publish(resources, "warm-hook", event_type=transcribed)
+                async with dispatching(resources, drain_timeout=0.2):
+                    await busy.wait_for(1)
+                    await old.wait_for(1)
+                    add_webhook(resources, "dead", dead.url)
+                    store_publish(resources, "d1", "d2")
+                    resources.wake_dispatcher()
+                    await dead.wait_for(suspect_slots(4), within=10)
+                    # Every slot of receivers that answer is taken for 0.8 s; meanwhile the
+                    # hook's row waits for one, and a new address arrives with its next row.
+                    store_publish(resources, *[f"b{i}" for i in range(4)], event_type=SUMMARIZED)
+                    resources.wake_dispatcher()
+                    await busy.wait_for(5)
+                    store_publish(resources, "h1", event_type=transcribed)
+                    resources.wake_dispatcher()
+                    await asyncio.sleep(0.2)
+                    set_webhook(resources, "hook", url=moved.url, updated_at=time.time())
+                    store_publish(resources, "h2", event_type=transcribed)
+                    resources.wake_dispatcher()
+                    freed = busy.requests[-1].received_at + 0.8
+                    await until(lambda: len(old.requests) + len(moved.requests) >= 3)
+            later = sorted(r.received_at for r in old.requests[1:] + moved.requests)
+            # Kept waiting for a slot of receivers not known to answer, it would wait until
+            # its rows were handed back, over a second later.
+            assert later[0] - freed < 0.6
+        finally:
+            await dead.stop()
+
+
 async def test_a_full_dispatcher_sleeps_while_a_cool_down_ends(tmp_path: Path) -> None:
     """A dispatcher with no room left waits to be woken: a breaker's cool-down ending while
     it waits never sets its claim loop spinning and holding up the event loop."""

@@ -821,8 +821,13 @@ class Dispatcher:
             if lane.suspect(mono):
                 suspect = suspects < self._suspect_max
                 if not suspect and not (lane.untried and answering < self._untried_max):
-                    # Ready again when a request ends.
-                    self._parked.setdefault(webhook_id, mono)
+                    if lane.untried:
+                        # A lane yet to make its first request (its address just changed)
+                        # may also take a slot of receivers that answer: it waits in line.
+                        self._mark_ready(webhook_id)
+                    else:
+                        # Ready again when a slot of receivers not known to answer frees.
+                        self._parked.setdefault(webhook_id, mono)
                     continue
             elif answering >= self._max:
                 # It answers now, but every slot of receivers that answer is taken.
@@ -919,9 +924,13 @@ class Dispatcher:
         lane.in_flight -= 1
         lane.started.pop(claim.delivery_id, None)
         lane.last_used = time.monotonic()
-        self._suspect.discard(claim.delivery_id)
-        for parked in self._parked:
-            self._mark_ready(parked)
+        if claim.delivery_id in self._suspect:
+            self._suspect.discard(claim.delivery_id)
+            # Parked lanes wait for a slot of receivers not known to answer, and now one is
+            # free. Waking them at every answer instead cost each delivery a turn of the
+            # pump per lane kept waiting.
+            for parked in self._parked:
+                self._mark_ready(parked)
         self._in_flight -= 1
         metrics.STATS.in_flight -= 1
         self._held -= 1
