@@ -199,15 +199,28 @@ async def test_new_rows_are_leased_to_the_dispatcher_in_the_same_transaction(
     assert wakes == [1]
 
 
-async def test_rows_of_excluded_webhooks_are_written_due(database: Database) -> None:
-    """A webhook the dispatcher cannot send to now gets its rows written due, not leased."""
-    claimer = RecordingClaimer(limit=10, excluded={"wh_1": 0.0})
-    queue = PublishQueue(
-        database, "https://dash.example.test", lambda: None, claimer=lambda: claimer
-    )
-    await queue.publish([report("x1")])
-    assert claimer.admitted == []
-    assert _leases(database, ["x1"])["x1"][0] is None
+async def test_rows_of_excluded_webhooks_are_written_due_without_waking_the_claim_loop(
+    database: Database,
+) -> None:
+    """A webhook the dispatcher cannot send to now gets its rows written due, not leased, and
+    the claim loop, whose claims would leave them too, is not woken for them; rows of such a
+    webhook that a person changed since the dispatcher looked do wake it, for a claim to
+    learn of the change."""
+    seen = database.call(lambda s: s.get(WebhookRow, "wh_1").updated_at)
+    for event_id, saw, woken in (("x1", seen, []), ("x2", seen - 1, [1])):
+        wakes: list[int] = []
+        claimer = RecordingClaimer(limit=10, excluded={"wh_1": saw})
+        queue = PublishQueue(
+            database,
+            "https://dash.example.test",
+            lambda w=wakes: w.append(1),
+            claimer=lambda c=claimer: c,
+        )
+        await queue.publish([report(event_id)])
+        assert claimer.admitted == []
+        assert _leases(database, [event_id])[event_id][0] is None
+        assert wakes == woken
+    database.close()
 
 
 async def test_a_failed_transaction_gives_the_lease_back(database: Database) -> None:

@@ -197,6 +197,9 @@ class Published:
 
     claims: list[DeliveryClaim] = field(default_factory=list)
     left_due: int = 0
+    #: Of the rows left due, those of webhooks the lease left out, unchanged since the
+    #: dispatcher looked: its claims would leave them too, so they need not wake it.
+    left_out: int = 0
 
 
 def publish_events(
@@ -499,7 +502,8 @@ def _lease_rows(
     facts: Mapping[str, _ProjectFacts],
 ) -> list[dict[str, Any]]:
     """Mark up to the lease's limit of new pending rows as leased, and those of webhooks
-    cooling down as due when the cool-down ends; count the rows not leased."""
+    cooling down as due when the cool-down ends; count the rows not leased, and those of
+    them the lease left out."""
     if lease is None or published is None:
         return []
     candidates = [
@@ -516,23 +520,23 @@ def _lease_rows(
     for row in leased:
         row["next_attempt_at"] = lease.until
         row["lease_owner"] = lease.owner
-    if lease.held_until:
-        # Not if a person changed the webhook since the dispatcher looked (a new address,
-        # a new status): as with ``excluded``, its rows are then due at once.
-        seen_now = {
-            webhook_id: hook.updated_at
+    if lease.excluded:
+        # The webhooks left out as the dispatcher saw them. Not one a person changed since
+        # (a new address, a new status): as with claims, its rows are due at once, for the
+        # dispatcher to learn of the change.
+        unchanged = {
+            webhook_id
             for project in facts.values()
             for webhook_id, _types, hook in project.subscribers
-            if webhook_id in lease.held_until
+            if lease.excluded.get(webhook_id) == hook.updated_at
         }
         for row in candidates:
             webhook_id = row["webhook_id"]
+            if webhook_id not in unchanged:
+                continue
+            published.left_out += 1
             held_until = lease.held_until.get(webhook_id)
-            if (
-                held_until is not None
-                and row["lease_owner"] is None
-                and lease.excluded.get(webhook_id) == seen_now.get(webhook_id)
-            ):
+            if held_until is not None:
                 row["next_attempt_at"] = max(row["next_attempt_at"], held_until)
     published.left_due += len(candidates) - len(leased)
     return leased

@@ -178,7 +178,8 @@ class PublishQueue:
             try:
                 if claimer is not None and lease is not None:
                     claimer.admit_leased(lease, write.published.claims)
-                if lease is None or write.published.left_due:
+                if lease is None or write.published.left_due > write.published.left_out:
+                    # Rows the dispatcher did not take, and would not leave in a claim.
                     self._stored(write.outcomes)
             except Exception:
                 # The events are stored: their callers hear so all the same, and rows the
