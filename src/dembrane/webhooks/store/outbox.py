@@ -343,33 +343,61 @@ def _project_facts(session: Transaction, project_ids: Iterable[str]) -> dict[str
         project_ids,
     )
     facts: dict[str, _ProjectFacts] = {}
-    for project_id, name, language, tier_name, webhook_id, events, *hook in rows:
+    for project_id, name, language, tier, webhook_id, events, *hook in rows:
         project = facts.get(project_id)
         if project is None:
-            tier = Tier(tier_name)
             project = facts[project_id] = _ProjectFacts(
-                ProjectInfo(project_id, name, language), tier, []
+                _project_info(project_id, name, language), _tier(tier), []
             )
-        if webhook_id is None:
-            continue
-        url, status, updated_at, disabled_reason, secret, previous, previous_expires = hook
-        project.subscribers.append(
-            (
-                webhook_id,
-                frozenset(str(t) for t in json.loads(events)),
-                _WebhookFacts(
-                    url=url,
-                    status=status,
-                    updated_at=float(updated_at),
-                    disabled_reason=disabled_reason,
-                    secret=secret,
-                    previous_secret=previous,
-                    previous_secret_expires_at=previous_expires,
-                    tier=project.tier,
-                ),
+        if webhook_id is not None:
+            project.subscribers.append(
+                (webhook_id, _subscribed_types(events), _hook_facts(*hook, tier))
             )
-        )
     return facts
+
+
+# What the rows of the directory and webhooks read as, kept for the rows read again: every
+# publishing transaction and claim reads the facts of each project and webhook it touches,
+# and they seldom change. Each is a pure function of the values read, so a changed row is
+# simply a new entry. Bounded, as rows are many over a process's life.
+
+
+@functools.lru_cache(maxsize=4096)
+def _project_info(project_id: str, name: str, language: str) -> ProjectInfo:
+    return ProjectInfo(project_id, name, language)
+
+
+@functools.lru_cache(maxsize=64)
+def _tier(value: int) -> Tier:
+    return Tier(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _subscribed_types(events: str) -> frozenset[str]:
+    return frozenset(str(t) for t in json.loads(events))
+
+
+@functools.lru_cache(maxsize=4096)
+def _hook_facts(
+    url: str,
+    status: str,
+    updated_at: float,
+    disabled_reason: str,
+    secret: str,
+    previous_secret: str | None,
+    previous_secret_expires_at: float | None,
+    tier: int,
+) -> _WebhookFacts:
+    return _WebhookFacts(
+        url=url,
+        status=status,
+        updated_at=float(updated_at),
+        disabled_reason=disabled_reason,
+        secret=secret,
+        previous_secret=previous_secret,
+        previous_secret_expires_at=previous_secret_expires_at,
+        tier=_tier(tier),
+    )
 
 
 def _insert_fresh(
@@ -807,19 +835,7 @@ def _webhook_facts(cursor: Any, postgres: bool, webhook_ids: set[str]) -> dict[s
         cursor.execute(_WEBHOOKS_POSTGRES, (ids,))
     else:
         cursor.execute(_WEBHOOKS_SQLITE, (json.dumps(ids),))
-    return {
-        row[0]: _WebhookFacts(
-            url=row[1],
-            status=row[2],
-            updated_at=float(row[3]),
-            disabled_reason=row[4],
-            secret=row[5],
-            previous_secret=row[6],
-            previous_secret_expires_at=row[7],
-            tier=Tier(row[8]),
-        )
-        for row in cursor.fetchall()
-    }
+    return {row[0]: _hook_facts(*row[1:]) for row in cursor.fetchall()}
 
 
 def _claims(
