@@ -10,8 +10,11 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from dembrane.webhooks.api import event_service
+from dembrane.webhooks.domain import payload
 from dembrane.webhooks.domain.errors import ErrorCollector, InvalidArgument
 from dembrane.webhooks.domain.payload import (
     EVENT_TYPES,
@@ -94,6 +97,40 @@ def test_rendered_body_is_canonical() -> None:
     body = render_body(_conversation_event("conversation.summarized"), PROJECT, BASE)
     assert canonical_json(json.loads(body)) == body
     assert body.isascii()
+
+
+# Strings with characters of every kind the canonical form treats apart: ASCII, controls,
+# DEL, quotes and backslashes, non-ASCII of both planes, line separators, lone surrogates.
+_ANY_TEXT = st.text(st.characters(max_codepoint=0x7F)) | st.text(
+    st.characters(codec=None, exclude_categories=())
+    | st.sampled_from(["\x00", "\x1f", "\x7f", '"', "\\", "/", "\u2028", "\udc80", "é"])
+)
+# The numbers a body carries: integers of any size, and durations as the body writes them.
+_BODY_NUMBER = st.integers() | st.floats(allow_nan=False, allow_infinity=False).map(
+    payload._json_number
+)
+_BODY_VALUE = st.recursive(
+    st.none() | st.booleans() | _BODY_NUMBER | _ANY_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_ANY_TEXT, inner, max_size=4),
+    max_leaves=24,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_ANY_TEXT, _BODY_VALUE, max_size=8))
+@example({"transcript": "rubout \x7f", "duration": 61.5})
+@example({"big": 2**64, "small": -(2**63) - 1, "duration": 1e21})
+def test_bodies_are_written_byte_for_byte_in_the_canonical_form(body: dict[str, object]) -> None:
+    """The fast writer of bodies gives exactly the canonical form's bytes, whatever the
+    strings, integers and durations in them."""
+    assert payload._body_json(body) == canonical_json(body)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_duration_json_cannot_carry_is_refused(value: float) -> None:
+    """NaN and the infinities never reach a body: writing one as a duration raises."""
+    with pytest.raises(ValueError, match="not a number JSON can carry"):
+        payload._json_number(value)
 
 
 # The canonical re-serialization a JavaScript receiver would write (JSON.stringify with its

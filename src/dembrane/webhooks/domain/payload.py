@@ -8,12 +8,15 @@ re-serializes it before computing the HMAC arrives at the very bytes that were s
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
+
+import orjson
 
 from dembrane.webhooks.domain.errors import InvalidArgument
 
@@ -51,6 +54,25 @@ def canonical_json(obj: object) -> bytes:
     return json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     ).encode()
+
+
+def _body_json(body: dict[str, Any]) -> bytes:
+    """``canonical_json(body)``, for a body whose floats are as ``_json_number`` makes them.
+
+    orjson writes the same bytes in a tenth of the time: sorted keys, no spaces, the same
+    escapes, and the same shortest digits for any finite float of at least a ten-thousandth
+    (below that it writes plain digits where the canonical form has an exponent, and
+    ``_json_number`` rounds those to 0). It writes non-ASCII characters and DEL as they are,
+    where the canonical form escapes them, and refuses integers beyond 64 bits and lone
+    surrogates: bodies with any of those go the standard way.
+    """
+    try:
+        encoded = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # orjson.JSONEncodeError
+        return canonical_json(body)
+    if not encoded.isascii() or b"\x7f" in encoded:
+        return canonical_json(body)
+    return encoded
 
 
 @dataclass(frozen=True)
@@ -129,9 +151,12 @@ def _json_number(value: float | None) -> float | int | None:
     bytes that were signed, whichever of the three languages it is written in. Below a
     ten-thousandth the three write a number differently (``1e-05`` in Python, ``0.00001``
     in JavaScript and Go), which the rounding rules out."""
-    if value is not None:
-        value = round(value, 3)
-    if value is None or not value.is_integer():
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        raise ValueError(f"{value} is not a number JSON can carry")
+    value = round(value, 3)
+    if not value.is_integer():
         return value
     if abs(value) < 2**53:
         return int(value)
@@ -213,7 +238,7 @@ def render_body(event: EventData, project: ProjectInfo, dashboard_base_url: str)
         body["report"] = _report_object(event.report, project)
     elif _needs_report(event.type):
         raise InvalidArgument.for_field("report", f"A {event.type} event needs a report.")
-    return canonical_json(body)
+    return _body_json(body)
 
 
 def _mock_conversation(now: datetime, conversation_id: str) -> ConversationData:
