@@ -5,7 +5,8 @@ transaction; the dispatcher then claims due rows, sends them, and records what c
 Every hot statement here is written for few round trips and batch sizes that stay bounded:
 
 * claiming picks due rows through the partial index ``ix_deliveries_due`` (only pending
-  rows, by due time; the literal ``status = 'pending'`` lets SQLite use that index), leases
+  rows, by due time, with their webhook so that rows of webhooks left out are passed over
+  in the index; the literal ``status = 'pending'`` lets SQLite use that index), leases
   them to one dispatcher by pushing ``next_attempt_at`` to the lease's end, then reads what
   the sender needs: the deliveries with their bodies, and each webhook once;
 * recording a batch of outcomes is one read of the rows still leased, then one multi-row
