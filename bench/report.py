@@ -217,7 +217,7 @@ publish, commit, claim, sign, POST, record.
    product's per-webhook cap (`WEBHOOKS_PER_WEBHOOK_CONCURRENCY=8`), as a deployment would.
    A control run with the same 100 webhooks, none hanging, separates the cost of the
    hanging from the cost of spreading the work over many webhooks. Scenario 2 runs again
-   before the first of three rounds and after each, and a round (the hanging run, then the
+   before the first of five rounds and after each, and a round (the hanging run, then the
    control) is set against the mean of the two runs of scenario 2 around it, so the
    machine's drift in speed (a quarter within minutes) falls on both sides of the ratio;
    the table shows the round with the median ratio, and the notes give every round.
