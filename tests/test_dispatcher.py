@@ -70,6 +70,8 @@ from receiver import Receiver, Reply
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 #: The event type of the tests' webhooks that answer, apart from the hanging ones.
 SUMMARIZED = "conversation.summarized"
+#: A third event type, for a webhook apart from both.
+TRANSCRIBED = "conversation.transcribed"
 OCCURRED = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
 
@@ -1056,6 +1058,16 @@ async def test_hanging_receivers_leave_every_slot_to_receivers_that_answer(
             await dead.stop()
 
 
+async def fill_suspect_slots(resources: Resources, dead: Receiver, max_concurrency: int) -> None:
+    """Add the webhook ``dead``, whose receiver hangs, and wait until its requests hold every
+    slot of receivers not known to answer."""
+    slots = suspect_slots(max_concurrency)
+    add_webhook(resources, "dead", dead.url)
+    store_publish(resources, *[f"dead-{i}" for i in range(slots)])
+    resources.wake_dispatcher()
+    await dead.wait_for(slots, within=10)
+
+
 async def test_failing_receivers_take_turns_at_the_slot_of_receivers_not_known_to_answer(
     tmp_path: Path,
 ) -> None:
@@ -1104,16 +1116,12 @@ async def test_a_new_webhook_kept_waiting_starts_when_an_answering_slot_frees(
                 store_publish(resources, "warm", event_type=SUMMARIZED)
                 async with dispatching(resources, drain_timeout=0.2):
                     await good.wait_for(1)
-                    add_webhook(resources, "dead", dead.url)
-                    store_publish(resources, "d1", "d2")
-                    resources.wake_dispatcher()
-                    # The dead receiver holds both slots of receivers not known to answer.
-                    await dead.wait_for(suspect_slots(4), within=10)
-                    add_webhook(resources, "new", new.url, events='["conversation.transcribed"]')
+                    await fill_suspect_slots(resources, dead, 4)
+                    add_webhook(resources, "new", new.url, events=f'["{TRANSCRIBED}"]')
                     # Three slow requests to the good receiver leave fewer free slots than
                     # the reserve kept from new webhooks: the new one waits for an answer.
                     store_publish(resources, "g1", "g2", "g3", event_type=SUMMARIZED)
-                    store_publish(resources, "n1", event_type="conversation.transcribed")
+                    store_publish(resources, "n1", event_type=TRANSCRIBED)
                     published = time.time()
                     resources.wake_dispatcher()
                     (request,) = await new.wait_for(1, within=10)
@@ -1142,28 +1150,24 @@ async def test_a_webhook_given_a_new_address_starts_when_an_answering_slot_frees
                 Receiver(SECRET) as old,
                 Receiver(SECRET) as moved,
             ):
-                transcribed = "conversation.transcribed"
                 add_webhook(resources, "busy", busy.url, events=f'["{SUMMARIZED}"]')
-                add_webhook(resources, "hook", old.url, events=f'["{transcribed}"]')
+                add_webhook(resources, "hook", old.url, events=f'["{TRANSCRIBED}"]')
                 store_publish(resources, "warm", event_type=SUMMARIZED)
-                store_publish(resources, "warm-hook", event_type=transcribed)
+                store_publish(resources, "warm-hook", event_type=TRANSCRIBED)
                 async with dispatching(resources, drain_timeout=0.2):
                     await busy.wait_for(1)
                     await old.wait_for(1)
-                    add_webhook(resources, "dead", dead.url)
-                    store_publish(resources, "d1", "d2")
-                    resources.wake_dispatcher()
-                    await dead.wait_for(suspect_slots(4), within=10)
+                    await fill_suspect_slots(resources, dead, 4)
                     # Every slot of receivers that answer is taken for 0.8 s; meanwhile the
                     # hook's row waits for one, and a new address arrives with its next row.
                     store_publish(resources, *[f"b{i}" for i in range(4)], event_type=SUMMARIZED)
                     resources.wake_dispatcher()
                     await busy.wait_for(5)
-                    store_publish(resources, "h1", event_type=transcribed)
+                    store_publish(resources, "h1", event_type=TRANSCRIBED)
                     resources.wake_dispatcher()
                     await asyncio.sleep(0.2)
                     set_webhook(resources, "hook", url=moved.url, updated_at=time.time())
-                    store_publish(resources, "h2", event_type=transcribed)
+                    store_publish(resources, "h2", event_type=TRANSCRIBED)
                     resources.wake_dispatcher()
                     freed = busy.requests[-1].received_at + 0.8
                     await until(lambda: len(old.requests) + len(moved.requests) >= 3)
