@@ -25,7 +25,7 @@ depends_on = None
 _PENDING = "status = 'pending'"
 
 
-def upgrade() -> None:
+def _due_index_on(columns: list[str]) -> None:
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
         batch_op.drop_index(
             "ix_deliveries_due",
@@ -34,24 +34,16 @@ def upgrade() -> None:
         )
         batch_op.create_index(
             "ix_deliveries_due",
-            ["next_attempt_at", "webhook_id"],
+            columns,
             unique=False,
             sqlite_where=sa.text(_PENDING),
             postgresql_where=sa.text(_PENDING),
         )
+
+
+def upgrade() -> None:
+    _due_index_on(["next_attempt_at", "webhook_id"])
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("deliveries", schema=None) as batch_op:
-        batch_op.drop_index(
-            "ix_deliveries_due",
-            sqlite_where=sa.text(_PENDING),
-            postgresql_where=sa.text(_PENDING),
-        )
-        batch_op.create_index(
-            "ix_deliveries_due",
-            ["next_attempt_at"],
-            unique=False,
-            sqlite_where=sa.text(_PENDING),
-            postgresql_where=sa.text(_PENDING),
-        )
+    _due_index_on(["next_attempt_at"])
