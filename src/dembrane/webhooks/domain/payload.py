@@ -150,7 +150,8 @@ def _json_number(value: float | None) -> float | int | None:
     A receiver that re-serializes the parsed body to check the signature then gets the
     bytes that were signed, whichever of the three languages it is written in. Below a
     ten-thousandth the three write a number differently (``1e-05`` in Python, ``0.00001``
-    in JavaScript and Go), which the rounding rules out."""
+    in JavaScript and Go), which the rounding rules out. NaN and the infinities, which JSON
+    cannot carry, raise ``ValueError``."""
     if value is None:
         return None
     if not math.isfinite(value):
