@@ -979,21 +979,19 @@ async def test_a_receiver_that_never_answers_does_not_hold_up_the_others(
         tmp_path, per_webhook_concurrency=2, max_concurrency=3, request_timeout=30
     ) as stubs:
         tokens = Tokens(make_settings(tmp_path).jwt_secret or "")
-        dead = Receiver(SECRET, default=Reply(200, delay=120))
-        await dead.start()
-        try:
-            async with Receiver(SECRET) as healthy:
-                await create_webhook(stubs, tokens, dead.url)
-                await create_webhook(stubs, tokens, healthy.url)
-                ids = [f"evt-{i}" for i in range(100)]
-                for start in range(0, 100, 20):
-                    await publish(stubs, tokens, *ids[start : start + 20])
-                await healthy.wait_for(100, within=30)
-                # The hanging receiver never had more than its cap of requests at once.
-                assert 1 <= len(dead.requests) <= 2
-                assert sorted(r.headers["webhook-id"] for r in healthy.requests) == sorted(ids)
-        finally:
-            await dead.stop()
+        async with (
+            Receiver(SECRET, default=Reply(200, delay=120)) as dead,
+            Receiver(SECRET) as healthy,
+        ):
+            await create_webhook(stubs, tokens, dead.url)
+            await create_webhook(stubs, tokens, healthy.url)
+            ids = [f"evt-{i}" for i in range(100)]
+            for start in range(0, 100, 20):
+                await publish(stubs, tokens, *ids[start : start + 20])
+            await healthy.wait_for(100, within=30)
+            # The hanging receiver never had more than its cap of requests at once.
+            assert 1 <= len(dead.requests) <= 2
+            assert sorted(r.headers["webhook-id"] for r in healthy.requests) == sorted(ids)
 
 
 async def test_many_hanging_webhooks_leave_slots_to_receivers_that_answer(
@@ -1002,29 +1000,27 @@ async def test_many_hanging_webhooks_leave_slots_to_receivers_that_answer(
     """Ten new webhooks whose receiver hangs, with more requests between them than there are
     slots, take no more than their share: a webhook known to answer still gets its
     deliveries at once, not after the hanging requests time out."""
-    async with store_engine(
-        tmp_path, max_concurrency=8, per_webhook_concurrency=2, request_timeout=30
-    ) as resources:
-        dead = Receiver(SECRET, default=Reply(200, delay=60))
-        await dead.start()
-        try:
-            async with Receiver(SECRET) as healthy:
-                add_webhook(resources, "good", healthy.url, events=f'["{SUMMARIZED}"]')
+    async with (
+        store_engine(
+            tmp_path, max_concurrency=8, per_webhook_concurrency=2, request_timeout=30
+        ) as resources,
+        Receiver(SECRET, default=Reply(200, delay=60)) as dead,
+        Receiver(SECRET) as healthy,
+    ):
+        add_webhook(resources, "good", healthy.url, events=f'["{SUMMARIZED}"]')
 
-                store_publish(resources, "warm", event_type=SUMMARIZED)
-                async with dispatching(resources, drain_timeout=0.2):
-                    await healthy.wait_for(1)
-                    for index in range(10):
-                        add_webhook(resources, f"dead{index}", dead.url)
-                    store_publish(resources, *[f"e{i}" for i in range(4)])
-                    await dead.wait_for(6, within=10)
-                    store_publish(resources, "g1", "g2", "g3", event_type=SUMMARIZED)
-                    await healthy.wait_for(4, within=5)
-                    # Their own slots, and for first requests all but a quarter of the
-                    # answering receivers' eight.
-                    assert len(dead.requests) <= suspect_slots(8) + 8 - 2
-        finally:
-            await dead.stop()
+        store_publish(resources, "warm", event_type=SUMMARIZED)
+        async with dispatching(resources, drain_timeout=0.2):
+            await healthy.wait_for(1)
+            for index in range(10):
+                add_webhook(resources, f"dead{index}", dead.url)
+            store_publish(resources, *[f"e{i}" for i in range(4)])
+            await dead.wait_for(6, within=10)
+            store_publish(resources, "g1", "g2", "g3", event_type=SUMMARIZED)
+            await healthy.wait_for(4, within=5)
+            # Their own slots, and for first requests all but a quarter of the
+            # answering receivers' eight.
+            assert len(dead.requests) <= suspect_slots(8) + 8 - 2
 
 
 async def test_hanging_receivers_leave_every_slot_to_receivers_that_answer(
@@ -1032,30 +1028,28 @@ async def test_hanging_receivers_leave_every_slot_to_receivers_that_answer(
 ) -> None:
     """Requests to receivers that hang take slots of their own: while two of them hang, a
     receiver known to answer still gets as many requests at once as ``max_concurrency``."""
-    async with store_engine(
-        tmp_path, max_concurrency=4, per_webhook_concurrency=4, request_timeout=30
-    ) as resources:
-        dead = Receiver(SECRET, default=Reply(200, delay=60))
-        await dead.start()
-        try:
-            async with Receiver(SECRET, replies=[200], default=Reply(200, delay=0.5)) as good:
-                add_webhook(resources, "good", good.url, events=f'["{SUMMARIZED}"]')
-                store_publish(resources, "warm", event_type=SUMMARIZED)
-                async with dispatching(resources, drain_timeout=0.2):
-                    await good.wait_for(1)
-                    add_webhook(resources, "dead0", dead.url)
-                    add_webhook(resources, "dead1", dead.url)
-                    store_publish(resources, *[f"e{i}" for i in range(4)])
-                    resources.wake_dispatcher()
-                    await dead.wait_for(suspect_slots(4), within=10)
-                    good.requests.clear()
-                    store_publish(resources, "g1", "g2", "g3", "g4", event_type=SUMMARIZED)
-                    resources.wake_dispatcher()
-                    await good.wait_for(4, within=5)
-                    assert most_started_within([good], 0.4) == 4
-                    assert len(dead.requests) == suspect_slots(4)
-        finally:
-            await dead.stop()
+    async with (
+        store_engine(
+            tmp_path, max_concurrency=4, per_webhook_concurrency=4, request_timeout=30
+        ) as resources,
+        Receiver(SECRET, default=Reply(200, delay=60)) as dead,
+        Receiver(SECRET, replies=[200], default=Reply(200, delay=0.5)) as good,
+    ):
+        add_webhook(resources, "good", good.url, events=f'["{SUMMARIZED}"]')
+        store_publish(resources, "warm", event_type=SUMMARIZED)
+        async with dispatching(resources, drain_timeout=0.2):
+            await good.wait_for(1)
+            add_webhook(resources, "dead0", dead.url)
+            add_webhook(resources, "dead1", dead.url)
+            store_publish(resources, *[f"e{i}" for i in range(4)])
+            resources.wake_dispatcher()
+            await dead.wait_for(suspect_slots(4), within=10)
+            good.requests.clear()
+            store_publish(resources, "g1", "g2", "g3", "g4", event_type=SUMMARIZED)
+            resources.wake_dispatcher()
+            await good.wait_for(4, within=5)
+            assert most_started_within([good], 0.4) == 4
+            assert len(dead.requests) == suspect_slots(4)
 
 
 async def fill_suspect_slots(resources: Resources, dead: Receiver, max_concurrency: int) -> None:
@@ -1102,35 +1096,33 @@ async def test_a_new_webhook_kept_waiting_starts_when_an_answering_slot_frees(
     """A new webhook's first request, kept waiting while hanging receivers hold their own
     slots and receivers that answer hold all but the reserve of theirs, starts as soon as
     one of those answers."""
-    async with store_engine(
-        tmp_path, max_concurrency=4, per_webhook_concurrency=3, request_timeout=30
-    ) as resources:
-        dead = Receiver(SECRET, default=Reply(200, delay=60))
-        await dead.start()
-        try:
-            async with (
-                Receiver(SECRET, replies=[200], default=Reply(200, delay=0.6)) as good,
-                Receiver(SECRET) as new,
-            ):
-                add_webhook(resources, "good", good.url, events=f'["{SUMMARIZED}"]')
-                store_publish(resources, "warm", event_type=SUMMARIZED)
-                async with dispatching(resources, drain_timeout=0.2):
-                    await good.wait_for(1)
-                    await fill_suspect_slots(resources, dead, 4)
-                    add_webhook(resources, "new", new.url, events=f'["{TRANSCRIBED}"]')
-                    # Three slow requests to the good receiver leave fewer free slots than
-                    # the reserve kept from new webhooks: the new one waits for an answer.
-                    store_publish(resources, "g1", "g2", "g3", event_type=SUMMARIZED)
-                    store_publish(resources, "n1", event_type=TRANSCRIBED)
-                    published = time.time()
-                    resources.wake_dispatcher()
-                    (request,) = await new.wait_for(1, within=10)
-            assert len(good.requests) == 4
-            # The good receiver answers after 0.6 s. Kept waiting until its row was handed
-            # back, the new webhook would wait over 2 s.
-            assert request.received_at - published < 1.5
-        finally:
-            await dead.stop()
+    async with (
+        store_engine(
+            tmp_path, max_concurrency=4, per_webhook_concurrency=3, request_timeout=30
+        ) as resources,
+        Receiver(SECRET, default=Reply(200, delay=60)) as dead,
+    ):
+        async with (
+            Receiver(SECRET, replies=[200], default=Reply(200, delay=0.6)) as good,
+            Receiver(SECRET) as new,
+        ):
+            add_webhook(resources, "good", good.url, events=f'["{SUMMARIZED}"]')
+            store_publish(resources, "warm", event_type=SUMMARIZED)
+            async with dispatching(resources, drain_timeout=0.2):
+                await good.wait_for(1)
+                await fill_suspect_slots(resources, dead, 4)
+                add_webhook(resources, "new", new.url, events=f'["{TRANSCRIBED}"]')
+                # Three slow requests to the good receiver leave fewer free slots than
+                # the reserve kept from new webhooks: the new one waits for an answer.
+                store_publish(resources, "g1", "g2", "g3", event_type=SUMMARIZED)
+                store_publish(resources, "n1", event_type=TRANSCRIBED)
+                published = time.time()
+                resources.wake_dispatcher()
+                (request,) = await new.wait_for(1, within=10)
+        assert len(good.requests) == 4
+        # The good receiver answers after 0.6 s. Kept waiting until its row was handed
+        # back, the new webhook would wait over 2 s.
+        assert request.received_at - published < 1.5
 
 
 async def test_a_webhook_given_a_new_address_starts_when_an_answering_slot_frees(
@@ -1139,44 +1131,42 @@ async def test_a_webhook_given_a_new_address_starts_when_an_answering_slot_frees
     """A webhook whose address changed while its row waited for a slot counts as new again:
     with hanging receivers holding their own slots, it takes a slot of receivers that answer
     as soon as enough of those are free, not after its row was handed back."""
-    async with store_engine(
-        tmp_path, max_concurrency=4, per_webhook_concurrency=4, request_timeout=30
-    ) as resources:
-        dead = Receiver(SECRET, default=Reply(200, delay=60))
-        await dead.start()
-        try:
-            async with (
-                Receiver(SECRET, replies=[200], default=Reply(200, delay=0.8)) as busy,
-                Receiver(SECRET) as old,
-                Receiver(SECRET) as moved,
-            ):
-                add_webhook(resources, "busy", busy.url, events=f'["{SUMMARIZED}"]')
-                add_webhook(resources, "hook", old.url, events=f'["{TRANSCRIBED}"]')
-                store_publish(resources, "warm", event_type=SUMMARIZED)
-                store_publish(resources, "warm-hook", event_type=TRANSCRIBED)
-                async with dispatching(resources, drain_timeout=0.2):
-                    await busy.wait_for(1)
-                    await old.wait_for(1)
-                    await fill_suspect_slots(resources, dead, 4)
-                    # Every slot of receivers that answer is taken for 0.8 s; meanwhile the
-                    # hook's row waits for one, and a new address arrives with its next row.
-                    store_publish(resources, *[f"b{i}" for i in range(4)], event_type=SUMMARIZED)
-                    resources.wake_dispatcher()
-                    await busy.wait_for(5)
-                    store_publish(resources, "h1", event_type=TRANSCRIBED)
-                    resources.wake_dispatcher()
-                    await asyncio.sleep(0.2)
-                    set_webhook(resources, "hook", url=moved.url, updated_at=time.time())
-                    store_publish(resources, "h2", event_type=TRANSCRIBED)
-                    resources.wake_dispatcher()
-                    freed = busy.requests[-1].received_at + 0.8
-                    await until(lambda: len(old.requests) + len(moved.requests) >= 3)
-            later = sorted(r.received_at for r in old.requests[1:] + moved.requests)
-            # Kept waiting for a slot of receivers not known to answer, it would wait until
-            # its rows were handed back, over a second later.
-            assert later[0] - freed < 0.6
-        finally:
-            await dead.stop()
+    async with (
+        store_engine(
+            tmp_path, max_concurrency=4, per_webhook_concurrency=4, request_timeout=30
+        ) as resources,
+        Receiver(SECRET, default=Reply(200, delay=60)) as dead,
+    ):
+        async with (
+            Receiver(SECRET, replies=[200], default=Reply(200, delay=0.8)) as busy,
+            Receiver(SECRET) as old,
+            Receiver(SECRET) as moved,
+        ):
+            add_webhook(resources, "busy", busy.url, events=f'["{SUMMARIZED}"]')
+            add_webhook(resources, "hook", old.url, events=f'["{TRANSCRIBED}"]')
+            store_publish(resources, "warm", event_type=SUMMARIZED)
+            store_publish(resources, "warm-hook", event_type=TRANSCRIBED)
+            async with dispatching(resources, drain_timeout=0.2):
+                await busy.wait_for(1)
+                await old.wait_for(1)
+                await fill_suspect_slots(resources, dead, 4)
+                # Every slot of receivers that answer is taken for 0.8 s; meanwhile the
+                # hook's row waits for one, and a new address arrives with its next row.
+                store_publish(resources, *[f"b{i}" for i in range(4)], event_type=SUMMARIZED)
+                resources.wake_dispatcher()
+                await busy.wait_for(5)
+                store_publish(resources, "h1", event_type=TRANSCRIBED)
+                resources.wake_dispatcher()
+                await asyncio.sleep(0.2)
+                set_webhook(resources, "hook", url=moved.url, updated_at=time.time())
+                store_publish(resources, "h2", event_type=TRANSCRIBED)
+                resources.wake_dispatcher()
+                freed = busy.requests[-1].received_at + 0.8
+                await until(lambda: len(old.requests) + len(moved.requests) >= 3)
+        later = sorted(r.received_at for r in old.requests[1:] + moved.requests)
+        # Kept waiting for a slot of receivers not known to answer, it would wait until
+        # its rows were handed back, over a second later.
+        assert later[0] - freed < 0.6
 
 
 async def test_a_full_dispatcher_sleeps_while_a_cool_down_ends(tmp_path: Path) -> None:
