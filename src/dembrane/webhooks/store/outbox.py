@@ -225,7 +225,7 @@ def publish_events(
     ready to send: the dispatcher of the publishing process starts on them at once, with no
     claim of its own.
     """
-    known = _stored_outcomes(session, events)
+    known, facts = _stored_and_facts(session, events)
 
     fresh: dict[str, EventData] = {}
     for event in events:
@@ -237,7 +237,7 @@ def publish_events(
     first: dict[str, PublishOutcome] = {}
     if fresh:
         first = _insert_fresh(
-            session, list(fresh.values()), now, dashboard_base_url, lease, published
+            session, list(fresh.values()), facts, now, dashboard_base_url, lease, published
         )
         # Rows leased to the publishing process need no other dispatcher.
         if any(outcome.delivery_count for outcome in first.values()) and (
@@ -312,6 +312,12 @@ def _stored_outcomes(
         "SELECT id, delivery_count, skip_reason, project_id, type FROM events WHERE id {ids}",
         dict.fromkeys(event.id for event in events),
     )
+    return _duplicates(events, rows)
+
+
+def _duplicates(events: Sequence[EventData], rows: Sequence[Any]) -> dict[str, PublishOutcome]:
+    """``_stored_outcomes`` from the rows read: (id, delivery count, skip reason, project,
+    type) of each stored event."""
     stored = {row[0]: (row[3], row[4]) for row in rows}
     for event in events:
         if event.id in stored:
@@ -330,19 +336,72 @@ class _ProjectFacts:
     subscribers: list[tuple[str, frozenset[str], _WebhookFacts]]
 
 
+#: A project with its tier and its webhooks (archived ones aside), one row per webhook, oldest
+#: first; a project without webhooks has one row with them NULL.
+_PROJECT_FACTS = (
+    "SELECT p.id, p.name, p.language, ws.tier, w.id, w.events, w.url, w.status, "
+    "w.updated_at, w.disabled_reason, w.secret, w.previous_secret, "
+    "w.previous_secret_expires_at "
+    "FROM projects p JOIN workspaces ws ON ws.id = p.workspace_id "
+    "LEFT JOIN webhooks w ON w.project_id = p.id AND w.status <> 'archived' "
+    "WHERE p.id {ids} ORDER BY p.id, w.created_at, w.id"
+)
+#: Both reads of a publishing transaction as one SQLite statement: the stored events with
+#: the given ids (rows marked 'e', in ``_stored_outcomes``' columns) and the facts of the
+#: given projects (rows marked 'p', in ``_PROJECT_FACTS``' columns and order).
+_STORED_AND_FACTS_SQLITE = (
+    "SELECT 'e', id, delivery_count, skip_reason, project_id, type, "
+    "NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL "
+    "FROM events WHERE id IN (SELECT value FROM json_each(?)) "
+    "UNION ALL "
+    "SELECT 'p', p.id, p.name, p.language, ws.tier, w.id, w.events, w.url, w.status, "
+    "w.updated_at, w.disabled_reason, w.secret, w.previous_secret, "
+    "w.previous_secret_expires_at, w.created_at "
+    "FROM projects p JOIN workspaces ws ON ws.id = p.workspace_id "
+    "LEFT JOIN webhooks w ON w.project_id = p.id AND w.status <> 'archived' "
+    "WHERE p.id IN (SELECT value FROM json_each(?)) "
+    "ORDER BY 1, 2, 15, 6"
+)
+
+
+def _stored_and_facts(
+    session: Transaction, events: Sequence[EventData]
+) -> tuple[dict[str, PublishOutcome], dict[str, _ProjectFacts]]:
+    """``_stored_outcomes`` of ``events`` and ``_project_facts`` of their projects.
+
+    On SQLite in one statement: each statement lets the interpreter lock go while SQLite
+    works and then waits for the event loop to give it back, and the first of a transaction
+    waits longest (the loop is busy with the call that just handed the transaction over).
+    """
+    if _is_postgres(session):
+        return (
+            _stored_outcomes(session, events),
+            _project_facts(session, (event.project_id for event in events)),
+        )
+    cursor = _cursor(session)
+    try:
+        cursor.execute(
+            _STORED_AND_FACTS_SQLITE,
+            (
+                json.dumps(sorted({event.id for event in events})),
+                json.dumps(sorted({event.project_id for event in events})),
+            ),
+        )
+        rows = cursor.fetchall()
+    finally:
+        cursor.close()
+    stored = [row[1:6] for row in rows if row[0] == "e"]
+    return _duplicates(events, stored), _facts_of(row[1:14] for row in rows if row[0] == "p")
+
+
 def _project_facts(session: Transaction, project_ids: Iterable[str]) -> dict[str, _ProjectFacts]:
     """Each known project with its tier and its webhooks (archived ones aside), in one
     statement."""
-    rows = _select_in(
-        session,
-        "SELECT p.id, p.name, p.language, ws.tier, w.id, w.events, w.url, w.status, "
-        "w.updated_at, w.disabled_reason, w.secret, w.previous_secret, "
-        "w.previous_secret_expires_at "
-        "FROM projects p JOIN workspaces ws ON ws.id = p.workspace_id "
-        "LEFT JOIN webhooks w ON w.project_id = p.id AND w.status <> 'archived' "
-        "WHERE p.id {ids} ORDER BY p.id, w.created_at, w.id",
-        project_ids,
-    )
+    return _facts_of(_select_in(session, _PROJECT_FACTS, project_ids))
+
+
+def _facts_of(rows: Iterable[Sequence[Any]]) -> dict[str, _ProjectFacts]:
+    """``_project_facts`` from the rows read, in ``_PROJECT_FACTS``'s columns and order."""
     facts: dict[str, _ProjectFacts] = {}
     for project_id, name, language, tier, webhook_id, events, *hook in rows:
         project = facts.get(project_id)
@@ -404,12 +463,12 @@ def _hook_facts(
 def _insert_fresh(
     session: Transaction,
     events: Sequence[EventData],
+    facts: Mapping[str, _ProjectFacts],
     now: float,
     dashboard_base_url: str,
     lease: Lease | None = None,
     published: Published | None = None,
 ) -> dict[str, PublishOutcome]:
-    facts = _project_facts(session, (e.project_id for e in events))
     unknown = sorted({e.project_id for e in events if e.project_id not in facts})
     if unknown:
         names = ", ".join(repr(p) for p in unknown)
