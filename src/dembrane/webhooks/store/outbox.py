@@ -262,6 +262,11 @@ def _as_duplicate(outcome: PublishOutcome) -> PublishOutcome:
     return PublishOutcome(outcome.event_id, True, outcome.delivery_count, outcome.skip_reason)
 
 
+#: Membership in the ids a SQLite statement gets as one JSON array.
+_IN_JSON = "IN (SELECT value FROM json_each(?))"
+_SELECT = "SELECT {columns} {rest}"
+
+
 def _select_in(session: Transaction, sql: str, ids: Iterable[str]) -> list[Any]:
     """Rows of ``sql``, whose ``{ids}`` stands for membership in ``ids``, on the raw driver.
 
@@ -277,9 +282,7 @@ def _select_in(session: Transaction, sql: str, ids: Iterable[str]) -> list[Any]:
         if postgres:
             cursor.execute(sql.format(ids="= ANY(%s)"), (values,))
         else:
-            cursor.execute(
-                sql.format(ids="IN (SELECT value FROM json_each(?))"), (json.dumps(values),)
-            )
+            cursor.execute(sql.format(ids=_IN_JSON), (json.dumps(values),))
         rows: list[Any] = cursor.fetchall()
     finally:
         cursor.close()
@@ -307,11 +310,7 @@ def _stored_outcomes(
     receivers, who deduplicate on the id, would drop too). A repeat with another payload is
     a duplicate all the same: a retried call may carry, say, a later default time.
     """
-    rows = _select_in(
-        session,
-        "SELECT id, delivery_count, skip_reason, project_id, type FROM events WHERE id {ids}",
-        dict.fromkeys(event.id for event in events),
-    )
+    rows = _select_in(session, _STORED_EVENTS, dict.fromkeys(event.id for event in events))
     return _duplicates(events, rows)
 
 
@@ -337,30 +336,34 @@ class _ProjectFacts:
 
 
 #: A project with its tier and its webhooks (archived ones aside), one row per webhook, oldest
-#: first; a project without webhooks has one row with them NULL.
-_PROJECT_FACTS = (
-    "SELECT p.id, p.name, p.language, ws.tier, w.id, w.events, w.url, w.status, "
-    "w.updated_at, w.disabled_reason, w.secret, w.previous_secret, "
-    "w.previous_secret_expires_at "
-    "FROM projects p JOIN workspaces ws ON ws.id = p.workspace_id "
-    "LEFT JOIN webhooks w ON w.project_id = p.id AND w.status <> 'archived' "
-    "WHERE p.id {ids} ORDER BY p.id, w.created_at, w.id"
+#: first; a project without webhooks has one row with them NULL. ``_facts_of`` reads them.
+_FACTS_COLUMNS = (
+    "p.id, p.name, p.language, ws.tier, w.id, w.events, w.url, w.status, w.updated_at, "
+    "w.disabled_reason, w.secret, w.previous_secret, w.previous_secret_expires_at"
 )
-#: Both reads of a publishing transaction as one SQLite statement: the stored events with
-#: the given ids (rows marked 'e', in ``_stored_outcomes``' columns) and the facts of the
-#: given projects (rows marked 'p', in ``_PROJECT_FACTS``' columns and order).
-_STORED_AND_FACTS_SQLITE = (
-    "SELECT 'e', id, delivery_count, skip_reason, project_id, type, "
-    "NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL "
-    "FROM events WHERE id IN (SELECT value FROM json_each(?)) "
-    "UNION ALL "
-    "SELECT 'p', p.id, p.name, p.language, ws.tier, w.id, w.events, w.url, w.status, "
-    "w.updated_at, w.disabled_reason, w.secret, w.previous_secret, "
-    "w.previous_secret_expires_at, w.created_at "
+_FACTS_FROM = (
     "FROM projects p JOIN workspaces ws ON ws.id = p.workspace_id "
-    "LEFT JOIN webhooks w ON w.project_id = p.id AND w.status <> 'archived' "
-    "WHERE p.id IN (SELECT value FROM json_each(?)) "
-    "ORDER BY 1, 2, 15, 6"
+    "LEFT JOIN webhooks w ON w.project_id = p.id AND w.status <> 'archived' WHERE p.id {ids}"
+)
+_PROJECT_FACTS = _SELECT.format(
+    columns=_FACTS_COLUMNS, rest=_FACTS_FROM + " ORDER BY p.id, w.created_at, w.id"
+)
+#: A stored event, as ``_duplicates`` reads it.
+_STORED_EVENT_COLUMNS = "id, delivery_count, skip_reason, project_id, type"
+_STORED_EVENTS = _SELECT.format(columns=_STORED_EVENT_COLUMNS, rest="FROM events WHERE id {ids}")
+#: Both reads of a publishing transaction as one SQLite statement: the stored events (rows
+#: marked 'e', padded to the width of the others) and the projects' facts (rows marked 'p',
+#: with the webhook's ``created_at`` last, for the order: column 15, then the id, column 6).
+_STORED_AND_FACTS = (
+    "SELECT 'e', {events}, {padding} FROM events WHERE id {ids} "
+    "UNION ALL SELECT 'p', {facts}, w.created_at {facts_from} ORDER BY 1, 2, 15, 6"
+)
+_STORED_AND_FACTS_SQLITE = _STORED_AND_FACTS.format(
+    events=_STORED_EVENT_COLUMNS,
+    padding=", ".join(["NULL"] * 9),
+    facts=_FACTS_COLUMNS,
+    facts_from=_FACTS_FROM.format(ids=_IN_JSON),
+    ids=_IN_JSON,
 )
 
 
