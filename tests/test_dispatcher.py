@@ -529,44 +529,45 @@ async def test_a_lost_attempt_takes_no_slot_of_the_schedule_nor_starts_the_failu
 async def test_a_delivery_lost_again_and_again_comes_to_an_end(tmp_path: Path) -> None:
     """A delivery's first lost attempts go again after a short pause and take no slot (its
     attempt_count stays, their numbers in the log go on); the ones after take slots like
-    failures, so a request that keeps killing its worker fails."""
+    failures, so a request that keeps killing its worker fails. The count lives in the
+    delivery's row: each attempt here is judged by a new dispatcher (a restart, or another
+    replica) claiming the row from the store, and the numbers and the allowance go on."""
     async with store_engine(tmp_path, retry_schedule=(60.0,), retry_jitter=0.0) as resources:
-        dispatcher = Dispatcher(resources, retention=False)
-        lane = _Lane(BreakerSettings())
-        claim = outbox.DeliveryClaim(
-            delivery_id="dlv",
-            event_id="e1",
-            event_type="conversation.started",
-            webhook_id="wh",
-            attempt_count=0,
-            body=b"{}",
-            url="http://127.0.0.1:9/hook",
-            webhook_status="published",
-            webhook_updated_at=0.0,
-            disabled_reason="",
-            secret=SECRET,
-            previous_secret=None,
-            previous_secret_expires_at=None,
-            tier=Tier.CHANGEMAKER,
-        )
+        add_webhook(resources, "wh", "http://127.0.0.1:9/hook")
+        store_publish(resources, "e1")
         lost = AttemptOutcome(None, 0.1, "", "Lost.", None, datetime.now(UTC), lost=True)
         waits: list[int] = []
         counts: list[int] = []
-        numbers: list[int] = []
-        for _ in range(LOST_RETRIES + 2):
+        clock = time.time()
+        for attempt in range(LOST_RETRIES + 2):
+            owner = f"dispatcher-{attempt}"
+            (claim,) = resources.database.call(
+                lambda s, owner=owner, clock=clock: outbox.claim_due(s, owner, clock, 30.0, 10)
+            )
+            dispatcher = Dispatcher(resources, retention=False)
+            lane = _Lane(BreakerSettings())
             before = time.time()
             result = dispatcher._judge(lane, claim, lost)
+            assert (lane.breaker.failures, lane.breaker.open_until) == (0, None)
+            resources.database.call(
+                lambda s, owner=owner, result=result: outbox.record_results(
+                    s, owner, [result], [], time.time(), 0.0
+                )
+            )
             counts.append(result.attempt_count)
-            numbers.extend(a.number for a in result.attempts)
-            claim = replace(claim, attempt_count=result.attempt_count)
             if result.next_attempt_at is None:
                 assert result.status == outbox.DeliveryState.FAILED
                 break
             waits.append(round(result.next_attempt_at - before))
+            # The row comes due again: the next claim finds it.
+            clock = result.next_attempt_at
         assert waits == [round(LOST_RETRY_SECONDS)] * LOST_RETRIES + [60]
         assert counts == [0] * LOST_RETRIES + [1, 2]
-        assert numbers == list(range(1, LOST_RETRIES + 3))
-        assert (lane.breaker.failures, lane.breaker.open_until) == (0, None)
+        (row,) = rows(resources)
+        assert (row.status, row.attempt_count, row.lost_attempts) == ("failed", 2, LOST_RETRIES)
+        logged = resources.database.call(lambda s: outbox.get_delivery(s, "wh", row.id))
+        assert logged is not None
+        assert [a.number for a in logged[1]] == list(range(1, LOST_RETRIES + 3))
 
 
 # -- webhooks that stopped being published --------------------------------------------------

@@ -50,7 +50,8 @@ def test_migrations_match_the_table_classes(tmp_path: Path) -> None:
 
 def test_an_existing_database_upgrades_with_its_events(tmp_path: Path) -> None:
     """A database made by the first migration keeps its rows on upgrade, loses the index of
-    events by project, and gets the webhook into the due index."""
+    events by project, gets the webhook into the due index, and gets a count of lost
+    attempts on its deliveries that starts at zero."""
     database = Database(fresh_database_url(tmp_path))
     database.migrate("0001")
     with database.engine.begin() as connection:
@@ -73,6 +74,9 @@ def test_an_existing_database_upgrades_with_its_events(tmp_path: Path) -> None:
         if i["name"] == "ix_deliveries_due"
     ]
     assert due["column_names"] == ["next_attempt_at", "webhook_id"]
+    columns = {c["name"]: c for c in inspect(database.engine).get_columns("deliveries")}
+    assert not columns["lost_attempts"]["nullable"]
+    assert str(columns["lost_attempts"]["default"]).strip("'\"") == "0"
     with database.engine.connect() as connection:
         rows = connection.execute(text("SELECT id, project_id FROM events")).all()
     assert [tuple(row) for row in rows] == [("evt-old", "p-old")]
@@ -94,7 +98,7 @@ def test_the_log_says_when_the_schema_was_created_or_migrated(
     lines = [r.getMessage() for r in caplog.records if "schema" in r.getMessage()]
     assert lines == [
         "database: created the schema (revision 0001)",
-        "database: migrated the schema from revision 0001 to 0003",
+        "database: migrated the schema from revision 0001 to 0004",
     ]
 
 
@@ -127,7 +131,7 @@ def test_a_schema_newer_than_the_code_is_named_not_traced(tmp_path: Path) -> Non
     with pytest.raises(SchemaError) as caught:
         database.migrate()
     assert "revision 0099" in str(caught.value)
-    assert "newest is 0003" in str(caught.value)
+    assert "newest is 0004" in str(caught.value)
     with database.engine.connect() as connection:
         assert MigrationContext.configure(connection).get_current_revision() == "0099"
     database.close()
@@ -141,6 +145,6 @@ def test_replicas_starting_together_migrate_one_after_another(tmp_path: Path) ->
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(lambda database: database.migrate(), databases))
     with databases[0].engine.connect() as connection:
-        assert MigrationContext.configure(connection).get_current_revision() == "0003"
+        assert MigrationContext.configure(connection).get_current_revision() == "0004"
     for database in databases:
         database.close()

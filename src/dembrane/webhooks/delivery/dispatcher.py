@@ -127,10 +127,9 @@ LATENCY_SMOOTHING = 0.2
 #: time for the pool to start a replacement, and takes no slot of the retry schedule.
 LOST_RETRY_SECONDS = 1.0
 #: A delivery's lost attempts beyond this many take slots of the schedule: a request that
-#: keeps taking its worker process down must come to an end.
+#: keeps taking its worker process down must come to an end. The count is kept in the
+#: delivery's row, so a restart or another replica goes on from it.
 LOST_RETRIES = 3
-#: How many deliveries with lost attempts are remembered; the oldest are forgotten first.
-LOST_REMEMBERED = 10_000
 
 GONE_REASON = "The receiver answered 410 Gone, so the service disabled the webhook."
 #: An attempt's error when the store refused the text that described it.
@@ -432,9 +431,6 @@ class Dispatcher:
         self._releases: list[Release] = []
         #: Webhooks whose breaker opened: their rows in the store wait out the cool-down.
         self._holds: dict[str, float] = {}
-        #: Lost attempts of deliveries not finished yet, which take no slot of the schedule.
-        #: Kept in memory only: after a restart they count like any failed attempt.
-        self._lost: dict[str, int] = {}
         #: The webhooks claims leave out that are cooling down (breaker open), with when each
         #: cool-down ends (Unix seconds), as the last ``_excluded`` found them.
         self._cooling: dict[str, float] = {}
@@ -957,8 +953,8 @@ class Dispatcher:
         """Turn an attempt's outcome into the delivery's new state."""
         now = time.time()
         # ``attempt_count`` counts slots of the schedule; attempts lost for free take none, so
-        # this attempt's number in the log also counts the losses this dispatcher saw.
-        lost = self._lost.get(claim.delivery_id, 0)
+        # this attempt's number in the log also counts the delivery's earlier losses.
+        lost = claim.lost_attempts
         free_loss = last.lost and lost < LOST_RETRIES
         count = claim.attempt_count + (0 if free_loss else 1)
         number = claim.attempt_count + lost + 1
@@ -992,6 +988,7 @@ class Dispatcher:
                 attempts=(attempt,),
                 last_error=last.error,
                 disable_reason=disable,
+                lost_attempts=lost + (1 if free_loss else 0),
             )
 
         if last.success:
@@ -1002,7 +999,6 @@ class Dispatcher:
             return result(DeliveryState.FAILED, disable=GONE_REASON)
         if free_loss:
             # The receiver may or may not have the request: it goes again soon, at least once.
-            self._remember_lost(claim.delivery_id, lost + 1)
             return result(DeliveryState.PENDING, due=now + LOST_RETRY_SECONDS)
         due = self._policy.next_attempt_at(count, last, now)
         if due is None:
@@ -1033,14 +1029,6 @@ class Dispatcher:
             # there, rather than being claimed only to be handed back.
             self._holds[claim.webhook_id] = max(open_until, self._holds.get(claim.webhook_id, 0))
 
-    def _remember_lost(self, delivery_id: str, lost: int) -> None:
-        remembered = self._lost
-        if delivery_id not in remembered and len(remembered) >= LOST_REMEMBERED:
-            # Deliveries another dispatcher finished, or that were deleted, are never
-            # forgotten otherwise.
-            del remembered[next(iter(remembered))]
-        remembered[delivery_id] = lost
-
     @staticmethod
     def _log_given_up(claim: DeliveryClaim, count: int, last: AttemptOutcome) -> None:
         """One line for a delivery that failed for good; rare, so it costs the hot path nothing.
@@ -1063,7 +1051,7 @@ class Dispatcher:
         now, mono = time.time(), time.monotonic()
         elapsed = mono - lane.started.get(claim.delivery_id, mono)
         attempt = AttemptRecord(
-            number=claim.attempt_count + self._lost.get(claim.delivery_id, 0) + 1,
+            number=claim.attempt_count + claim.lost_attempts + 1,
             attempted_at=now - elapsed,
             status_code=None,
             latency_ms=elapsed * 1000.0,
@@ -1081,6 +1069,7 @@ class Dispatcher:
             next_attempt_at=now,
             attempts=(attempt,),
             last_error=CUT_OFF_ERROR,
+            lost_attempts=claim.lost_attempts,
         )
 
     # -- recording ---------------------------------------------------------------------------
@@ -1098,8 +1087,6 @@ class Dispatcher:
     def _queue_result(self, result: DeliveryResult) -> None:
         if result.status is not DeliveryState.PENDING:
             metrics.STATS.finished[result.status.value] += 1
-            if self._lost:
-                self._lost.pop(result.delivery_id, None)
         self._results.append(result)
         self._flush_wanted.set()
 

@@ -649,7 +649,7 @@ def _claim_leased(
     published.claims.extend(
         _claims(
             [
-                (r["id"], r["event_id"], r["event_type"], r["webhook_id"], r["attempt_count"])
+                (r["id"], r["event_id"], r["event_type"], r["webhook_id"], r["attempt_count"], 0)
                 for r in leased
             ],
             bodies,
@@ -727,6 +727,8 @@ class DeliveryClaim:
     event_type: str
     webhook_id: str
     attempt_count: int
+    #: Attempts lost with a sender process so far; they count in the log's numbering.
+    lost_attempts: int
     body: bytes
     url: str
     webhook_status: str
@@ -830,7 +832,7 @@ _LEASE_SQLITE = (
 # the claim's lease end (a row that was due cannot carry that lease end otherwise).
 _LEASED_SQLITE = (
     "SELECT json_group_array(json_array(d.id, d.event_id, d.event_type, d.webhook_id, "
-    "d.attempt_count, hex(e.body))) "
+    "d.attempt_count, d.lost_attempts, hex(e.body))) "
     "FROM deliveries d JOIN events e ON e.id = d.event_id "
     "WHERE d.id IN (SELECT value FROM json_each(?)) "
     "AND d.lease_owner = ? AND d.next_attempt_at = ?"
@@ -849,7 +851,7 @@ _CLAIM_POSTGRES = (
     "UPDATE deliveries SET next_attempt_at = %s, lease_owner = %s WHERE id IN ("
     "SELECT id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= %s{skip} "
     "ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED) "
-    "RETURNING id, event_id, event_type, webhook_id, attempt_count"
+    "RETURNING id, event_id, event_type, webhook_id, attempt_count, lost_attempts"
 )
 # With a quota: lock the due rows first, then lease those within it (the others stay due).
 _DUE_POSTGRES = (
@@ -858,7 +860,7 @@ _DUE_POSTGRES = (
 )
 _LEASE_POSTGRES = (
     "UPDATE deliveries SET next_attempt_at = %s, lease_owner = %s WHERE id = ANY(%s) "
-    "RETURNING id, event_id, event_type, webhook_id, attempt_count"
+    "RETURNING id, event_id, event_type, webhook_id, attempt_count, lost_attempts"
 )
 _BODIES_POSTGRES = "SELECT id, body FROM events WHERE id = ANY(%s)"
 _NEXT_DUE = "SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending'"
@@ -905,7 +907,7 @@ def _claims(
     deliveries: Sequence[Sequence[Any]], bodies: dict[str, bytes], hooks: dict[str, _WebhookFacts]
 ) -> list[DeliveryClaim]:
     claims = []
-    for delivery_id, event_id, event_type, webhook_id, attempt_count in deliveries:
+    for delivery_id, event_id, event_type, webhook_id, attempt_count, lost in deliveries:
         hook = hooks.get(webhook_id)
         body = bodies.get(event_id)
         if hook is None or body is None:
@@ -917,6 +919,7 @@ def _claims(
                 event_type=event_type,
                 webhook_id=webhook_id,
                 attempt_count=int(attempt_count),
+                lost_attempts=int(lost),
                 body=body,
                 url=hook.url,
                 webhook_status=hook.status,
@@ -982,8 +985,8 @@ def claim_due(
             # Oldest due first, as chosen; the join returns rows in any order.
             position = {delivery_id: index for index, delivery_id in enumerate(due)}
             leased.sort(key=lambda row: position[row[0]])
-            deliveries = [row[:5] for row in leased]
-            bodies = {row[1]: bytes.fromhex(row[5]) for row in leased}
+            deliveries = [row[:6] for row in leased]
+            bodies = {row[1]: bytes.fromhex(row[6]) for row in leased}
         hooks = _webhook_facts(cursor, postgres, {row[3] for row in deliveries})
     finally:
         cursor.close()
@@ -1001,7 +1004,7 @@ def _lease_due_postgres(
     quota: Quota | None,
 ) -> list[Any]:
     """Lease due rows on PostgreSQL; the rows ``(id, event_id, event_type, webhook_id,
-    attempt_count)``, oldest due first."""
+    attempt_count, lost_attempts)``, oldest due first."""
     if quota is None:
         cursor.execute(
             _CLAIM_POSTGRES.format(skip=skip), (lease_until, owner, now, *skip_params, limit)
@@ -1087,6 +1090,8 @@ class DeliveryResult:
     attempt_count: int
     next_attempt_at: float | None = None
     attempts: tuple[AttemptRecord, ...] = ()
+    #: The delivery's lost attempts with these ``attempts``; written when attempts are.
+    lost_attempts: int = 0
     last_error: str = ""
     skip_reason: str = ""
     disable_reason: str | None = None
@@ -1130,18 +1135,19 @@ _INSERT_ATTEMPTS = (
 )
 _INSERT_ATTEMPT_POSTGRES = _INSERT_ATTEMPTS.format(values="(%s, %s, %s, %s, %s, %s, %s, %s)")
 # Row parameters: id, status, attempt_count, next_attempt_at, last_attempt_at,
-# last_status_code, last_error, updated_at; then the owner. (SQLite numbers ``?`` in the
-# order they appear, so parameters of the SET clause cannot follow the rows'.)
+# last_status_code, last_error, updated_at, lost_attempts; then the owner. (SQLite numbers
+# ``?`` in the order they appear, so parameters of the SET clause cannot follow the rows'.)
 _FINISH_ATTEMPTED_SQLITE = (
     "UPDATE deliveries SET status = v.column2, attempt_count = v.column3, "
     "next_attempt_at = v.column4, lease_owner = NULL, updated_at = v.column8, "
-    "last_attempt_at = v.column5, last_status_code = v.column6, last_error = v.column7 "
+    "last_attempt_at = v.column5, last_status_code = v.column6, last_error = v.column7, "
+    "lost_attempts = v.column9 "
     "FROM (VALUES {values}) AS v WHERE deliveries.id = v.column1 AND deliveries.lease_owner = ?"
 )
 _FINISH_ATTEMPTED_POSTGRES = (
     "UPDATE deliveries SET status = %s, attempt_count = %s, next_attempt_at = %s, "
     "lease_owner = NULL, updated_at = %s, last_attempt_at = %s, last_status_code = %s, "
-    "last_error = %s WHERE id = %s AND lease_owner = %s"
+    "last_error = %s, lost_attempts = %s WHERE id = %s AND lease_owner = %s"
 )
 _FINISH_UNSENT = (
     "UPDATE deliveries SET status = ?, next_attempt_at = ?, lease_owner = NULL, "
@@ -1296,6 +1302,7 @@ def _write_outcomes(
                 r.attempts[-1].status_code,
                 _clip(r.last_error, ERROR_MAX),
                 now,
+                r.lost_attempts,
             )
             for r in attempted
         ]
@@ -1303,7 +1310,7 @@ def _write_outcomes(
             cursor.executemany(_INSERT_ATTEMPT_POSTGRES, attempt_rows)
             cursor.executemany(
                 _FINISH_ATTEMPTED_POSTGRES,
-                [(*row[1:4], now, *row[4:7], row[0], owner) for row in finished],
+                [(*row[1:4], now, *row[4:7], row[8], row[0], owner) for row in finished],
             )
         else:
             _write_rows(cursor, _INSERT_ATTEMPTS, attempt_rows)

@@ -130,7 +130,10 @@ class DeliveryRow(SQLModel, table=True):
     )
     event_type: str = Field(max_length=64)
     status: str = Field(max_length=16)
+    # Slots of the retry schedule used; attempts the service lost itself take none at first.
     attempt_count: int = 0
+    # Attempts lost with a sender process, so their numbers and allowance outlive a restart.
+    lost_attempts: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     next_attempt_at: float | None = None
     # Which dispatcher holds the lease, so a late finisher cannot overwrite another's claim.
     lease_owner: str | None = Field(default=None, max_length=64)
