@@ -8,10 +8,12 @@ a real SQLite store directly, seeding rows through the store's own functions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import os
 import signal
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +26,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from sqlalchemy import update
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from dembrane.webhooks.auth import SCOPE_PUBLISH
 from dembrane.webhooks.delivery.dispatcher import (
@@ -55,6 +57,7 @@ from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.service import Service
 from dembrane.webhooks.store import directory, outbox, webhooks
 from dembrane.webhooks.store.database import Database
+from dembrane.webhooks.store.journal import OutcomeJournal, read_journal
 from dembrane.webhooks.store.publish_queue import PublishQueue
 from dembrane.webhooks.store.tables import DeliveryRow, WebhookRow
 from dembrane.webhooks.v1 import (
@@ -64,7 +67,14 @@ from dembrane.webhooks.v1 import (
 from dembrane.webhooks.v1 import event_service_pb2 as epb
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
 
-from harness import JWT_SECRET, Stubs, Tokens, World, make_settings, seed_world
+from harness import (
+    JWT_SECRET,
+    Stubs,
+    Tokens,
+    World,
+    make_settings,
+    seed_world,
+)
 from receiver import Receiver, Reply
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -226,8 +236,6 @@ def set_webhook(resources: Resources, webhook_id: str, **values: object) -> None
 
 
 def rows(resources: Resources) -> list[DeliveryRow]:
-    from sqlmodel import select
-
     return list(resources.database.call(lambda s: list(s.scalars(select(DeliveryRow)))))
 
 
@@ -596,6 +604,225 @@ async def test_deliveries_of_paused_or_disabled_webhooks_are_not_sent(tmp_path: 
             "The webhook is disabled (Too many errors), so the delivery was not sent."
         )
         assert all(r.attempt_count == 0 for r in by_hook.values())
+
+
+# -- the outcome journal ---------------------------------------------------------------------
+
+
+def journal_files(prefix: str) -> list[str]:
+    return sorted(p.name for p in Path(prefix).parent.glob(Path(prefix).name + ".*"))
+
+
+async def crash(dispatcher: Dispatcher) -> None:
+    """Stop ``dispatcher`` as a killed process stops: nothing more is written to the store."""
+    for task in (dispatcher._claim_task, dispatcher._flush_task):
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await dispatcher._backlog.stop()
+    # The process's files close as it dies; what it wrote to them stays.
+    assert dispatcher._journal is not None
+    dispatcher._journal.seal()
+
+
+async def test_outcomes_a_crash_kept_from_the_store_are_recorded_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deliveries answered by their receiver whose outcomes the process died before writing
+    are recorded from the journal when the next dispatcher starts: each succeeded with its
+    one attempt in the log, and none is sent a second time."""
+    caplog.set_level("INFO", logger="dembrane.webhooks.delivery.dispatcher")
+    prefix = str(tmp_path / "webhooks.db-outcomes")
+    async with store_engine(tmp_path) as resources, Receiver(SECRET) as receiver:
+        add_webhook(resources, "wh", receiver.url)
+        store_publish(resources, *[f"e{i}" for i in range(5)])
+        first = Dispatcher(resources, retention=False, journal=prefix)
+        never = asyncio.Event()
+
+        async def dies_before_writing(*_args: object) -> None:
+            await never.wait()
+
+        monkeypatch.setattr(first, "_record", dies_before_writing)
+        await first.start()
+        await receiver.wait_for(5)
+        await until(lambda: len(read_journal(prefix)) == 5)
+        await crash(first)
+        assert all(r.status == "pending" and r.lease_owner == first.owner for r in rows(resources))
+
+        async with dispatching(resources, journal=prefix):
+            await asyncio.sleep(0.3)
+        assert len(receiver.requests) == 5
+        found = rows(resources)
+        assert [(r.status, r.attempt_count, r.last_status_code) for r in found] == [
+            ("succeeded", 1, 200)
+        ] * 5
+        for row in found:
+            logged = resources.database.call(
+                lambda s, row=row: outbox.get_delivery(s, "wh", row.id)
+            )
+            assert logged is not None
+            assert [(a.number, a.status_code, a.success) for a in logged[1]] == [(1, 200, True)]
+        assert journal_files(prefix) == []
+    assert "recorded 5 delivery outcomes the process before had not written" in caplog.text
+
+
+async def test_outcomes_the_store_refuses_at_shutdown_wait_in_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop while the store takes no outcomes leaves them in the journal, and the next
+    start records them: the deliveries are not sent again."""
+    prefix = str(tmp_path / "webhooks.db-outcomes")
+    async with store_engine(tmp_path) as resources, Receiver(SECRET) as receiver:
+        add_webhook(resources, "wh", receiver.url)
+        store_publish(resources, "e1", "e2", "e3")
+        first = Dispatcher(resources, retention=False, journal=prefix)
+
+        async def refused(*_args: object) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(first, "_record", refused)
+        await first.start()
+        await receiver.wait_for(3)
+        await until(lambda: len(read_journal(prefix)) == 3)
+        await first.stop()
+        assert journal_files(prefix) != []
+        assert all(r.status == "pending" for r in rows(resources))
+
+        async with dispatching(resources, journal=prefix):
+            await until(lambda: all(r.status == "succeeded" for r in rows(resources)))
+            await asyncio.sleep(0.2)
+        assert len(receiver.requests) == 3
+        assert journal_files(prefix) == []
+
+
+async def test_the_journal_holds_only_what_the_store_does_not_have_yet(tmp_path: Path) -> None:
+    """While deliveries flow, each write of outcomes deletes the journal's segments it
+    covers: once everything is recorded no segment is left, and a stop leaves none."""
+    prefix = str(tmp_path / "webhooks.db-outcomes")
+    async with store_engine(tmp_path) as resources, Receiver(SECRET) as receiver:
+        add_webhook(resources, "wh", receiver.url)
+        async with dispatching(resources, journal=prefix) as dispatcher:
+            for batch in range(3):
+                store_publish(resources, *[f"e{batch}-{i}" for i in range(20)])
+                dispatcher._r.wake_dispatcher()
+                await until(
+                    lambda batch=batch: (
+                        sum(r.status == "succeeded" for r in rows(resources)) == 20 * (batch + 1)
+                    )
+                )
+            await until(lambda: journal_files(prefix) == [])
+        assert journal_files(prefix) == []
+        assert len(receiver.requests) == 60
+
+
+async def test_a_journal_that_cannot_be_written_leaves_delivery_as_it_was(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A journal in a folder that does not exist is given up with one warning; deliveries
+    go out and are recorded all the same."""
+    caplog.set_level("WARNING", logger="dembrane.webhooks.store.journal")
+    prefix = str(tmp_path / "missing" / "webhooks.db-outcomes")
+    async with store_engine(tmp_path) as resources, Receiver(SECRET) as receiver:
+        add_webhook(resources, "wh", receiver.url)
+        store_publish(resources, "e1", "e2")
+        async with dispatching(resources, journal=prefix):
+            await until(lambda: all(r.status == "succeeded" for r in rows(resources)))
+            store_publish(resources, "e3")
+            await until(
+                lambda: len(rows(resources)) == 3 and rows(resources)[2].status == "succeeded"
+            )
+    warnings = [
+        r for r in caplog.records if "could not write the outcome journal" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert len(receiver.requests) == 3
+
+
+async def test_replaying_outcomes_writes_each_once_and_only_while_its_lease_holds(
+    tmp_path: Path,
+) -> None:
+    """Replayed outcomes are recorded only for rows still leased to the dispatcher that made
+    the attempt and with no later attempt recorded: replaying twice, an outcome of another
+    owner's lease, or one the store already has changes nothing."""
+    async with store_engine(tmp_path) as resources:
+        add_webhook(resources, "wh", "http://127.0.0.1:9/hook")
+        store_publish(resources, "e1", "e2", "e3")
+        database = resources.database
+        now = time.time()
+        claims = database.call(lambda s: outbox.claim_due(s, "mine", now + 1, 30.0, 10))
+        ids = {c.event_id: c.delivery_id for c in claims}
+
+        def success(event_id: str, number: int = 1) -> outbox.DeliveryResult:
+            attempt = outbox.AttemptRecord(
+                number=number,
+                attempted_at=now + 2,
+                status_code=200,
+                latency_ms=5.0,
+                response_body="ok",
+                error="",
+                success=True,
+            )
+            return outbox.DeliveryResult(
+                delivery_id=ids[event_id],
+                webhook_id="wh",
+                status=outbox.DeliveryState.SUCCEEDED,
+                attempt_count=1,
+                attempts=(attempt,),
+            )
+
+        entries = [
+            ("mine", success("e1")),
+            ("someone-else", success("e2")),
+            ("mine", success("e3", 2)),
+        ]
+        for _ in range(2):
+            recorded = database.call(lambda s: outbox.replay_outcomes(s, entries, now + 3, 0.0))
+            assert recorded == (1 if _ == 0 else 0)
+        statuses = database.call(
+            lambda s: {
+                r.event_id: (r.status, r.lease_owner) for r in s.scalars(select(DeliveryRow))
+            }
+        )
+        assert statuses == {
+            "e1": ("succeeded", None),
+            "e2": ("pending", "mine"),
+            "e3": ("pending", "mine"),
+        }
+        attempts = database.call(lambda s: len(outbox.get_delivery(s, "wh", ids["e1"])[1]))  # type: ignore[index]
+        assert attempts == 1
+
+
+def test_a_line_cut_short_by_a_crash_is_left_out_of_the_journal(tmp_path: Path) -> None:
+    """A journal read back gives every whole line written and skips a last line the dying
+    process did not finish."""
+    prefix = str(tmp_path / "webhooks.db-outcomes")
+    journal = OutcomeJournal(prefix, "dsp_1")
+    attempt = outbox.AttemptRecord(
+        number=1,
+        attempted_at=1764331200.123456,
+        status_code=503,
+        latency_ms=12.5,
+        response_body="busy \u00e9",
+        error="Receiver answered 503.",
+        success=False,
+    )
+    result = outbox.DeliveryResult(
+        delivery_id="dlv_1",
+        webhook_id="wh",
+        status=outbox.DeliveryState.PENDING,
+        attempt_count=1,
+        next_attempt_at=1764331205.5,
+        attempts=(attempt,),
+        last_error="Receiver answered 503.",
+    )
+    journal.append([result])
+    journal.write()
+    journal.seal()
+    [(_number, path)] = [(p.suffix, p) for p in tmp_path.glob("webhooks.db-outcomes.*")]
+    with open(path, "ab") as file:
+        file.write(b'["dlv_2","wh","succ')
+    assert read_journal(prefix) == [("dsp_1", result)]
 
 
 # -- leases and shutdown ---------------------------------------------------------------------

@@ -135,7 +135,12 @@ class Service:
             self.http_port = _bound_port(self._gateway)
             log.info("REST gateway listening on %s", self.http_url)
         if self.parts.dispatcher:
-            self.dispatcher = Dispatcher(self.resources)
+            # Holding the SQLite file's delivery lock, this process alone writes the
+            # outcome journal beside it (see ``store/journal.py``).
+            journal = None
+            if self._lock is not None:
+                journal = f"{make_url(database.url).database}-outcomes"
+            self.dispatcher = Dispatcher(self.resources, journal=journal)
             await self.dispatcher.start()
             log.info("dispatcher started")
 

@@ -60,6 +60,7 @@ from dembrane.webhooks.domain.ids import new_id
 from dembrane.webhooks.resources import Resources
 from dembrane.webhooks.store import outbox
 from dembrane.webhooks.store.database import OutageLog, Transaction, store_unavailable
+from dembrane.webhooks.store.journal import OutcomeJournal, read_journal, remove_journal
 from dembrane.webhooks.store.listener import DueListener
 from dembrane.webhooks.store.outbox import (
     AttemptRecord,
@@ -344,6 +345,8 @@ class Dispatcher:
     wake-up. On SQLite, which one dispatcher uses alone, start-up makes rows leased by a
     previous process due at once (``release_leases_at_start``). ``suspect_share`` is the
     share of the slots that receivers not known to answer may hold (``SUSPECT_SHARE``).
+    ``journal`` names the outcome journal (``store/journal.py``) of a dispatcher that alone
+    delivers from its SQLite file: start-up records what it holds, then keeps it.
     """
 
     def __init__(
@@ -358,6 +361,7 @@ class Dispatcher:
         release_leases_at_start: bool | None = None,
         retention: bool = True,
         suspect_share: float = SUSPECT_SHARE,
+        journal: str | None = None,
     ) -> None:
         settings: Settings = resources.settings
         self._r = resources
@@ -434,6 +438,10 @@ class Dispatcher:
         #: The webhooks claims leave out that are cooling down (breaker open), with when each
         #: cool-down ends (Unix seconds), as the last ``_excluded`` found them.
         self._cooling: dict[str, float] = {}
+        self._journal_prefix = journal
+        self._journal: OutcomeJournal | None = None
+        #: Outcomes the store would not take at shutdown.
+        self._unrecorded: list[DeliveryResult] = []
         self._flush_wanted = asyncio.Event()
         self._waiting_for_room = False
         self._stopping = False
@@ -448,11 +456,15 @@ class Dispatcher:
         if self._claim_task is not None:
             return
         await self._r.sender.start()
+        if self._journal_prefix is not None:
+            await self._replay_journal(self._journal_prefix)
+            self._journal = OutcomeJournal(self._journal_prefix, self.owner)
         if self._release_at_start:
             released = await self._db.run(outbox.release_stale_leases, time.time())
             if released:
                 log.info("made %d deliveries leased before a restart due again", released)
         self._stopping = self._closing = False
+        self._unrecorded = []
         self._flush_task = asyncio.create_task(self._flush_loop(), name="webhooks-flush")
         self._claim_task = asyncio.create_task(self._claim_loop(), name="webhooks-claim")
         if self._retention is not None:
@@ -509,6 +521,29 @@ class Dispatcher:
         flush_task, self._flush_task = self._flush_task, None
         if flush_task is not None:
             await flush_task
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            # Outcomes the store could not take stay in the journal for the next start.
+            journal.close(keep=bool(self._unrecorded))
+
+    async def _replay_journal(self, prefix: str) -> None:
+        """Record the outcomes a process before this one knew but had not written."""
+        entries = await asyncio.to_thread(read_journal, prefix)
+        if entries:
+            recorded = await self._db.run_driver(
+                outbox.replay_outcomes,
+                entries,
+                time.time(),
+                self._settings.disable_after_seconds,
+                relaxed=True,
+            )
+            log.info(
+                "recorded %d delivery outcomes the process before had not written "
+                "(%d in its journal)",
+                recorded,
+                len(entries),
+            )
+        await asyncio.to_thread(remove_journal, prefix)
 
     # -- claiming ------------------------------------------------------------------------------
 
@@ -1088,6 +1123,12 @@ class Dispatcher:
         if result.status is not DeliveryState.PENDING:
             metrics.STATS.finished[result.status.value] += 1
         self._results.append(result)
+        journal = self._journal
+        if journal is not None and result.attempts:
+            if not journal.has_pending:
+                # One write for every outcome that comes in this turn of the event loop.
+                asyncio.get_running_loop().call_soon(journal.write)
+            journal.append((result,))
         self._flush_wanted.set()
 
     async def _flush_loop(self) -> None:
@@ -1106,11 +1147,16 @@ class Dispatcher:
         """Write what has gathered; keep writing only while full batches wait (or closing)."""
         failures = 0
         while self._results or self._releases or self._holds:
+            # Outcomes from now on go to the journal's next segment; those up to here are
+            # in this write, and their segments go once it commits.
+            sealed = None if self._journal is None else self._journal.seal()
             results, self._results = self._results, []
             releases, self._releases = self._releases, []
             holds, self._holds = self._holds, {}
             try:
                 await self._record(results, releases, holds)
+                if sealed is not None and self._journal is not None:
+                    self._journal.committed(sealed)
                 self._flush_outage.succeeded()
             except Exception as error:
                 failures += 1
@@ -1132,9 +1178,14 @@ class Dispatcher:
                         continue
                 if self._closing and failures >= SPLIT_AFTER_FAILURES:
                     log.exception(
-                        "could not record %d outcomes at shutdown; their leases will run out",
+                        "could not record %d outcomes at shutdown; %s",
                         len(results) + len(releases),
+                        "their leases will run out"
+                        if self._journal is None or self._journal.broken
+                        else "the next start records them from the journal",
                     )
+                    # Kept for ``stop``, which leaves them in the journal for the next start.
+                    self._unrecorded = results
                     return
                 self._flush_outage.failed(error)
                 self._results[:0] = results

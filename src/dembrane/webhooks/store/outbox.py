@@ -74,6 +74,7 @@ __all__ = [
     "publish_events",
     "record_results",
     "release_stale_leases",
+    "replay_outcomes",
     "requeue_failed_batch",
     "retry_delivery",
     "tier_skip_reason",
@@ -1345,6 +1346,51 @@ def _write_outcomes(
                 [(r.delivery_id, r.next_attempt_at) for r in releases],
                 (owner,),
             )
+
+
+def replay_outcomes(
+    session: Transaction,
+    entries: Sequence[tuple[str, DeliveryResult]],
+    now: float,
+    disable_after_seconds: float,
+) -> int:
+    """Record outcomes a dispatcher that stopped without writing them kept elsewhere (its
+    journal), each ``(owner, result)``; returns how many were recorded.
+
+    A result counts only while its row is still pending, leased to the dispatcher that made
+    the attempt, and has no later attempt recorded: the number of its first attempt follows
+    the row's recorded ones. So an outcome the store already has, or one overtaken since, is
+    never written again, and replaying the same entries twice changes nothing.
+    """
+    ids = {result.delivery_id for _owner, result in entries}
+    found = {
+        row[0]: (row[1], row[2], int(row[3]) + int(row[4]))
+        for row in _select_in(
+            session,
+            "SELECT id, lease_owner, status, attempt_count, lost_attempts "
+            "FROM deliveries WHERE id {ids}",
+            ids,
+        )
+    }
+    by_owner: dict[str, list[DeliveryResult]] = {}
+    for owner, result in entries:
+        row = found.get(result.delivery_id)
+        if row is None or not result.attempts:
+            continue
+        lease_owner, status, recorded = row
+        if (
+            status != DeliveryState.PENDING
+            or lease_owner != owner
+            or result.attempts[0].number != recorded + 1
+        ):
+            continue
+        by_owner.setdefault(owner, []).append(result)
+        # A second outcome of the same row in the journal came after a lease this store
+        # never saw written; the row is no longer leased once the first is recorded.
+        found[result.delivery_id] = (None, status, recorded)
+    for owner, results in by_owner.items():
+        record_results(session, owner, results, [], now, disable_after_seconds)
+    return sum(len(results) for results in by_owner.values())
 
 
 def _track_failures(

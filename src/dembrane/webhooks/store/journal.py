@@ -1,0 +1,236 @@
+"""Outcomes kept in a file from the moment they are known until the store has them.
+
+The dispatcher writes outcomes to the store together, every 50 ms under load: one
+transaction for many deliveries is what lets a small machine deliver thousands a second.
+Outcomes waiting for that write would die with the process (``kill -9``, the kernel's
+out-of-memory killer): the receivers that answered them would get those deliveries again,
+and the log would not show the attempts they answered.
+
+So each outcome with an attempt is also appended to a journal file beside the SQLite
+database as soon as it is known. The operating system keeps what was written when the
+process dies, so only a power cut or a crash of the machine itself can still lose it; the
+journal is not synced, which would cost a disk flush per turn of the event loop.
+
+The journal is a series of segments, ``<database>-outcomes.<n>``. A write of outcomes to
+the store first seals the segment in use (later outcomes go to the next one); once that
+write commits, every sealed segment is deleted. The next start records what the segments
+still hold before it takes over the leases of the process before, through the same
+ownership check as every write of outcomes: a row is changed only while it is still leased
+to the process that made the attempt and has no later attempt recorded, so an outcome the
+store already has is never written twice.
+
+Only a dispatcher that holds the SQLite file's delivery lock keeps a journal. On PostgreSQL
+another replica takes a crashed one's deliveries over when their leases run out, so a
+journal on the crashed replica's disk could not be replayed safely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+
+from dembrane.webhooks.store.outbox import AttemptRecord, DeliveryResult, DeliveryState
+
+__all__ = ["OutcomeJournal", "read_journal", "remove_journal"]
+
+log = logging.getLogger(__name__)
+
+
+def _segments(prefix: str) -> list[tuple[int, str]]:
+    """The journal's segments on disk, oldest first."""
+    found = []
+    for path in glob.glob(glob.escape(prefix) + ".*"):
+        suffix = path[len(prefix) + 1 :]
+        if suffix.isdigit():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def _encode(result: DeliveryResult) -> list[object]:
+    return [
+        result.delivery_id,
+        result.webhook_id,
+        result.status.value,
+        result.attempt_count,
+        result.next_attempt_at,
+        result.last_error,
+        result.disable_reason,
+        result.lost_attempts,
+        [
+            [
+                a.number,
+                a.attempted_at,
+                a.status_code,
+                a.latency_ms,
+                a.response_body,
+                a.error,
+                a.success,
+                a.lost,
+            ]
+            for a in result.attempts
+        ],
+    ]
+
+
+def _decode(fields: Sequence[object]) -> DeliveryResult:
+    (
+        delivery_id,
+        webhook_id,
+        status,
+        attempt_count,
+        next_attempt_at,
+        last_error,
+        disable_reason,
+        lost_attempts,
+        attempts,
+    ) = fields
+    assert isinstance(attempts, list)
+    return DeliveryResult(
+        delivery_id=str(delivery_id),
+        webhook_id=str(webhook_id),
+        status=DeliveryState(str(status)),
+        attempt_count=int(attempt_count),  # type: ignore[call-overload]
+        next_attempt_at=None if next_attempt_at is None else float(next_attempt_at),  # type: ignore[arg-type]
+        attempts=tuple(
+            AttemptRecord(
+                number=int(a[0]),
+                attempted_at=float(a[1]),
+                status_code=None if a[2] is None else int(a[2]),
+                latency_ms=float(a[3]),
+                response_body=str(a[4]),
+                error=str(a[5]),
+                success=bool(a[6]),
+                lost=bool(a[7]),
+            )
+            for a in attempts
+        ),
+        last_error=str(last_error),
+        disable_reason=None if disable_reason is None else str(disable_reason),
+        lost_attempts=int(lost_attempts),  # type: ignore[call-overload]
+    )
+
+
+def read_journal(prefix: str) -> list[tuple[str, DeliveryResult]]:
+    """Every outcome the journal at ``prefix`` holds, in the order they were written, with
+    the dispatcher that leased its row.
+
+    A line cut short (the process died while writing it) or otherwise unreadable is left
+    out: the delivery it describes comes due again when its lease is taken over.
+    """
+    entries: list[tuple[str, DeliveryResult]] = []
+    for _number, path in _segments(prefix):
+        try:
+            with open(path, encoding="utf-8") as file:
+                lines = file.read().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            log.warning("could not read the outcome journal %s: %s", path, error)
+            continue
+        owner = ""
+        for line in lines:
+            try:
+                fields = json.loads(line)
+                if isinstance(fields, dict):
+                    owner = str(fields["owner"])
+                elif owner:
+                    entries.append((owner, _decode(fields)))
+            except (ValueError, TypeError, KeyError, AssertionError):
+                continue
+    return entries
+
+
+def remove_journal(prefix: str) -> None:
+    """Delete every segment of the journal at ``prefix``."""
+    for _number, path in _segments(prefix):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+class OutcomeJournal:
+    """The journal a running dispatcher appends to (see the module's note).
+
+    A write that fails (a full disk, a folder taken away) stops the journal for the rest of
+    the run, with one line in the log: delivery goes on as without one.
+    """
+
+    def __init__(self, prefix: str, owner: str) -> None:
+        self.prefix = prefix
+        self._owner = owner
+        existing = _segments(prefix)
+        self._number = existing[-1][0] if existing else 0
+        self._fd: int | None = None
+        self._written = False
+        self._pending: list[bytes] = []
+        self.broken = False
+
+    def append(self, results: Iterable[DeliveryResult]) -> None:
+        """Queue results with attempts for the next ``write``."""
+        pending = self._pending
+        for result in results:
+            if result.attempts:
+                pending.append(json.dumps(_encode(result), separators=(",", ":")).encode())
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def write(self) -> None:
+        """Append what was queued to the segment in use, in one write."""
+        if not self._pending or self.broken:
+            self._pending.clear()
+            return
+        lines, self._pending = self._pending, []
+        try:
+            if self._fd is None:
+                self._number += 1
+                self._fd = os.open(
+                    f"{self.prefix}.{self._number}",
+                    os.O_CREAT | os.O_WRONLY | os.O_APPEND | os.O_TRUNC,
+                    0o600,
+                )
+                lines.insert(0, json.dumps({"owner": self._owner}).encode())
+            os.write(self._fd, b"\n".join(lines) + b"\n")
+            self._written = True
+        except OSError as error:
+            self._fail(error)
+
+    def seal(self) -> int:
+        """End the segment in use; outcomes written from now on go to the next one. Returns
+        the number of the last segment sealed, for ``committed``."""
+        self.write()
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        return self._number
+
+    def committed(self, sealed: int) -> None:
+        """The store has every outcome of the segments up to ``sealed``: delete them."""
+        for number, path in _segments(self.prefix):
+            if number > sealed:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def close(self, *, keep: bool) -> None:
+        """Stop writing; keep the segments (outcomes the store does not have) or delete them."""
+        sealed = self.seal()
+        if not keep:
+            self.committed(sealed)
+
+    def _fail(self, error: OSError) -> None:
+        self.broken = True
+        self._pending.clear()
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        log.warning(
+            "could not write the outcome journal %s (%s); outcomes now wait for the store "
+            "alone, and a crash loses those of its last moments",
+            self.prefix,
+            error,
+        )
