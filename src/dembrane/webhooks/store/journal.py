@@ -19,9 +19,10 @@ ownership check as every write of outcomes: a row is changed only while it is st
 to the process that made the attempt and has no later attempt recorded, so an outcome the
 store already has is never written twice.
 
-Only a dispatcher that holds the SQLite file's delivery lock keeps a journal. On PostgreSQL
-another replica takes a crashed one's deliveries over when their leases run out, so a
-journal on the crashed replica's disk could not be replayed safely.
+Only a dispatcher that holds the SQLite file's delivery lock keeps a journal: the lock makes
+the file beside the database its own, and the next process to hold it the one to replay it.
+Replicas on PostgreSQL have no such file (they come and go on hosts and containers of their
+own), and once a crashed replica's leases run out the others send its deliveries anyway.
 """
 
 from __future__ import annotations
