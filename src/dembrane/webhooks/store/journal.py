@@ -162,13 +162,16 @@ class OutcomeJournal:
         self._owner = owner
         existing = _segments(prefix)
         self._number = existing[-1][0] if existing else 0
+        #: The segments this journal made and has not deleted yet, oldest first.
+        self._made: list[int] = []
         self._fd: int | None = None
-        self._written = False
         self._pending: list[bytes] = []
         self.broken = False
 
     def append(self, results: Iterable[DeliveryResult]) -> None:
         """Queue results with attempts for the next ``write``."""
+        if self.broken:
+            return
         pending = self._pending
         for result in results:
             if result.attempts:
@@ -192,9 +195,12 @@ class OutcomeJournal:
                     os.O_CREAT | os.O_WRONLY | os.O_APPEND | os.O_TRUNC,
                     0o600,
                 )
+                self._made.append(self._number)
                 lines.insert(0, json.dumps({"owner": self._owner}).encode())
-            os.write(self._fd, b"\n".join(lines) + b"\n")
-            self._written = True
+            data = b"\n".join(lines) + b"\n"
+            if os.write(self._fd, data) < len(data):
+                # A full disk: what follows would run on from a line cut short.
+                raise OSError("the disk took only part of a write")
         except OSError as error:
             self._fail(error)
 
@@ -210,11 +216,10 @@ class OutcomeJournal:
 
     def committed(self, sealed: int) -> None:
         """The store has every outcome of the segments up to ``sealed``: delete them."""
-        for number, path in _segments(self.prefix):
-            if number > sealed:
-                break
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        while self._made and self._made[0] <= sealed:
+            with contextlib.suppress(OSError):
+                os.unlink(f"{self.prefix}.{self._made[0]}")
+            del self._made[0]
 
     def close(self, *, keep: bool) -> None:
         """Stop writing; keep the segments (outcomes the store does not have) or delete them."""
