@@ -794,8 +794,8 @@ async def test_replaying_outcomes_writes_each_once_and_only_while_its_lease_hold
 
 
 def test_a_line_cut_short_by_a_crash_is_left_out_of_the_journal(tmp_path: Path) -> None:
-    """A journal read back gives every whole line written and skips a last line the dying
-    process did not finish."""
+    """A journal read back gives every whole line written and skips a line that does not
+    describe an outcome, and a last line the dying process did not finish."""
     prefix = str(tmp_path / "webhooks.db-outcomes")
     journal = OutcomeJournal(prefix, "dsp_1")
     attempt = outbox.AttemptRecord(
@@ -821,7 +821,7 @@ def test_a_line_cut_short_by_a_crash_is_left_out_of_the_journal(tmp_path: Path) 
     journal.seal()
     [(_number, path)] = [(p.suffix, p) for p in tmp_path.glob("webhooks.db-outcomes.*")]
     with open(path, "ab") as file:
-        file.write(b'["dlv_2","wh","succ')
+        file.write(b'["dlv_bad",1]\n["dlv_2","wh","succ')
     assert read_journal(prefix) == [("dsp_1", result)]
 
 

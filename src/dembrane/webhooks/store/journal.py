@@ -89,7 +89,8 @@ def _decode(fields: Sequence[object]) -> DeliveryResult:
         lost_attempts,
         attempts,
     ) = fields
-    assert isinstance(attempts, list)
+    if not isinstance(attempts, list):
+        raise TypeError("an outcome's attempts are a list")
     return DeliveryResult(
         delivery_id=str(delivery_id),
         webhook_id=str(webhook_id),
@@ -138,7 +139,7 @@ def read_journal(prefix: str) -> list[tuple[str, DeliveryResult]]:
                     owner = str(fields["owner"])
                 elif owner:
                     entries.append((owner, _decode(fields)))
-            except (ValueError, TypeError, KeyError, AssertionError):
+            except (ValueError, TypeError, KeyError):
                 continue
     return entries
 
