@@ -24,6 +24,7 @@ def test_defaults_are_the_contracts() -> None:
     assert settings.disable_after_seconds == 5 * 86400
     assert settings.retention_days == 30
     assert settings.max_event_bytes == 4 * 1024 * 1024
+    assert settings.outcome_journal is None
 
 
 def test_variables_are_read() -> None:
@@ -37,9 +38,11 @@ def test_variables_are_read() -> None:
             "WEBHOOKS_DASHBOARD_BASE_URL": "https://dash.example.com/",
             "WEBHOOKS_MAX_EVENT_BYTES": "1048576",
             "WEBHOOKS_METRICS_PORT": "9102",
+            "WEBHOOKS_OUTCOME_JOURNAL": " /var/lib/webhooks/outcomes ",
         }
     )
     assert settings.metrics_port == 9102
+    assert settings.outcome_journal == "/var/lib/webhooks/outcomes"
     assert settings.max_event_bytes == 1048576
     assert settings.http_port == 9000
     assert settings.retry_schedule == (1.0, 1.0, 1.0)

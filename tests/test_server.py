@@ -1094,3 +1094,30 @@ async def test_idle_clients_may_send_keepalive_pings_every_ten_seconds(tmp_path:
             assert channel.get_state() == grpc.ChannelConnectivity.READY
     finally:
         await service.stop()
+
+
+async def test_an_outcome_journal_is_one_process_s_alone(tmp_path: Path) -> None:
+    """A dispatcher keeps its outcomes in the journal WEBHOOKS_OUTCOME_JOURNAL names (how a
+    replica on PostgreSQL gets one); a second process given the same path is refused at
+    start with a sentence saying why, and may have it once the first has stopped."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    journal = str(tmp_path / "outcomes")
+    first = Service(make_settings(tmp_path / "a", outcome_journal=journal))
+    await first.start()
+    try:
+        assert first.dispatcher is not None
+        assert first.dispatcher._journal_prefix == journal
+        second = Service(make_settings(tmp_path / "b", outcome_journal=journal))
+        with pytest.raises(StartupError) as caught:
+            await second.start()
+        await second.stop()
+        assert str(caught.value) == (
+            f"Another process already keeps its outcome journal at {journal}: give each "
+            "process a WEBHOOKS_OUTCOME_JOURNAL of its own."
+        )
+    finally:
+        await first.stop()
+    third = Service(make_settings(tmp_path / "b", outcome_journal=journal))
+    await third.start()
+    await third.stop()

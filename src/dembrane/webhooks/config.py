@@ -91,6 +91,9 @@ class Settings:
     log_level: str = "INFO"
     # SQLite's durability: FULL syncs every commit to disk before a publish call returns.
     sqlite_synchronous: str = "FULL"
+    # Where the dispatcher journals outcomes until the store has them (``store/journal.py``):
+    # a path to which it adds ``.<n>``. None: beside a SQLite file, and none on PostgreSQL.
+    outcome_journal: str | None = None
     # Worker processes that send the dispatcher's requests; None: chosen from the cores.
     sender_processes: int | None = None
     # The largest body one event may have; a bigger event is refused at publish time.
@@ -232,6 +235,7 @@ class Settings:
             sqlite_synchronous=reader.choice(
                 "WEBHOOKS_SQLITE_SYNCHRONOUS", "FULL", ("FULL", "NORMAL", "EXTRA")
             ),
+            outcome_journal=reader.optional("WEBHOOKS_OUTCOME_JOURNAL"),
             sender_processes=reader.count_or_auto("WEBHOOKS_SENDER_PROCESSES", high=64),
             metrics_port=reader.port("WEBHOOKS_METRICS_PORT", 0),
             max_webhooks_per_project=reader.whole(

@@ -60,6 +60,7 @@ class Service:
         self._database: Database | None = None
         self._sender: RequestSender | None = None
         self._lock: IO[bytes] | None = None
+        self._journal_lock: IO[bytes] | None = None
         self._metrics: WSGIServer | None = None
         #: Whether every part has started, and whether stopping has begun (see ``problem``).
         self._started = False
@@ -135,14 +136,27 @@ class Service:
             self.http_port = _bound_port(self._gateway)
             log.info("REST gateway listening on %s", self.http_url)
         if self.parts.dispatcher:
-            # Holding the SQLite file's delivery lock, this process alone writes the
-            # outcome journal beside it (see ``store/journal.py``).
-            journal = None
-            if self._lock is not None:
-                journal = f"{make_url(database.url).database}-outcomes"
+            journal = self._outcome_journal(settings, database)
             self.dispatcher = Dispatcher(self.resources, journal=journal)
             await self.dispatcher.start()
             log.info("dispatcher started")
+
+    def _outcome_journal(self, settings: Settings, database: Database) -> str | None:
+        """Where this process's dispatcher journals its outcomes (``store/journal.py``).
+
+        Beside a SQLite file by default: the file's delivery lock makes that journal this
+        process's alone. A path given in ``WEBHOOKS_OUTCOME_JOURNAL`` (a replica's own, on
+        PostgreSQL) gets a lock of its own, so no two processes ever share a journal.
+        """
+        if settings.outcome_journal is None:
+            if self._lock is None:
+                return None
+            return f"{make_url(database.url).database}-outcomes"
+        try:
+            self._journal_lock = _own_journal(settings.outcome_journal)
+        except OSError as error:
+            raise StartupError(file_problem(error)) from None
+        return settings.outcome_journal
 
     async def stop(self) -> None:
         """Stop taking calls, let in-flight ones finish, then release the dispatcher's work."""
@@ -169,7 +183,9 @@ class Service:
             self._database.close()
         if self._lock is not None:
             self._lock.close()
-        self._sender = self._database = self._lock = None
+        if self._journal_lock is not None:
+            self._journal_lock.close()
+        self._sender = self._database = self._lock = self._journal_lock = None
 
 
 async def _on_own_thread(fn: Callable[[], None], name: str) -> None:
@@ -257,6 +273,20 @@ def _own_sqlite_delivery(url: str) -> IO[bytes] | None:
         raise StartupError(
             f"Another process already delivers from {path}: on SQLite only one may. Stop it, "
             "or start this one with --no-dispatcher (serve) to add gRPC and REST beside it."
+        ) from None
+    return lock
+
+
+def _own_journal(prefix: str) -> IO[bytes]:
+    """Hold the lock that makes the outcome journal at ``prefix`` this process's alone."""
+    lock = open_lock_file(f"{prefix}.lock")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise StartupError(
+            f"Another process already keeps its outcome journal at {prefix}: give each "
+            "process a WEBHOOKS_OUTCOME_JOURNAL of its own."
         ) from None
     return lock
 

@@ -19,10 +19,11 @@ ownership check as every write of outcomes: a row is changed only while it is st
 to the process that made the attempt and has no later attempt recorded, so an outcome the
 store already has is never written twice.
 
-Only a dispatcher that holds the SQLite file's delivery lock keeps a journal: the lock makes
-the file beside the database its own, and the next process to hold it the one to replay it.
-Replicas on PostgreSQL have no such file (they come and go on hosts and containers of their
-own), and once a crashed replica's leases run out the others send its deliveries anyway.
+On SQLite the journal lies beside the database, and the file's delivery lock makes it one
+process's own and the next process to hold the lock the one to replay it. Replicas on
+PostgreSQL have no such file: they keep a journal only where ``WEBHOOKS_OUTCOME_JOURNAL``
+names one, under a lock of its own. A replica replays it when it starts again; rows whose
+leases ran out meanwhile went to other replicas, and the ownership check leaves them be.
 """
 
 from __future__ import annotations
