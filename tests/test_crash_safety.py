@@ -1,8 +1,9 @@
 """Crash safety: a server killed with SIGKILL mid-burst loses no acknowledged event.
 
-The service runs as a real subprocess (``dembrane-webhooks serve``) on a SQLite file; the
-test publishes a burst of 1,000 events while a receiver on loopback takes the deliveries,
-kills the server without warning, restarts it and waits until every event has arrived.
+The service runs as a real subprocess (``dembrane-webhooks serve``) on a SQLite file (on
+PostgreSQL in that lane, with an outcome journal of its own); the test publishes a burst of
+1,000 events while a receiver on loopback takes the deliveries, kills the server without
+warning, restarts it and waits until every event has arrived.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dembrane.webhooks.v1 import (
 from dembrane.webhooks.v1 import event_service_pb2 as epb
 from dembrane.webhooks.v1 import webhook_service_pb2 as pb
 
-from harness import JWT_SECRET, Tokens
+from harness import JWT_SECRET, Tokens, fresh_database_url
 from receiver import Receiver, Reply, unused_port
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -47,8 +48,13 @@ class ServerProcess:
 
     def __init__(self, database_url: str, log_path: Path) -> None:
         self.grpc_port = unused_port()
+        journal: dict[str, str] = {}
+        if not database_url.startswith("sqlite"):
+            # A replica on PostgreSQL journals only where it is told to.
+            journal["WEBHOOKS_OUTCOME_JOURNAL"] = str(log_path.parent / "outcomes")
         self.env = {
             **os.environ,
+            **journal,
             "WEBHOOKS_DATABASE_URL": database_url,
             "WEBHOOKS_GRPC_PORT": str(self.grpc_port),
             "WEBHOOKS_HTTP_PORT": str(unused_port()),
@@ -197,7 +203,7 @@ def leased_and_stored(database_url: str) -> tuple[int, set[str]]:
 async def test_a_killed_server_delivers_every_event_after_restarting(tmp_path: Path) -> None:
     """After SIGKILL mid-burst and a restart every event arrives; repeats only of work in
     flight, and the log lists every request but those."""
-    database_url = f"sqlite:///{tmp_path / 'webhooks.db'}"
+    database_url = fresh_database_url(tmp_path)
     log_path = tmp_path / "server.log"
     tokens = Tokens(JWT_SECRET)
     acked: set[str] = set()
