@@ -59,7 +59,7 @@ from dembrane.webhooks.store import directory, outbox, webhooks
 from dembrane.webhooks.store.database import Database
 from dembrane.webhooks.store.journal import OutcomeJournal, read_journal
 from dembrane.webhooks.store.publish_queue import PublishQueue
-from dembrane.webhooks.store.tables import DeliveryRow, WebhookRow
+from dembrane.webhooks.store.tables import DeliveryRow, EventRow, WebhookRow
 from dembrane.webhooks.v1 import (
     event_pb2,
     webhook_pb2,
@@ -604,6 +604,29 @@ async def test_deliveries_of_paused_or_disabled_webhooks_are_not_sent(tmp_path: 
             "The webhook is disabled (Too many errors), so the delivery was not sent."
         )
         assert all(r.attempt_count == 0 for r in by_hook.values())
+
+
+async def test_a_claimed_body_is_the_stored_bytes_exactly(tmp_path: Path) -> None:
+    """Claims hand the sender each body byte for byte as stored, whatever the bytes: the
+    canonical ASCII that publishing writes, UTF-8, NUL and bytes that are not UTF-8."""
+    bodies = {
+        "e1": b'{"event":"conversation.started","id":"e1","note":"say \\"hi\\"\\n"}',
+        "e2": "caf\u00e9 \u20ac \U0001f600".encode(),
+        "e3": bytes(range(256)),
+    }
+    async with store_engine(tmp_path) as resources:
+        add_webhook(resources, "wh", "http://127.0.0.1:9/hook")
+        store_publish(resources, *bodies)
+        for event_id, body in bodies.items():
+            resources.database.call(
+                lambda s, event_id=event_id, body=body: s.execute(
+                    update(EventRow).where(EventRow.id == event_id).values(body=body)  # type: ignore[arg-type]
+                )
+            )
+        claims = resources.database.call(
+            lambda s: outbox.claim_due(s, "mine", time.time() + 1, 30.0, 10)
+        )
+        assert {c.event_id: c.body for c in claims} == bodies
 
 
 # -- the outcome journal ---------------------------------------------------------------------

@@ -780,6 +780,20 @@ def _json_list(cursor: Any) -> list[Any]:
     return [] if row is None or row[0] is None else list(json.loads(row[0]))
 
 
+def _json_list_of_bytes(cursor: Any) -> list[Any]:
+    """A JSON array that carries byte strings as JSON strings, read as a BLOB.
+
+    SQLite puts a BLOB cast to TEXT into JSON as it is, escaping only quotes, backslashes
+    and control characters; bytes that are not UTF-8 pass through unchanged. Read as bytes
+    and decoded with ``surrogateescape``, such a string's ``encode("utf-8",
+    "surrogateescape")`` gives back the exact bytes, whatever they are (bodies are ASCII).
+    """
+    row = cursor.fetchone()
+    if row is None or row[0] is None:
+        return []
+    return list(json.loads(bytes(row[0]).decode("utf-8", "surrogateescape")))
+
+
 @functools.lru_cache(maxsize=512)
 def _values_sql(template: str, width: int, count: int) -> str:
     row = "(" + ", ".join("?" * width) + ")"
@@ -831,9 +845,11 @@ _LEASE_SQLITE = (
 )
 # The rows this claim leased: among the chosen ids, those now leased to the owner until
 # the claim's lease end (a row that was due cannot carry that lease end otherwise).
+# Bodies travel as JSON strings of their bytes (see ``_json_list_of_bytes``): half the time
+# of hex digits, which a claim of 256 rows spent most of its time writing and reading.
 _LEASED_SQLITE = (
-    "SELECT json_group_array(json_array(d.id, d.event_id, d.event_type, d.webhook_id, "
-    "d.attempt_count, d.lost_attempts, hex(e.body))) "
+    "SELECT CAST(json_group_array(json_array(d.id, d.event_id, d.event_type, d.webhook_id, "
+    "d.attempt_count, d.lost_attempts, CAST(e.body AS TEXT))) AS BLOB) "
     "FROM deliveries d JOIN events e ON e.id = d.event_id "
     "WHERE d.id IN (SELECT value FROM json_each(?)) "
     "AND d.lease_owner = ? AND d.next_attempt_at = ?"
@@ -980,14 +996,14 @@ def claim_due(
             chosen = json.dumps(due)
             cursor.execute(_LEASE_SQLITE, (lease_until, owner, chosen, now))
             cursor.execute(_LEASED_SQLITE, (chosen, owner, lease_until))
-            leased = _json_list(cursor)
+            leased = _json_list_of_bytes(cursor)
             if not leased:
                 return []
             # Oldest due first, as chosen; the join returns rows in any order.
             position = {delivery_id: index for index, delivery_id in enumerate(due)}
             leased.sort(key=lambda row: position[row[0]])
             deliveries = [row[:6] for row in leased]
-            bodies = {row[1]: bytes.fromhex(row[6]) for row in leased}
+            bodies = {row[1]: row[6].encode("utf-8", "surrogateescape") for row in leased}
         hooks = _webhook_facts(cursor, postgres, {row[3] for row in deliveries})
     finally:
         cursor.close()
