@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 from datetime import UTC, datetime, timedelta, timezone
+from urllib.parse import quote
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -282,6 +283,21 @@ def test_dashboard_url_escapes_the_ids_it_is_built_from() -> None:
     body = _render(event)
     assert body["dashboardUrl"] == (
         f"{BASE}/projects/p%20x%2Fy/conversation/conv%201%2F2%3Fx%23y/overview"
+    )
+
+
+@pytest.mark.parametrize(
+    "identifier",
+    ["c1", "A-z_0.9~", "", "conv 1", "a/b", "caf\u00e9", "x\ny", "100%", "..", "\u20ac~"],
+)
+def test_ids_in_the_link_are_escaped_as_url_quoting_escapes_them(identifier: str) -> None:
+    """Ids that need no escaping go into the link as they are, and every other one as
+    ``urllib.parse.quote`` escapes it: the quick path changes no link."""
+    conversation = dataclasses.replace(CONVERSATION, id=identifier)
+    event = _conversation_event("conversation.started", conversation=conversation)
+    body = _render(event)
+    assert body["dashboardUrl"] == (
+        f"{BASE}/projects/p1/conversation/{quote(identifier, safe='')}/overview"
     )
 
 
