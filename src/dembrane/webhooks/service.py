@@ -265,29 +265,31 @@ def _own_sqlite_delivery(url: str) -> IO[bytes] | None:
     path = make_url(url).database
     if not path or path == ":memory:":
         return None
-    lock = open_lock_file(f"{path}.delivery-lock")
-    try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise StartupError(
-            f"Another process already delivers from {path}: on SQLite only one may. Stop it, "
-            "or start this one with --no-dispatcher (serve) to add gRPC and REST beside it."
-        ) from None
-    return lock
+    return _hold_lock(
+        f"{path}.delivery-lock",
+        f"Another process already delivers from {path}: on SQLite only one may. Stop it, "
+        "or start this one with --no-dispatcher (serve) to add gRPC and REST beside it.",
+    )
 
 
 def _own_journal(prefix: str) -> IO[bytes]:
     """Hold the lock that makes the outcome journal at ``prefix`` this process's alone."""
-    lock = open_lock_file(f"{prefix}.lock")
+    return _hold_lock(
+        f"{prefix}.lock",
+        f"Another process already keeps its outcome journal at {prefix}: give each "
+        "process a WEBHOOKS_OUTCOME_JOURNAL of its own.",
+    )
+
+
+def _hold_lock(path: str, refusal: str) -> IO[bytes]:
+    """Take the lock file at ``path`` for as long as the returned file stays open; raise
+    ``StartupError`` with ``refusal`` when another process holds it."""
+    lock = open_lock_file(path)
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.close()
-        raise StartupError(
-            f"Another process already keeps its outcome journal at {prefix}: give each "
-            "process a WEBHOOKS_OUTCOME_JOURNAL of its own."
-        ) from None
+        raise StartupError(refusal) from None
     return lock
 
 
