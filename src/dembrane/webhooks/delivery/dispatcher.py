@@ -1147,9 +1147,9 @@ class Dispatcher:
         """Write what has gathered; keep writing only while full batches wait (or closing)."""
         failures = 0
         while self._results or self._releases or self._holds:
-            # Outcomes from now on go to the journal's next segment; those up to here are
-            # in this write, and their segments go once it commits.
-            sealed = None if self._journal is None else self._journal.seal()
+            # Outcomes up to here are in this write: a full segment of the journal holding
+            # them is sealed now and deleted once the write commits.
+            sealed = None if self._journal is None else self._journal.mark()
             results, self._results = self._results, []
             releases, self._releases = self._releases, []
             holds, self._holds = self._holds, {}

@@ -11,13 +11,16 @@ database as soon as it is known. The operating system keeps what was written whe
 process dies, so only a power cut or a crash of the machine itself can still lose it; the
 journal is not synced, which would cost a disk flush per turn of the event loop.
 
-The journal is a series of segments, ``<database>-outcomes.<n>``. A write of outcomes to
-the store first seals the segment in use (later outcomes go to the next one); once that
-write commits, every sealed segment is deleted. The next start records what the segments
-still hold before it takes over the leases of the process before, through the same
-ownership check as every write of outcomes: a row is changed only while it is still leased
-to the process that made the attempt and has no later attempt recorded, so an outcome the
-store already has is never written twice.
+The journal is a series of segments, ``<database>-outcomes.<n>``. Once the segment in use
+holds ``SEGMENT_BYTES``, the next write of outcomes to the store seals it (later outcomes go
+to a new one) and, when that write commits, deletes it. Files are made and deleted that
+rarely because each is a change to the folder, which the file system may make wait behind
+the database's disk syncs: a new segment per write of outcomes (twenty a second) lengthened
+publish acknowledgements. So a segment also holds outcomes the store has. The next start
+records what the segments hold before it takes over the leases of the process before,
+through the same ownership check as every write of outcomes plus one more: a row is changed
+only while it is still leased to the process that made the attempt and has no later attempt
+recorded. An outcome the store already has is skipped, never written twice.
 
 On SQLite the journal lies beside the database, and the file's delivery lock makes it one
 process's own and the next process to hold the lock the one to replay it. Replicas on
@@ -40,6 +43,9 @@ from dembrane.webhooks.store.outbox import AttemptRecord, DeliveryResult, Delive
 __all__ = ["OutcomeJournal", "read_journal", "remove_journal"]
 
 log = logging.getLogger(__name__)
+
+#: The size at which a segment is sealed, to be deleted once the store has its outcomes.
+SEGMENT_BYTES = 4 * 1024 * 1024
 
 
 def _segments(prefix: str) -> list[tuple[int, str]]:
@@ -167,6 +173,8 @@ class OutcomeJournal:
         #: The segments this journal made and has not deleted yet, oldest first.
         self._made: list[int] = []
         self._fd: int | None = None
+        #: Bytes written to the segment in use.
+        self._size = 0
         self._pending: list[bytes] = []
         self.broken = False
 
@@ -198,13 +206,25 @@ class OutcomeJournal:
                     0o600,
                 )
                 self._made.append(self._number)
+                self._size = 0
                 lines.insert(0, json.dumps({"owner": self._owner}).encode())
             data = b"\n".join(lines) + b"\n"
             if os.write(self._fd, data) < len(data):
                 # A full disk: what follows would run on from a line cut short.
                 raise OSError("the disk took only part of a write")
+            self._size += len(data)
         except OSError as error:
             self._fail(error)
+
+    def mark(self) -> int | None:
+        """Write what is queued, for a write of outcomes to the store that begins now. When
+        the segment in use is full, seal it (outcomes from now on go to a new one) and return
+        its number, to pass to ``committed`` once the store has taken everything up to here.
+        """
+        self.write()
+        if self._size < SEGMENT_BYTES:
+            return None
+        return self.seal()
 
     def seal(self) -> int:
         """End the segment in use; outcomes written from now on go to the next one. Returns
