@@ -440,8 +440,8 @@ class Dispatcher:
         self._cooling: dict[str, float] = {}
         self._journal_prefix = journal
         self._journal: OutcomeJournal | None = None
-        #: Outcomes the store would not take at shutdown.
-        self._unrecorded: list[DeliveryResult] = []
+        #: Whether the store would not take some outcomes at shutdown.
+        self._left_unrecorded = False
         self._flush_wanted = asyncio.Event()
         self._waiting_for_room = False
         self._stopping = False
@@ -464,7 +464,7 @@ class Dispatcher:
             if released:
                 log.info("made %d deliveries leased before a restart due again", released)
         self._stopping = self._closing = False
-        self._unrecorded = []
+        self._left_unrecorded = False
         self._flush_task = asyncio.create_task(self._flush_loop(), name="webhooks-flush")
         self._claim_task = asyncio.create_task(self._claim_loop(), name="webhooks-claim")
         if self._retention is not None:
@@ -524,7 +524,7 @@ class Dispatcher:
         journal, self._journal = self._journal, None
         if journal is not None:
             # Outcomes the store could not take stay in the journal for the next start.
-            journal.close(keep=bool(self._unrecorded))
+            journal.close(keep=self._left_unrecorded)
 
     async def _replay_journal(self, prefix: str) -> None:
         """Record the outcomes a process before this one knew but had not written."""
@@ -1184,8 +1184,8 @@ class Dispatcher:
                         if self._journal is None or self._journal.broken
                         else "the next start records them from the journal",
                     )
-                    # Kept for ``stop``, which leaves them in the journal for the next start.
-                    self._unrecorded = results
+                    # So ``stop`` leaves them in the journal for the next start.
+                    self._left_unrecorded = True
                     return
                 self._flush_outage.failed(error)
                 self._results[:0] = results
