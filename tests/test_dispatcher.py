@@ -849,7 +849,7 @@ def test_a_line_cut_short_by_a_crash_is_left_out_of_the_journal(tmp_path: Path) 
         attempts=(attempt,),
         last_error="Receiver answered 503.",
     )
-    journal.append([result])
+    journal.append(result)
     journal.write()
     journal.seal()
     [(_number, path)] = [(p.suffix, p) for p in tmp_path.glob("webhooks.db-outcomes.*")]

@@ -345,8 +345,8 @@ class Dispatcher:
     wake-up. On SQLite, which one dispatcher uses alone, start-up makes rows leased by a
     previous process due at once (``release_leases_at_start``). ``suspect_share`` is the
     share of the slots that receivers not known to answer may hold (``SUSPECT_SHARE``).
-    ``journal`` names the outcome journal (``store/journal.py``) of a dispatcher that alone
-    delivers from its SQLite file: start-up records what it holds, then keeps it.
+    ``journal`` names this dispatcher's outcome journal (``store/journal.py``), a path no
+    other process uses: start-up records what it holds, then keeps it.
     """
 
     def __init__(
@@ -1128,7 +1128,7 @@ class Dispatcher:
             if not journal.has_pending:
                 # One write for every outcome that comes in this turn of the event loop.
                 asyncio.get_running_loop().call_soon(journal.write)
-            journal.append((result,))
+            journal.append(result)
         self._flush_wanted.set()
 
     async def _flush_loop(self) -> None:

@@ -36,7 +36,7 @@ import glob
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from dembrane.webhooks.store.outbox import AttemptRecord, DeliveryResult, DeliveryState
 
@@ -178,14 +178,10 @@ class OutcomeJournal:
         self._pending: list[bytes] = []
         self.broken = False
 
-    def append(self, results: Iterable[DeliveryResult]) -> None:
-        """Queue results with attempts for the next ``write``."""
-        if self.broken:
-            return
-        pending = self._pending
-        for result in results:
-            if result.attempts:
-                pending.append(json.dumps(_encode(result), separators=(",", ":")).encode())
+    def append(self, result: DeliveryResult) -> None:
+        """Queue a result with attempts for the next ``write``."""
+        if not self.broken:
+            self._pending.append(json.dumps(_encode(result), separators=(",", ":")).encode())
 
     @property
     def has_pending(self) -> bool:
