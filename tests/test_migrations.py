@@ -98,7 +98,7 @@ def test_the_log_says_when_the_schema_was_created_or_migrated(
     lines = [r.getMessage() for r in caplog.records if "schema" in r.getMessage()]
     assert lines == [
         "database: created the schema (revision 0001)",
-        "database: migrated the schema from revision 0001 to 0004",
+        "database: migrated the schema from revision 0001 to 0005",
     ]
 
 
@@ -131,7 +131,7 @@ def test_a_schema_newer_than_the_code_is_named_not_traced(tmp_path: Path) -> Non
     with pytest.raises(SchemaError) as caught:
         database.migrate()
     assert "revision 0099" in str(caught.value)
-    assert "newest is 0004" in str(caught.value)
+    assert "newest is 0005" in str(caught.value)
     with database.engine.connect() as connection:
         assert MigrationContext.configure(connection).get_current_revision() == "0099"
     database.close()
@@ -145,6 +145,6 @@ def test_replicas_starting_together_migrate_one_after_another(tmp_path: Path) ->
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(lambda database: database.migrate(), databases))
     with databases[0].engine.connect() as connection:
-        assert MigrationContext.configure(connection).get_current_revision() == "0004"
+        assert MigrationContext.configure(connection).get_current_revision() == "0005"
     for database in databases:
         database.close()

@@ -46,10 +46,12 @@ class DriverSession:
     hands them this instead on SQLite; PostgreSQL keeps the Session.
     """
 
-    __slots__ = ("connection",)
+    __slots__ = ("connection", "info")
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: sqlite3.Connection, info: dict[Any, Any]) -> None:
         self.connection = connection
+        #: What the pool keeps with the connection for its life (``PoolProxiedConnection.info``).
+        self.info = info
 
     def cursor(self) -> sqlite3.Cursor:
         return self.connection.cursor()
@@ -392,7 +394,7 @@ class Database:
             self._set_synchronous(pooled, durable)
             connection = cast(sqlite3.Connection, pooled.driver_connection)
             try:
-                result = fn(DriverSession(connection), *args)
+                result = fn(DriverSession(connection, pooled.info), *args)
                 connection.commit()
             except BaseException:
                 connection.rollback()

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Table, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
@@ -352,20 +352,86 @@ _PROJECT_FACTS = _SELECT.format(
 #: A stored event, as ``_duplicates`` reads it.
 _STORED_EVENT_COLUMNS = "id, delivery_count, skip_reason, project_id, type"
 _STORED_EVENTS = _SELECT.format(columns=_STORED_EVENT_COLUMNS, rest="FROM events WHERE id {ids}")
-#: Both reads of a publishing transaction as one SQLite statement: the stored events (rows
-#: marked 'e', padded to the width of the others) and the projects' facts (rows marked 'p',
-#: with the webhook's ``created_at`` last, for the order: column 15, then the id, column 6).
+#: The reads of a publishing transaction as one SQLite statement: the stored events (rows
+#: marked 'e', padded to the width of the others), the facts of the projects not in memory
+#: (rows marked 'p', with the webhook's ``created_at`` last, for the order: column 15, then
+#: the id, column 6) and the directory's stamp (one row marked 'v').
 _STORED_AND_FACTS = (
     "SELECT 'e', {events}, {padding} FROM events WHERE id {ids} "
-    "UNION ALL SELECT 'p', {facts}, w.created_at {facts_from} ORDER BY 1, 2, 15, 6"
+    "UNION ALL SELECT 'p', {facts}, w.created_at {facts_from} "
+    "UNION ALL SELECT 'v', version, {stamp_padding} FROM directory_version WHERE id = 1 "
+    "ORDER BY 1, 2, 15, 6"
 )
 _STORED_AND_FACTS_SQLITE = _STORED_AND_FACTS.format(
     events=_STORED_EVENT_COLUMNS,
     padding=", ".join(["NULL"] * 9),
     facts=_FACTS_COLUMNS,
     facts_from=_FACTS_FROM.format(ids=_IN_JSON),
+    stamp_padding=", ".join(["NULL"] * 13),
     ids=_IN_JSON,
 )
+
+#: How many projects, and how many webhooks, a connection keeps the facts of.
+MAX_KEPT_FACTS = 4096
+
+
+class DirectoryFacts:
+    """What one connection last read of the directory, and the stamp it was read at.
+
+    Facts read at the stamp a transaction reads are that transaction's facts: publishing
+    and claiming read only the projects and webhooks they have not kept, and nothing at all
+    of the directory while it stays unchanged. A new stamp forgets everything. Kept with
+    the connection (SQLite's pool keeps it for the connection's life), so each database has
+    its own; PostgreSQL's transactions read the facts each time.
+    """
+
+    __slots__ = ("hooks", "projects", "stamp")
+
+    def __init__(self) -> None:
+        self.stamp: int | None = None
+        self.projects: dict[str, _ProjectFacts] = {}
+        self.hooks: dict[str, _WebhookFacts] = {}
+
+    def at(self, stamp: int) -> bool:
+        """Move to ``stamp``, forgetting what was read at another; whether it was kept."""
+        if stamp == self.stamp:
+            return True
+        self.stamp = stamp
+        self.projects = {}
+        self.hooks = {}
+        return False
+
+    def keep_projects(self, facts: Mapping[str, _ProjectFacts]) -> None:
+        if len(self.projects) + len(facts) > MAX_KEPT_FACTS:
+            self.projects = {}
+        self.projects.update(facts)
+        self.keep_hooks(
+            {
+                webhook_id: hook
+                for project in facts.values()
+                for webhook_id, _types, hook in project.subscribers
+            }
+        )
+
+    def keep_hooks(self, hooks: Mapping[str, _WebhookFacts]) -> None:
+        if len(self.hooks) + len(hooks) > MAX_KEPT_FACTS:
+            self.hooks = {}
+        self.hooks.update(hooks)
+
+
+_KEPT_FACTS = "dembrane.directory_facts"
+
+
+def _kept_facts(session: Transaction) -> DirectoryFacts:
+    """The ``DirectoryFacts`` of the transaction's connection."""
+    if isinstance(session, DriverSession):
+        info = session.info
+    else:
+        info = session.connection().connection.info
+    kept = info.get(_KEPT_FACTS)
+    if kept is None:
+        kept = info[_KEPT_FACTS] = DirectoryFacts()
+    return cast(DirectoryFacts, kept)
 
 
 def _stored_and_facts(
@@ -373,29 +439,41 @@ def _stored_and_facts(
 ) -> tuple[dict[str, PublishOutcome], dict[str, _ProjectFacts]]:
     """``_stored_outcomes`` of ``events`` and ``_project_facts`` of their projects.
 
-    On SQLite in one statement: each statement lets the interpreter lock go while SQLite
-    works and then waits for the event loop to give it back, and the first of a transaction
-    waits longest (the loop is busy with the call that just handed the transaction over).
+    On SQLite in one statement, which reads only the facts not kept in memory and the
+    stamp that says whether those kept still hold: each statement lets the interpreter lock
+    go while SQLite works and then waits for the event loop to give it back, and the first
+    of a transaction waits longest (the loop is busy with the call that just handed the
+    transaction over).
     """
     if _is_postgres(session):
         return (
             _stored_outcomes(session, events),
             _project_facts(session, (event.project_id for event in events)),
         )
+    kept = _kept_facts(session)
+    projects = {event.project_id for event in events}
+    facts = {p: kept.projects[p] for p in projects if p in kept.projects}
     cursor = _cursor(session)
     try:
         cursor.execute(
             _STORED_AND_FACTS_SQLITE,
             (
                 json.dumps(sorted({event.id for event in events})),
-                json.dumps(sorted({event.project_id for event in events})),
+                json.dumps(sorted(projects - facts.keys())),
             ),
         )
         rows = cursor.fetchall()
     finally:
         cursor.close()
     stored = [row[1:6] for row in rows if row[0] == "e"]
-    return _duplicates(events, stored), _facts_of(row[1:14] for row in rows if row[0] == "p")
+    read = _facts_of(row[1:14] for row in rows if row[0] == "p")
+    (stamp,) = [row[1] for row in rows if row[0] == "v"]
+    if not kept.at(stamp) and facts:
+        # What was kept is of another stamp: read it again, in this transaction.
+        read.update(_project_facts(session, facts))
+    facts.update(read)
+    kept.keep_projects(read)
+    return _duplicates(events, stored), facts
 
 
 def _project_facts(session: Transaction, project_ids: Iterable[str]) -> dict[str, _ProjectFacts]:
@@ -780,7 +858,7 @@ def _json_list(cursor: Any) -> list[Any]:
     return [] if row is None or row[0] is None else list(json.loads(row[0]))
 
 
-def _json_list_of_bytes(cursor: Any) -> list[Any]:
+def _json_list_of_bytes(value: bytes | None) -> list[Any]:
     """A JSON array that carries byte strings as JSON strings, read as a BLOB.
 
     SQLite puts a BLOB cast to TEXT into JSON as it is, escaping only quotes, backslashes
@@ -788,10 +866,9 @@ def _json_list_of_bytes(cursor: Any) -> list[Any]:
     and decoded with ``surrogateescape``, such a string's ``encode("utf-8",
     "surrogateescape")`` gives back the exact bytes, whatever they are (bodies are ASCII).
     """
-    row = cursor.fetchone()
-    if row is None or row[0] is None:
+    if value is None:
         return []
-    return list(json.loads(bytes(row[0]).decode("utf-8", "surrogateescape")))
+    return list(json.loads(bytes(value).decode("utf-8", "surrogateescape")))
 
 
 @functools.lru_cache(maxsize=512)
@@ -847,9 +924,11 @@ _LEASE_SQLITE = (
 # the claim's lease end (a row that was due cannot carry that lease end otherwise).
 # Bodies travel as JSON strings of their bytes (see ``_json_list_of_bytes``): half the time
 # of hex digits, which a claim of 256 rows spent most of its time writing and reading.
+# The directory's stamp comes along, for the webhooks' facts kept in memory.
 _LEASED_SQLITE = (
     "SELECT CAST(json_group_array(json_array(d.id, d.event_id, d.event_type, d.webhook_id, "
-    "d.attempt_count, d.lost_attempts, CAST(e.body AS TEXT))) AS BLOB) "
+    "d.attempt_count, d.lost_attempts, CAST(e.body AS TEXT))) AS BLOB), "
+    "(SELECT version FROM directory_version WHERE id = 1) "
     "FROM deliveries d JOIN events e ON e.id = d.event_id "
     "WHERE d.id IN (SELECT value FROM json_each(?)) "
     "AND d.lease_owner = ? AND d.next_attempt_at = ?"
@@ -920,8 +999,23 @@ def _webhook_facts(cursor: Any, postgres: bool, webhook_ids: set[str]) -> dict[s
     return {row[0]: _hook_facts(*row[1:]) for row in cursor.fetchall()}
 
 
+def _kept_webhook_facts(
+    session: Transaction, cursor: Any, stamp: int, webhook_ids: set[str]
+) -> dict[str, _WebhookFacts]:
+    """The facts of ``webhook_ids`` at the directory's ``stamp`` (read in this transaction),
+    reading only those not kept in memory (SQLite)."""
+    kept = _kept_facts(session)
+    kept.at(stamp)
+    missing = webhook_ids - kept.hooks.keys()
+    if missing:
+        kept.keep_hooks(_webhook_facts(cursor, False, missing))
+    return kept.hooks
+
+
 def _claims(
-    deliveries: Sequence[Sequence[Any]], bodies: dict[str, bytes], hooks: dict[str, _WebhookFacts]
+    deliveries: Sequence[Sequence[Any]],
+    bodies: Mapping[str, bytes],
+    hooks: Mapping[str, _WebhookFacts],
 ) -> list[DeliveryClaim]:
     claims = []
     for delivery_id, event_id, event_type, webhook_id, attempt_count, lost in deliveries:
@@ -987,6 +1081,7 @@ def claim_due(
             event_ids = sorted({row[1] for row in deliveries})
             cursor.execute(_BODIES_POSTGRES, (event_ids,))
             bodies = {row[0]: bytes(row[1]) for row in cursor.fetchall()}
+            hooks = _webhook_facts(cursor, postgres, {row[3] for row in deliveries})
         else:
             cursor.execute(_DUE_SQLITE.format(skip=skip), (now, *skip_params, limit))
             pairs = _json_list(cursor)
@@ -996,7 +1091,8 @@ def claim_due(
             chosen = json.dumps(due)
             cursor.execute(_LEASE_SQLITE, (lease_until, owner, chosen, now))
             cursor.execute(_LEASED_SQLITE, (chosen, owner, lease_until))
-            leased = _json_list_of_bytes(cursor)
+            found, stamp = cursor.fetchone()
+            leased = _json_list_of_bytes(found)
             if not leased:
                 return []
             # Oldest due first, as chosen; the join returns rows in any order.
@@ -1004,7 +1100,7 @@ def claim_due(
             leased.sort(key=lambda row: position[row[0]])
             deliveries = [row[:6] for row in leased]
             bodies = {row[1]: row[6].encode("utf-8", "surrogateescape") for row in leased}
-        hooks = _webhook_facts(cursor, postgres, {row[3] for row in deliveries})
+            hooks = _kept_webhook_facts(session, cursor, stamp, {row[3] for row in deliveries})
     finally:
         cursor.close()
     return _claims(deliveries, bodies, hooks)

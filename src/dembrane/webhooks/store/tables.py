@@ -7,7 +7,7 @@ The schema itself is created and changed only by the alembic migrations in ``mig
 
 from __future__ import annotations
 
-from sqlalchemy import Column, ForeignKey, Index, LargeBinary, String, Text, text
+from sqlalchemy import BigInteger, Column, ForeignKey, Index, LargeBinary, String, Text, text
 from sqlmodel import Field, SQLModel
 
 
@@ -166,3 +166,15 @@ class AttemptRow(SQLModel, table=True):
     response_body: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     error: str = Field(default="", max_length=1000)
     success: bool = False
+
+
+class DirectoryVersionRow(SQLModel, table=True):
+    """One row whose stamp is drawn anew at every change to what publishing and claiming
+    read of the directory (a project's name, language or workspace, a workspace's tier, any
+    of a webhook's sending facts). Triggers keep it (migration 0005), so a change made by
+    any writer counts; a connection may keep those facts in memory while the stamp stays."""
+
+    __tablename__ = "directory_version"
+
+    id: int = Field(primary_key=True)
+    version: int = Field(sa_column=Column(BigInteger, nullable=False))
