@@ -171,8 +171,9 @@ class AttemptRow(SQLModel, table=True):
 class DirectoryVersionRow(SQLModel, table=True):
     """One row whose stamp is drawn anew at every change to what publishing and claiming
     read of the directory (a project's name, language or workspace, a workspace's tier, any
-    of a webhook's sending facts). Triggers keep it (migration 0005), so a change made by
-    any writer counts; a connection may keep those facts in memory while the stamp stays."""
+    of a webhook's sending facts). Triggers keep it on SQLite (migration 0005), so a change
+    made by any writer counts; a connection may keep those facts in memory while the stamp
+    stays. PostgreSQL's transactions read the facts each time, and its row stays as made."""
 
     __tablename__ = "directory_version"
 

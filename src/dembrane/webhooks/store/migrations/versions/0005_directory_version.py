@@ -8,6 +8,7 @@ any insert, delete or change of the columns read, whoever writes (the service, a
 a person at a SQL prompt), and a transaction that reads the stamp it read before may use
 what it read then. A random stamp, unlike a counter, is never taken again after a rolled
 back change: a number counted up and rolled back would come round again for other facts.
+The triggers are made on SQLite only, where the facts are kept (see ``upgrade``).
 
 Revision ID: 0005
 Revises: 0004
@@ -42,12 +43,8 @@ _WATCHED = {
         "updated_at",
     ),
 }
-#: A new stamp: any 53-bit number on PostgreSQL, any 64-bit one on SQLite.
-_STAMP = {
-    "postgresql": "floor(random() * 9007199254740992)::bigint",
-    "sqlite": "random()",
-}
-_FUNCTION = "directory_version_bump"
+#: A new stamp: any 64-bit number.
+_BUMP = "UPDATE directory_version SET version = random() WHERE id = 1"
 
 
 def _triggers() -> list[tuple[str, str, str]]:
@@ -67,29 +64,17 @@ def upgrade() -> None:
         sa.Column("version", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
-    postgres = op.get_bind().dialect.name == "postgresql"
-    stamp = _STAMP["postgresql" if postgres else "sqlite"]
-    bump = f"UPDATE directory_version SET version = {stamp} WHERE id = 1"
-    op.execute(f"INSERT INTO directory_version (id, version) VALUES (1, {stamp})")
-    if postgres:
-        op.execute(
-            f"CREATE FUNCTION {_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS "
-            f"$$ BEGIN {bump}; RETURN NULL; END $$"
-        )
+    op.execute("INSERT INTO directory_version (id, version) VALUES (1, 0)")
+    if op.get_bind().dialect.name == "postgresql":
+        # PostgreSQL's transactions read the facts each time. Kept by triggers there, the
+        # row would make every change to the directory wait for the others to commit.
+        return
     for name, table, timing in _triggers():
-        if postgres:
-            op.execute(
-                f"CREATE TRIGGER {name} {timing} ON {table} "
-                f"FOR EACH STATEMENT EXECUTE FUNCTION {_FUNCTION}()"
-            )
-        else:
-            op.execute(f"CREATE TRIGGER {name} {timing} ON {table} BEGIN {bump}; END")
+        op.execute(f"CREATE TRIGGER {name} {timing} ON {table} BEGIN {_BUMP}; END")
 
 
 def downgrade() -> None:
-    postgres = op.get_bind().dialect.name == "postgresql"
-    for name, table, _timing in _triggers():
-        op.execute(f"DROP TRIGGER {name}" + (f" ON {table}" if postgres else ""))
-    if postgres:
-        op.execute(f"DROP FUNCTION {_FUNCTION}()")
+    if op.get_bind().dialect.name != "postgresql":
+        for name, _table, _timing in _triggers():
+            op.execute(f"DROP TRIGGER {name}")
     op.drop_table("directory_version")
