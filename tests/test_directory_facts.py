@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlmodel import Session
 
 from dembrane.webhooks.domain.access import Tier
+from dembrane.webhooks.domain.errors import FailedPrecondition
 from dembrane.webhooks.domain.payload import ConversationData, EventData
 from dembrane.webhooks.store import directory, outbox
 from dembrane.webhooks.store.database import Database
@@ -157,6 +158,24 @@ async def test_a_change_made_behind_the_services_back_shows_in_the_next_publicat
         _write(database, sql)
         outcome = await _publish(database, "e2")
         check(outcome, await _claim(database))
+    finally:
+        database.close()
+
+
+async def test_a_project_deleted_behind_the_services_back_is_unknown_to_the_next_publication(
+    tmp_path: Path,
+) -> None:
+    """Facts kept of a project that has since been deleted are not used: publishing to it
+    is refused as to any unknown project, and nothing is stored."""
+    database = _database(tmp_path)
+    try:
+        await _publish(database, "e1")
+        _write(database, "DELETE FROM projects")
+        with pytest.raises(FailedPrecondition) as refused:
+            await _publish(database, "e2")
+        assert "unknown to the directory" in str(refused.value)
+        stored = database.call(lambda s: outbox.event_row(s, "e2"))
+        assert stored is None
     finally:
         database.close()
 

@@ -469,8 +469,10 @@ def _stored_and_facts(
     read = _facts_of(row[1:14] for row in rows if row[0] == "p")
     (stamp,) = [row[1] for row in rows if row[0] == "v"]
     if not kept.at(stamp) and facts:
-        # What was kept is of another stamp: read it again, in this transaction.
+        # What was kept is of another stamp: read it again, in this transaction (a project
+        # deleted since is then unknown, as it should be).
         read.update(_project_facts(session, facts))
+        facts = {}
     facts.update(read)
     kept.keep_projects(read)
     return _duplicates(events, stored), facts
