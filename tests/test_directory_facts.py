@@ -181,6 +181,26 @@ async def test_a_project_deleted_behind_the_services_back_is_unknown_to_the_next
 
 
 @pytest.mark.sqlite_only
+async def test_without_its_stamp_row_the_directory_is_read_each_time(tmp_path: Path) -> None:
+    """A stamp row deleted by hand leaves nothing to tell kept facts from stale ones, so
+    none are kept: publishing and claiming still work, and still see every change."""
+    database = _database(tmp_path)
+    try:
+        _write(database, "DELETE FROM directory_version")
+        await _publish(database, "e1")
+        (first,) = await _claim(database)
+        assert first.url == "http://127.0.0.1:9/hook"
+        _write(database, "UPDATE projects SET name = 'After'")
+        _write(database, "UPDATE webhooks SET url = 'http://127.0.0.1:10/moved'")
+        await _publish(database, "e2")
+        (second,) = await _claim(database)
+        assert b'"name":"After"' in second.body
+        assert second.url == "http://127.0.0.1:10/moved"
+    finally:
+        database.close()
+
+
+@pytest.mark.sqlite_only
 async def test_only_changes_to_what_is_read_draw_a_new_stamp(tmp_path: Path) -> None:
     """The dispatcher's own bookkeeping on webhooks (when failures began) and names that no
     delivery shows leave the stamp, and so the facts in memory, as they were; a change to a

@@ -392,9 +392,10 @@ class DirectoryFacts:
         self.projects: dict[str, _ProjectFacts] = {}
         self.hooks: dict[str, _WebhookFacts] = {}
 
-    def at(self, stamp: int) -> bool:
-        """Move to ``stamp``, forgetting what was read at another; whether it was kept."""
-        if stamp == self.stamp:
+    def at(self, stamp: int | None) -> bool:
+        """Move to ``stamp``, forgetting what was read at another; whether what is kept
+        holds. Without a stamp (its row deleted by hand) nothing kept ever holds."""
+        if stamp is not None and stamp == self.stamp:
             return True
         self.stamp = stamp
         self.projects = {}
@@ -467,7 +468,7 @@ def _stored_and_facts(
         cursor.close()
     stored = [row[1:6] for row in rows if row[0] == "e"]
     read = _facts_of(row[1:14] for row in rows if row[0] == "p")
-    (stamp,) = [row[1] for row in rows if row[0] == "v"]
+    stamp = next((row[1] for row in rows if row[0] == "v"), None)
     if not kept.at(stamp) and facts:
         # What was kept is of another stamp: read it again, in this transaction (a project
         # deleted since is then unknown, as it should be).
@@ -1002,7 +1003,7 @@ def _webhook_facts(cursor: Any, postgres: bool, webhook_ids: set[str]) -> dict[s
 
 
 def _kept_webhook_facts(
-    session: Transaction, cursor: Any, stamp: int, webhook_ids: set[str]
+    session: Transaction, cursor: Any, stamp: int | None, webhook_ids: set[str]
 ) -> dict[str, _WebhookFacts]:
     """The facts of ``webhook_ids`` at the directory's ``stamp`` (read in this transaction),
     reading only those not kept in memory (SQLite)."""
