@@ -41,6 +41,7 @@ from bench.scenarios import (
     throughput,
 )
 from bench.service import REPO_ROOT
+from bench.steal import MachineClock, describe_stolen
 
 Scenario = Callable[[BenchContext], Awaitable[ScenarioResult]]
 
@@ -166,6 +167,7 @@ async def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     started_at = datetime.now(UTC)
     started = time.monotonic()
     load_at_start = load_average()
+    clock_at_start = MachineClock.read()
     cores = os.cpu_count() or 1
     if load_at_start is not None and load_at_start > 0.5 * cores:
         print(
@@ -211,6 +213,8 @@ async def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 ctx.log(f"{name} took {result.seconds:.1f} s")
                 results.append(result)
         seconds = time.monotonic() - started
+        clock_at_end = MachineClock.read()
+        stolen = None if clock_at_end is None else clock_at_end.stolen_share_since(clock_at_start)
 
         figures = [figure for result in results for figure in result.figures]
         print()
@@ -222,6 +226,8 @@ async def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             for note in notes:
                 print(f"  - {note}")
         print(f"\n{len(figures)} figures in {seconds / 60:.1f} minutes.")
+        if stolen_text := describe_stolen(stolen):
+            print(f"During the run {stolen_text}.")
 
         docs = _docs_path(args, names)
         if docs is not None:
@@ -235,7 +241,7 @@ async def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 docs,
                 results=results,
                 figures=figures,
-                machine=describe_machine(database, (load_at_start, load_average())),
+                machine=describe_machine(database, (load_at_start, load_average()), stolen),
                 command=_command(argv),
                 started=started_at,
                 seconds=seconds,

@@ -40,6 +40,7 @@ from bench.receiver import ReceiverProcess
 from bench.results import percentile
 from bench.scenarios import paced
 from bench.service import ServiceConfig, ServiceProcess
+from bench.steal import MachineClock
 
 _PROJECT = "p-compare"
 #: Events each side publishes before the first round: connections, caches, the first claims.
@@ -61,6 +62,8 @@ class Side:
     rounds: list[tuple[float, float]] = field(default_factory=list)
     #: CPU seconds per event, round by round (None where ``/proc`` could not tell).
     cpu: list[float | None] = field(default_factory=list)
+    #: The share of the machine's CPU time its host took, round by round (``bench/steal.py``).
+    stolen: list[float | None] = field(default_factory=list)
     service: ServiceProcess | None = None
     client: BenchClient | None = None
     hook: int = 0
@@ -133,7 +136,12 @@ async def _round(
 
     await receiver.reset()
     cpu_before = service.cpu_seconds()
+    clock_before = MachineClock.read()
     await paced(rate / batch, calls, publish)
+    clock_after = MachineClock.read()
+    side.stolen.append(
+        None if clock_after is None else clock_after.stolen_share_since(clock_before)
+    )
     if side.delivers:
         await receiver.wait_delivered(
             len(events), deadline=time.monotonic() + _DELIVERY_DEADLINE_SECONDS
@@ -176,6 +184,11 @@ def _report(a: Side, b: Side) -> str:
             f"  CPU per event (ms): median {_cpu_ms(_median(side.cpu))}; by round: "
             + " ".join(_cpu_ms(value) for value in side.cpu)
         )
+        if any(share is not None for share in side.stolen):
+            lines.append(
+                "  CPU time taken by the host while publishing (steal), by round: "
+                + " ".join("-" if share is None else f"{share:.0%}" for share in side.stolen)
+            )
     rounds = len(a.rounds)
     faster50 = sum(pb[0] < pa[0] for pa, pb in zip(a.rounds, b.rounds, strict=True))
     faster99 = sum(pb[1] < pa[1] for pa, pb in zip(a.rounds, b.rounds, strict=True))

@@ -27,6 +27,8 @@ class Machine:
     database: str
     #: The 1-minute load average when the run began and when it ended.
     load: tuple[float, float] | None = None
+    #: The share of the machine's CPU time its host took during the run (steal).
+    stolen: float | None = None
 
     def rows(self) -> list[tuple[str, str]]:
         memory = "" if self.memory_gb is None else f", {self.memory_gb:.1f} GB RAM"
@@ -45,6 +47,18 @@ class Machine:
                     )
                 ]
                 if self.load is not None
+                else []
+            ),
+            *(
+                [
+                    (
+                        "CPU taken by the host",
+                        f"{self.stolen * 100:.0f} % of the machine's CPU time during the run "
+                        "(steal: a virtual machine's cores running other guests); the notes "
+                        "give it for each run",
+                    )
+                ]
+                if self.stolen is not None
                 else []
             ),
         ]
@@ -86,7 +100,9 @@ def load_average() -> float | None:
         return None
 
 
-def describe_machine(database: str, load: tuple[float | None, float | None]) -> Machine:
+def describe_machine(
+    database: str, load: tuple[float | None, float | None], stolen: float | None = None
+) -> Machine:
     cores = os.cpu_count() or 1
     try:
         usable = len(os.sched_getaffinity(0))
@@ -104,6 +120,7 @@ def describe_machine(database: str, load: tuple[float | None, float | None]) -> 
         libraries=libraries,
         database=database,
         load=(load[0], load[1]) if load[0] is not None and load[1] is not None else None,
+        stolen=stolen,
     )
 
 

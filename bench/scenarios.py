@@ -35,6 +35,7 @@ from bench.results import (
     percentile,
 )
 from bench.service import ServiceConfig, ServiceProcess
+from bench.steal import MachineClock, describe_stolen
 from dembrane.webhooks.v1 import event_pb2
 
 SUCCEEDED = "succeeded"
@@ -272,6 +273,8 @@ class DeliveryRun:
     ack_seconds: list[float]
     #: CPU seconds the service process used from the first publish to the last record.
     service_cpu: float | None = None
+    #: The share of the machine's CPU time its host took meanwhile (see ``bench/steal.py``).
+    stolen: float | None = None
 
     @property
     def complete(self) -> bool:
@@ -288,9 +291,10 @@ class DeliveryRun:
         if self.service_cpu is None or not self.deliveries:
             return ""
         per = self.service_cpu / self.deliveries * 1000
+        stolen = describe_stolen(self.stolen)
         return (
             f"{label}: the service used {per:.2f} ms of CPU per delivery "
-            "(publish included, its sender processes too)"
+            "(publish included, its sender processes too)" + (f"; {stolen}" if stolen else "")
         )
 
     def describe_shortfall(self) -> str:
@@ -314,6 +318,7 @@ async def deliver_and_wait(
     counter = DeliveryCounter(run.url)
     acks: list[float] = []
     cpu_before = run.service.cpu_seconds()
+    clock_before = MachineClock.read()
     try:
         started = time.monotonic()
         deadline = started + ctx.scale.deadline
@@ -338,10 +343,12 @@ async def deliver_and_wait(
             )
             recorded -= already_succeeded
         cpu_after = run.service.cpu_seconds()
+        clock_after = MachineClock.read()
         return DeliveryRun(
             service_cpu=(
                 None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
             ),
+            stolen=None if clock_after is None else clock_after.stolen_share_since(clock_before),
             deliveries=expected,
             queued=queued,
             published_seconds=(published_at or time.monotonic()) - started,
@@ -695,13 +702,19 @@ async def latency(ctx: BenchContext) -> ScenarioResult:
         await ctx.receiver.wait_delivered(len(warm_events), deadline=time.monotonic() + 60)
         await ctx.receiver.reset()
         first_sent = time.perf_counter()
+        clock_before = MachineClock.read()
         offered = await paced(rate, count, lambda i: publish(events[i], True))
+        clock_after = MachineClock.read()
         done_at, seen = await ctx.receiver.wait_delivered(
             count, deadline=time.monotonic() + scale.deadline
         )
         arrivals = await ctx.receiver.arrivals()
     if done_at is None:
         result.notes.append(f"latency: only {seen:,} of {count:,} deliveries arrived in time")
+    if stolen := describe_stolen(
+        None if clock_after is None else clock_after.stolen_share_since(clock_before)
+    ):
+        result.notes.append(f"latency: while the events were published, {stolen}")
     if offered < 0.95 * rate:
         result.notes.append(
             f"latency: the load generator offered {offered:.0f} events/s, not {rate:g}"
