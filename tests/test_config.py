@@ -86,6 +86,21 @@ def test_sender_processes_are_auto_or_a_count(raw: str | None, expected: int | N
     assert Settings.from_env(env).sender_processes == expected
 
 
+@pytest.mark.parametrize(("raw", "expected"), [(None, 10), ("0", 0), ("19", 19)])
+def test_sender_nice_is_a_step_below_the_service(raw: str | None, expected: int) -> None:
+    """WEBHOOKS_SENDER_NICE takes 0 to 19 and defaults to 10."""
+    env = {} if raw is None else {"WEBHOOKS_SENDER_NICE": raw}
+    assert Settings.from_env(env).sender_nice == expected
+
+
+@pytest.mark.parametrize("raw", ["-5", "20", "high", "2.5"])
+def test_bad_sender_nice_names_the_variable(raw: str) -> None:
+    """A niceness the service cannot set (a raise of priority, or beyond 19) is refused at
+    start with a message naming the variable."""
+    with pytest.raises(ConfigError, match="WEBHOOKS_SENDER_NICE"):
+        Settings.from_env({"WEBHOOKS_SENDER_NICE": raw})
+
+
 @pytest.mark.parametrize("raw", ["-1", "two", "1.5", "65", "\u00b2", "\u0663"])
 def test_bad_sender_processes_name_the_variable(raw: str) -> None:
     """A bad process count stops start-up with a message naming the variable."""

@@ -70,14 +70,27 @@ def _request(url: str, *secrets: str, delivery_id: str = "dlv_1") -> OutboundReq
     )
 
 
-def _pool(processes: int = 2, *, allowed_targets: tuple[str, ...] = LOOPBACK) -> SenderPool:
+def _pool(
+    processes: int = 2, *, allowed_targets: tuple[str, ...] = LOOPBACK, nice: int = 0
+) -> SenderPool:
     return SenderPool(
         processes,
         connect_timeout=2.0,
         request_timeout=5.0,
         allowed_targets=allowed_targets,
         max_connections=32,
+        nice=nice,
     )
+
+
+def _thread_niceness(pid: int) -> set[int]:
+    """The nice values of every thread of process ``pid`` (Linux keeps one per thread)."""
+    values = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        # After the command name: state is field 0, nice field 16.
+        values.add(int(stat.rsplit(")", 1)[1].split()[16]))
+    return values
 
 
 def _worker_children(parent: int | None = None) -> list[int]:
@@ -154,6 +167,27 @@ async def test_a_pool_delivers_requests_the_receiver_verifies(pool: SenderPool) 
     assert received.headers["webhook-id"] == request.event_id
     assert received.headers["X-Dembrane-Delivery"] == "dlv_1"
     assert received.headers["X-Dembrane-Event"] == "webhook.test"
+
+
+async def test_workers_run_at_the_priority_they_are_given_in_every_thread() -> None:
+    """A pool told ``nice=7`` runs its workers, every thread of them, 7 below this process's
+    priority, and still delivers; a pool told 0 leaves them at this process's."""
+    here = os.getpriority(os.PRIO_PROCESS, 0)
+    async with Receiver(SECRET) as receiver:
+        for nice, expected in ((7, min(19, here + 7)), (0, here)):
+            async with _pool(nice=nice) as pool:
+                # Requests first, so that threads the workers start for them are counted.
+                outcomes = await asyncio.gather(
+                    *(
+                        pool.send(_request(receiver.url, delivery_id=f"dlv_n{nice}_{i}"))
+                        for i in range(40)
+                    )
+                )
+                assert all(outcome.success for outcome in outcomes)
+                assert len(pool.pids) == 2
+                for pid in pool.pids:
+                    assert _thread_niceness(pid) == {expected}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == here
 
 
 async def test_many_concurrent_sends_each_arrive_once(pool: SenderPool) -> None:
@@ -446,6 +480,9 @@ async def test_a_service_with_worker_processes_delivers_end_to_end(tmp_path: Pat
         assert isinstance(sender, SenderPool)
         pids = sender.pids
         assert len(pids) == 1
+        # The worker runs at the default WEBHOOKS_SENDER_NICE below the service's priority.
+        here = os.getpriority(os.PRIO_PROCESS, 0)
+        assert _thread_niceness(pids[0]) == {min(19, here + 10)}
         tokens = Tokens(service.settings.jwt_secret or "")
         async with (
             grpc.aio.insecure_channel(service.grpc_target) as channel,

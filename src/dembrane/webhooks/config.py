@@ -96,6 +96,8 @@ class Settings:
     outcome_journal: str | None = None
     # Worker processes that send the dispatcher's requests; None: chosen from the cores.
     sender_processes: int | None = None
+    # How much lower the sender processes' CPU priority is than the service's (``nice``).
+    sender_nice: int = 10
     # The largest body one event may have; a bigger event is refused at publish time.
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     # A port serving /metrics on its own (for a ``worker``, which has no gateway); 0: none.
@@ -237,6 +239,7 @@ class Settings:
             ),
             outcome_journal=reader.optional("WEBHOOKS_OUTCOME_JOURNAL"),
             sender_processes=reader.count_or_auto("WEBHOOKS_SENDER_PROCESSES", high=64),
+            sender_nice=reader.whole("WEBHOOKS_SENDER_NICE", 10, low=0, high=19),
             metrics_port=reader.port("WEBHOOKS_METRICS_PORT", 0),
             max_webhooks_per_project=reader.whole(
                 "WEBHOOKS_MAX_WEBHOOKS_PER_PROJECT",

@@ -307,6 +307,7 @@ def _sender(settings: Settings, policy: TargetPolicy, *, delivering: bool) -> Re
             allowed_targets=tuple(str(network) for network in policy.allowed),
             max_connections=max_connections,
             log_level=settings.log_level,
+            nice=settings.sender_nice,
         )
         metrics.STATS.sender_pids = lambda: pool.pids
         return pool

@@ -61,6 +61,8 @@ class SenderOptions:
     allowed_targets: tuple[str, ...]
     max_connections: int
     log_level: str = "INFO"
+    #: How much lower than the service's the worker's CPU priority is (``nice``).
+    nice: int = 0
 
 
 def write_frame(writer: asyncio.StreamWriter, message: Any) -> None:
@@ -253,6 +255,7 @@ class SenderPool:
         allowed_targets: tuple[str, ...],
         max_connections: int,
         log_level: str = "INFO",
+        nice: int = 0,
     ) -> None:
         if processes < 1:
             raise ValueError("A sender pool needs at least one process.")
@@ -262,6 +265,7 @@ class SenderPool:
             allowed_targets=allowed_targets,
             max_connections=max_connections,
             log_level=log_level,
+            nice=nice,
         )
         self._workers = [self._new_worker(slot) for slot in range(processes)]
         self._tokens = itertools.count(1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -109,6 +110,23 @@ class _Crew:
         await asyncio.gather(*members, return_exceptions=True)
 
 
+def _lower_priority(increment: int) -> None:
+    """Give this process ``increment`` less CPU priority than its parent (``nice``).
+
+    Under load the service's own process is the one everything waits on: its one store
+    thread writes every publication and outcome, and its event loop answers publishers. A
+    worker's requests can wait a few milliseconds for a core; a publisher's answer, and the
+    next batch of work, should not. Called before the worker starts any thread, so every
+    thread it starts later has the same priority (Linux sets it per thread).
+    """
+    if increment <= 0:
+        return
+    try:
+        os.nice(increment)
+    except OSError as exc:  # pragma: no cover - raising one's own niceness is always allowed
+        log.warning("could not lower the sender process's priority: %s", exc)
+
+
 async def serve(fd: int) -> None:
     """Serve the parent on socket ``fd`` until it closes its end."""
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
@@ -118,6 +136,7 @@ async def serve(fd: int) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    _lower_priority(int(options.get("nice", 0)))
     policy = TargetPolicy(
         tuple(ipaddress.ip_network(cidr, strict=False) for cidr in options["allowed_targets"])
     )
