@@ -238,6 +238,46 @@ def test_timestamps_are_utc_whatever_zone_they_come_in() -> None:
     assert zoned["timestamp"] == "2026-01-01T23:00:00.000000+00:00"
 
 
+# Protobuf timestamps span years 1 to 9999 in UTC; a zone a day away from either end would
+# leave that range.
+_EARLIEST, _LATEST = datetime(1, 1, 2), datetime(9999, 12, 30)
+_ZONES = st.sampled_from(
+    [None, UTC, timezone(timedelta(hours=1)), timezone(timedelta(hours=-9, minutes=-30))]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.datetimes(_EARLIEST, _LATEST, timezones=_ZONES),
+    st.datetimes(_EARLIEST, _LATEST, timezones=_ZONES) | st.none(),
+    st.sampled_from(["Plain", "Café"]),
+)
+@example(datetime(2026, 1, 2, 3, 4, 5), datetime(2026, 1, 2, 3, 4, 5, 1, tzinfo=UTC), "Plain")
+@example(datetime(999, 1, 1, 0, 0, 0, 5, tzinfo=UTC), None, "Plain")
+def test_every_moment_is_written_in_utc_to_the_microsecond(
+    occurred: datetime, created: datetime | None, name: str
+) -> None:
+    """Whatever its zone and whether or not it falls on a whole second, a moment in a body is
+    its UTC time with six digits of fraction, on the fast writer's path (an ASCII project
+    name) and on the canonical one's (a name that is not), and the body stays canonical."""
+
+    def utc_text(moment: datetime) -> str:
+        aware = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+        return aware.astimezone(UTC).isoformat(timespec="microseconds")
+
+    event = _conversation_event(
+        "conversation.started",
+        occurred_at=occurred,
+        conversation=ConversationData(id="c1", created_at=created),
+    )
+    project = ProjectInfo(id="p1", name=name, language="nl")
+    raw = render_body(event, project, BASE)
+    body = json.loads(raw)
+    assert body["timestamp"] == utc_text(occurred)
+    assert body["conversation"]["created_at"] == (None if created is None else utc_text(created))
+    assert canonical_json(body) == raw
+
+
 def _report_event(language: str) -> EventData:
     return EventData(
         id="evt_2",
