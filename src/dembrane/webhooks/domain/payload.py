@@ -145,14 +145,28 @@ def _iso(moment: datetime) -> datetime | str:
     writes an aware UTC datetime with a fraction in exactly that form, in a tenth of the
     time (three per event add up on the store's thread), so such a moment stays a
     ``datetime`` for the encoder; one at a whole second orjson would write without its
-    fraction, so that one goes as text. ``canonical_json`` writes both the same way.
+    fraction, so that one goes as text, formatted directly (half the time of ``isoformat``
+    on an aware datetime). ``canonical_json`` writes both the same way.
     """
     # Publishers sometimes hand over naive datetimes; the platform keeps time in UTC.
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     elif moment.tzinfo is not UTC:
         moment = moment.astimezone(UTC)
-    return moment if moment.microsecond else moment.isoformat(timespec="microseconds")
+    if moment.microsecond:
+        return moment
+    return _WHOLE_SECOND % (
+        moment.year,
+        moment.month,
+        moment.day,
+        moment.hour,
+        moment.minute,
+        moment.second,
+    )
+
+
+#: A UTC moment at a whole second, as ``isoformat(timespec="microseconds")`` writes it.
+_WHOLE_SECOND = "%04d-%02d-%02dT%02d:%02d:%02d.000000+00:00"
 
 
 def _iso_or_none(moment: datetime | None) -> datetime | str | None:
