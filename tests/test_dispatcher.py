@@ -858,6 +858,52 @@ def test_a_line_cut_short_by_a_crash_is_left_out_of_the_journal(tmp_path: Path) 
     assert read_journal(prefix) == [("dsp_1", result)]
 
 
+def test_answers_with_any_text_come_back_from_the_journal_exactly(tmp_path: Path) -> None:
+    """Answers holding line separators other than a newline (U+2028, NEL, form feed), text
+    beyond ASCII and a lone surrogate come back from the journal exactly, and a last line cut
+    inside a character costs only that line."""
+    prefix = str(tmp_path / "webhooks.db-outcomes")
+    journal = OutcomeJournal(prefix, "dsp_1")
+    bodies = [
+        "first\u2028second\u2029third",
+        "next\x85line\x0cpage\x1crecord\rreturn",
+        "caf\u00e9 \U0001f600 \u4e2d\u6587",
+        "lone \udc80 surrogate",
+        "\n\n",
+    ]
+    results = [
+        outbox.DeliveryResult(
+            delivery_id=f"dlv_{index}",
+            webhook_id="wh",
+            status=outbox.DeliveryState.PENDING,
+            attempt_count=1,
+            next_attempt_at=1764331205.5 + index / 3,
+            attempts=(
+                outbox.AttemptRecord(
+                    number=1,
+                    attempted_at=1764331200.123456 + index / 7,
+                    status_code=500,
+                    latency_ms=0.1 + index / 9,
+                    response_body=body,
+                    error="Receiver answered 500.",
+                    success=False,
+                ),
+            ),
+            last_error="Receiver answered 500.",
+        )
+        for index, body in enumerate(bodies)
+    ]
+    for result in results:
+        journal.append(result)
+    journal.write()
+    journal.seal()
+    [path] = list(tmp_path.glob("webhooks.db-outcomes.*"))
+    with open(path, "ab") as file:
+        # A line cut in the middle of the two bytes of an "é".
+        file.write('["dlv_x","wh","pending",1,null,"caf\u00e9'.encode()[:-1])
+    assert read_journal(prefix) == [("dsp_1", result) for result in results]
+
+
 # -- leases and shutdown ---------------------------------------------------------------------
 
 

@@ -38,6 +38,8 @@ import logging
 import os
 from collections.abc import Sequence
 
+import orjson
+
 from dembrane.webhooks.store.outbox import AttemptRecord, DeliveryResult, DeliveryState
 
 __all__ = ["OutcomeJournal", "read_journal", "remove_journal"]
@@ -128,18 +130,22 @@ def read_journal(prefix: str) -> list[tuple[str, DeliveryResult]]:
     the dispatcher that leased its row.
 
     A line cut short (the process died while writing it) or otherwise unreadable is left
-    out: the delivery it describes comes due again when its lease is taken over.
+    out: the delivery it describes comes due again when its lease is taken over. Lines end
+    at a newline byte only, and each is decoded on its own: text in a line may hold other
+    line separators (U+2028, NEL), and a line cut short may end inside a character.
     """
     entries: list[tuple[str, DeliveryResult]] = []
     for _number, path in _segments(prefix):
         try:
-            with open(path, encoding="utf-8") as file:
-                lines = file.read().splitlines()
-        except (OSError, UnicodeDecodeError) as error:
+            with open(path, "rb") as file:
+                lines = file.read().split(b"\n")
+        except OSError as error:
             log.warning("could not read the outcome journal %s: %s", path, error)
             continue
         owner = ""
         for line in lines:
+            if not line:
+                continue
             try:
                 fields = json.loads(line)
                 if isinstance(fields, dict):
@@ -179,9 +185,20 @@ class OutcomeJournal:
         self.broken = False
 
     def append(self, result: DeliveryResult) -> None:
-        """Queue a result with attempts for the next ``write``."""
-        if not self.broken:
-            self._pending.append(json.dumps(_encode(result), separators=(",", ":")).encode())
+        """Queue a result with attempts for the next ``write``.
+
+        orjson writes a line in a tenth of the standard module's time (one per delivery, on
+        the event loop), with the same numbers read back; it writes text as UTF-8 where the
+        standard module escapes it, which ``read_journal`` reads line by line as bytes.
+        """
+        if self.broken:
+            return
+        fields = _encode(result)
+        try:
+            line = orjson.dumps(fields)
+        except TypeError:  # orjson.JSONEncodeError: text with a lone surrogate
+            line = json.dumps(fields, separators=(",", ":")).encode()
+        self._pending.append(line)
 
     @property
     def has_pending(self) -> bool:
