@@ -278,6 +278,66 @@ def test_every_moment_is_written_in_utc_to_the_microsecond(
     assert canonical_json(body) == raw
 
 
+_TYPES = st.sampled_from(
+    [
+        "conversation.started",
+        "conversation.transcribed",
+        "conversation.summarized",
+        "report.generated",
+    ]
+)
+
+
+@st.composite
+def _any_event(draw: st.DrawFn) -> EventData:
+    kind = draw(_TYPES)
+    moment = st.datetimes(_EARLIEST, _LATEST, timezones=_ZONES)
+    conversation = report = None
+    if kind.startswith("conversation."):
+        conversation = ConversationData(
+            id=draw(_ANY_TEXT),
+            created_at=draw(moment | st.none()),
+            participant_name=draw(_ANY_TEXT | st.none()),
+            duration=draw(st.floats(0, 1e7) | st.none()),
+            tags=tuple(draw(st.lists(_ANY_TEXT, max_size=3))),
+            transcript=draw(_ANY_TEXT | st.none()),
+            summary=draw(_ANY_TEXT | st.none()),
+        )
+    else:
+        report = ReportData(
+            id=draw(_ANY_TEXT),
+            status=draw(_ANY_TEXT),
+            language=draw(st.sampled_from(["", "en", "nl"]) | _ANY_TEXT),
+            date_created=draw(moment | st.none()),
+        )
+    return EventData(
+        id=draw(_ANY_TEXT),
+        type=kind,
+        project_id=draw(_ANY_TEXT),
+        occurred_at=draw(moment),
+        conversation=conversation,
+        report=report,
+        dashboard_url=draw(st.none() | st.just("https://example.com/x")),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(_any_event(), _ANY_TEXT, _ANY_TEXT | st.just(""))
+def test_a_body_rendered_ahead_and_completed_is_the_body(
+    event: EventData, name: str, language: str
+) -> None:
+    """A body rendered without its project and completed with it is byte for byte the body
+    rendered at once, whatever the text in either; only a report without a language of its
+    own, which takes its project's, is not rendered ahead."""
+    project = ProjectInfo(id=event.project_id, name=name, language=language)
+    parts = payload.body_parts(event, BASE)
+    if event.report is not None and not event.report.language:
+        assert parts is None
+        return
+    assert parts is not None
+    assert payload.body_with(parts, project) == render_body(event, project, BASE)
+
+
 def _report_event(language: str) -> EventData:
     return EventData(
         id="evt_2",

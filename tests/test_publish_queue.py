@@ -10,11 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlmodel import Session
 
 from dembrane.webhooks.domain.access import Tier
 from dembrane.webhooks.domain.errors import FailedPrecondition
-from dembrane.webhooks.domain.payload import EventData, ReportData
+from dembrane.webhooks.domain.payload import (
+    EventData,
+    ProjectInfo,
+    ReportData,
+    body_parts,
+    render_body,
+)
 from dembrane.webhooks.store import directory, outbox, publish_queue
 from dembrane.webhooks.store.database import Database, StoreUnavailable, Transaction
 from dembrane.webhooks.store.publish_queue import PublishQueue
@@ -74,6 +81,47 @@ async def test_concurrent_calls_get_their_own_outcomes(database: Database) -> No
     assert wakes
     stored = database.call(lambda s: outbox.pending_count(s))
     assert stored == sum(len(c) for c in calls)
+    database.close()
+
+
+async def test_bodies_rendered_ahead_are_stored_as_the_transaction_would_render_them(
+    database: Database,
+) -> None:
+    """Bodies rendered on the event loop without their project and completed in the
+    transaction are the bytes ``render_body`` gives with the project as stored then (renamed
+    to a name beyond ASCII); so are a report's that takes its project's language (rendered in
+    the transaction) and, written straight to the store, an event's whose parts were rendered
+    for another dashboard address."""
+    base = "https://dash.example.test"
+    now = time.time()
+    database.call(
+        lambda s: directory.upsert_project(s, "p", "w", "Paardekop \u00e9\u00e9n", "nl", now)
+    )
+    project = ProjectInfo("p", "Paardekop \u00e9\u00e9n", "nl")
+    queue = PublishQueue(database, base, lambda: None)
+    own = report("e-own")
+    inherits = report("e-inherits")
+    inherits.report = ReportData(id="r", status="published", language="", date_created=None)
+    await queue.publish([own, inherits])
+    assert own.parts is not None
+    assert own.parts.dashboard_base_url == base
+    assert inherits.parts is None
+    elsewhere = report("e-elsewhere")
+    elsewhere.parts = body_parts(elsewhere, "https://old.example.test")
+    database.call(lambda s: outbox.publish_events(s, [elsewhere], now=now, dashboard_base_url=base))
+
+    def stored_body(event_id: str) -> bytes:
+        return database.call(
+            lambda s: bytes(
+                s.execute(
+                    text("SELECT body FROM events WHERE id = :id"), {"id": event_id}
+                ).scalar_one()
+            )
+        )
+
+    for event in (own, inherits, elsewhere):
+        assert stored_body(event.id) == render_body(event, project, base)
+    assert b'"language":"nl"' in stored_body("e-inherits")
     database.close()
 
 

@@ -7,11 +7,12 @@ re-serializes it before computing the HMAC arrives at the very bytes that were s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -24,11 +25,14 @@ from dembrane.webhooks.domain.errors import InvalidArgument
 __all__ = [
     "EVENT_TYPES",
     "SUBSCRIBABLE_EVENT_TYPES",
+    "BodyParts",
     "ConversationData",
     "EventData",
     "EventTypeInfo",
     "ProjectInfo",
     "ReportData",
+    "body_parts",
+    "body_with",
     "canonical_json",
     "dashboard_url",
     "event_type",
@@ -129,6 +133,18 @@ class ReportData:
     date_created: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class BodyParts:
+    """An event's body without its project object, rendered ahead (see ``body_parts``)."""
+
+    #: The dashboard base URL the parts were rendered with.
+    dashboard_base_url: str
+    #: The canonical JSON object of the body's keys that sort before ``project``.
+    before: bytes
+    #: The canonical JSON object of those that sort after it.
+    after: bytes
+
+
 @dataclass(slots=True)
 class EventData:
     """One event as published: what happened, where, when, and to what (not frozen, as
@@ -141,6 +157,8 @@ class EventData:
     conversation: ConversationData | None = None
     report: ReportData | None = None
     dashboard_url: str | None = None
+    #: The body rendered ahead of the transaction, all but the project (``body_parts``).
+    parts: BodyParts | None = field(default=None, compare=False, repr=False)
 
 
 def _iso(moment: datetime) -> datetime | str:
@@ -231,12 +249,12 @@ def _conversation_object(event_type: str, conversation: ConversationData) -> dic
     return body
 
 
-def _report_object(report: ReportData, project: ProjectInfo) -> dict[str, Any]:
+def _report_object(report: ReportData, project_language: str) -> dict[str, Any]:
     return {
         "id": report.id,
         "status": report.status,
         # A report is written in its project's language unless the publisher says otherwise.
-        "language": report.language or project.language,
+        "language": report.language or project_language,
         "date_created": _iso_or_none(report.date_created),
     }
 
@@ -265,30 +283,69 @@ def dashboard_url(event: EventData, dashboard_base_url: str) -> str:
     return f"{project}/overview"
 
 
+def _subject_fields(
+    event: EventData, project_language: str, dashboard_base_url: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The keys of ``event``'s body that sort before ``project`` and those that sort after it;
+    raises as ``render_body`` does."""
+    before: dict[str, Any] = {
+        "id": event.id,
+        "event": event.type,
+        "dashboardUrl": dashboard_url(event, dashboard_base_url),
+    }
+    after: dict[str, Any] = {"timestamp": _iso(event.occurred_at)}
+    if event.conversation is not None:
+        before["conversation"] = _conversation_object(event.type, event.conversation)
+    elif _needs_conversation(event.type):
+        raise InvalidArgument.for_field(
+            "conversation", f"A {event.type} event needs a conversation."
+        )
+    if event.report is not None:
+        after["report"] = _report_object(event.report, project_language)
+    elif _needs_report(event.type):
+        raise InvalidArgument.for_field("report", f"A {event.type} event needs a report.")
+    return before, after
+
+
 def render_body(event: EventData, project: ProjectInfo, dashboard_base_url: str) -> bytes:
     """The canonical JSON body of ``event``, exactly as it is signed and sent.
 
     Raises ``InvalidArgument`` when a conversation event lacks its conversation or a report
     event its report, so rendering once at publish time rejects such an event up front.
     """
-    body: dict[str, Any] = {
-        "id": event.id,
-        "event": event.type,
-        "timestamp": _iso(event.occurred_at),
-        "project": {"id": project.id, "name": project.name, "language": project.language},
-        "dashboardUrl": dashboard_url(event, dashboard_base_url),
-    }
-    if event.conversation is not None:
-        body["conversation"] = _conversation_object(event.type, event.conversation)
-    elif _needs_conversation(event.type):
-        raise InvalidArgument.for_field(
-            "conversation", f"A {event.type} event needs a conversation."
-        )
-    if event.report is not None:
-        body["report"] = _report_object(event.report, project)
-    elif _needs_report(event.type):
-        raise InvalidArgument.for_field("report", f"A {event.type} event needs a report.")
+    body, after = _subject_fields(event, project.language, dashboard_base_url)
+    body["project"] = {"id": project.id, "name": project.name, "language": project.language}
+    body.update(after)
     return _body_json(body)
+
+
+def body_parts(event: EventData, dashboard_base_url: str) -> BodyParts | None:
+    """``event``'s body rendered without its project, to be completed by ``body_with``.
+
+    The project's name and language are known only inside the publishing transaction, which
+    runs on the store's one thread; everything else can be rendered before, on the event
+    loop. Canonical JSON is the concatenation of each key's part in key order, so the body
+    is the keys before ``"project"``, the project's object, and the keys after it. None for
+    a report without a language of its own, which takes its project's. Raises as
+    ``render_body`` does.
+    """
+    if event.report is not None and not event.report.language:
+        return None
+    before, after = _subject_fields(event, "", dashboard_base_url)
+    return BodyParts(dashboard_base_url, _body_json(before), _body_json(after))
+
+
+def body_with(parts: BodyParts, project: ProjectInfo) -> bytes:
+    """The body ``parts`` (never empty: ``id`` comes before the project and ``timestamp``
+    after it) complete with ``project``: the bytes ``render_body`` gives."""
+    return b"".join(
+        (parts.before[:-1], b',"project":', _project_json(project), b",", parts.after[1:])
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _project_json(project: ProjectInfo) -> bytes:
+    return _body_json({"id": project.id, "name": project.name, "language": project.language})
 
 
 def _mock_conversation(now: datetime, conversation_id: str) -> ConversationData:

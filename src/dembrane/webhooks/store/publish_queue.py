@@ -34,7 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dembrane.webhooks.domain.payload import EventData
+from dembrane.webhooks.domain.errors import InvalidArgument
+from dembrane.webhooks.domain.payload import EventData, body_parts
 from dembrane.webhooks.store import outbox
 from dembrane.webhooks.store.database import Database, Transaction
 
@@ -103,7 +104,20 @@ class PublishQueue:
         self._retries: set[asyncio.Task[None]] = set()
 
     async def publish(self, events: Sequence[EventData]) -> list[outbox.PublishOutcome]:
-        """Store ``events`` (one call's, all or nothing) and their deliveries."""
+        """Store ``events`` (one call's, all or nothing) and their deliveries.
+
+        Their bodies are rendered here first, but for the project (``body_parts``, kept in
+        each event's ``parts``): the store's one thread, which every publication waits for,
+        then only adds the project's object.
+        """
+        base = self._dashboard_base_url
+        for event in events:
+            if event.parts is None or event.parts.dashboard_base_url != base:
+                try:
+                    event.parts = body_parts(event, base)
+                except InvalidArgument:
+                    # Refused inside the transaction, with the call's other events.
+                    event.parts = None
         call = _Call(events)
         with self._lock:
             self._waiting.append(call)
