@@ -41,7 +41,7 @@ from bench.scenarios import (
     throughput,
 )
 from bench.service import REPO_ROOT
-from bench.steal import MachineClock, describe_stolen
+from bench.steal import MachineClock, describe_stolen, stolen_share
 
 Scenario = Callable[[BenchContext], Awaitable[ScenarioResult]]
 
@@ -214,7 +214,7 @@ async def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 results.append(result)
         seconds = time.monotonic() - started
         clock_at_end = MachineClock.read()
-        stolen = None if clock_at_end is None else clock_at_end.stolen_share_since(clock_at_start)
+        stolen = stolen_share(clock_at_start, clock_at_end)
 
         figures = [figure for result in results for figure in result.figures]
         print()

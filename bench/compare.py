@@ -40,7 +40,7 @@ from bench.receiver import ReceiverProcess
 from bench.results import percentile
 from bench.scenarios import paced
 from bench.service import ServiceConfig, ServiceProcess
-from bench.steal import MachineClock
+from bench.steal import MachineClock, stolen_share
 
 _PROJECT = "p-compare"
 #: Events each side publishes before the first round: connections, caches, the first claims.
@@ -139,9 +139,7 @@ async def _round(
     clock_before = MachineClock.read()
     await paced(rate / batch, calls, publish)
     clock_after = MachineClock.read()
-    side.stolen.append(
-        None if clock_after is None else clock_after.stolen_share_since(clock_before)
-    )
+    side.stolen.append(stolen_share(clock_before, clock_after))
     if side.delivers:
         await receiver.wait_delivered(
             len(events), deadline=time.monotonic() + _DELIVERY_DEADLINE_SECONDS

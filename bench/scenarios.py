@@ -35,7 +35,7 @@ from bench.results import (
     percentile,
 )
 from bench.service import ServiceConfig, ServiceProcess
-from bench.steal import MachineClock, describe_stolen
+from bench.steal import MachineClock, describe_stolen, stolen_share
 from dembrane.webhooks.v1 import event_pb2
 
 SUCCEEDED = "succeeded"
@@ -348,7 +348,7 @@ async def deliver_and_wait(
             service_cpu=(
                 None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
             ),
-            stolen=None if clock_after is None else clock_after.stolen_share_since(clock_before),
+            stolen=stolen_share(clock_before, clock_after),
             deliveries=expected,
             queued=queued,
             published_seconds=(published_at or time.monotonic()) - started,
@@ -711,9 +711,7 @@ async def latency(ctx: BenchContext) -> ScenarioResult:
         arrivals = await ctx.receiver.arrivals()
     if done_at is None:
         result.notes.append(f"latency: only {seen:,} of {count:,} deliveries arrived in time")
-    if stolen := describe_stolen(
-        None if clock_after is None else clock_after.stolen_share_since(clock_before)
-    ):
+    if stolen := describe_stolen(stolen_share(clock_before, clock_after)):
         result.notes.append(f"latency: while the events were published, {stolen}")
     if offered < 0.95 * rate:
         result.notes.append(

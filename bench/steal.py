@@ -49,6 +49,12 @@ class MachineClock:
         return max(0, self.stolen - earlier.stolen) / (self.total - earlier.total)
 
 
+def stolen_share(before: MachineClock | None, after: MachineClock | None) -> float | None:
+    """The share of the CPU time between two readings that the host took; None when either
+    reading is missing."""
+    return None if after is None else after.stolen_share_since(before)
+
+
 def describe_stolen(share: float | None) -> str:
     """``share`` as the notes put it, or "" when it is unknown."""
     if share is None:
