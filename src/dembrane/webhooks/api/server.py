@@ -7,6 +7,7 @@ import contextlib
 import errno
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -160,6 +161,32 @@ class _HealthServicer(health_aio.HealthServicer):  # type: ignore[misc]
         return response
 
 
+def _add_generic(server: grpc.aio.Server, add: Callable[[Any, Any], None], servicer: Any) -> None:
+    """Serve ``servicer`` with the generated ``add_*_to_server`` function ``add``, through
+    its generic handler alone (see ``_GenericHandlersOnly``)."""
+    add(servicer, _GenericHandlersOnly(server))
+
+
+class _GenericHandlersOnly:
+    """The server as the generated ``add_*_to_server`` functions see it: their generic
+    handler is added, their registered methods are not.
+
+    gRPC's asyncio server keeps one pending request per registered method and, for every
+    call it accepts, waits on all of them at once (``asyncio.wait``): a cost on the event
+    loop that grows with the number of methods (about two dozen here). Served through the generic
+    handlers alone, each call costs one pending request, whatever the number of methods.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, _service: str, _handlers: Any) -> None:
+        """Left out: the generic handler added with them serves the same methods."""
+
+
 async def start_grpc_server(resources: Resources, host: str, port: int) -> GrpcServer:
     """Build and start the server on ``host:port`` (port 0 picks a free one)."""
     interceptor = AuthInterceptor(TokenVerifier(resources.settings))
@@ -175,18 +202,24 @@ async def start_grpc_server(resources: Resources, host: str, port: int) -> GrpcS
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server(
-        WebhookServicer(resources), server
+    _add_generic(
+        server,
+        webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server,
+        WebhookServicer(resources),
     )
-    event_service_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(resources), server)
-    directory_service_pb2_grpc.add_DirectoryServiceServicer_to_server(
-        DirectoryServicer(resources), server
+    _add_generic(
+        server, event_service_pb2_grpc.add_EventServiceServicer_to_server, EventServicer(resources)
+    )
+    _add_generic(
+        server,
+        directory_service_pb2_grpc.add_DirectoryServiceServicer_to_server,
+        DirectoryServicer(resources),
     )
     # The asyncio servicer: the threaded one parks a thread per Watch stream in the loop's
     # default executor and never frees it when the stream is cancelled, so a few open
     # watches would stall every Check and keep the process from exiting.
     health_servicer = _HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    _add_generic(server, health_pb2_grpc.add_HealthServicer_to_server, health_servicer)
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     _add_reflection(server)
