@@ -110,6 +110,31 @@ async def test_health_is_serving_without_a_token(stubs: Stubs) -> None:
         assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_each_call_of_a_method_is_authenticated_on_its_own(
+    stubs: Stubs, tokens: Tokens, world: World
+) -> None:
+    """A method's handler is found once and then reused: every later call of it is still
+    checked for its own token and scope, and a method the server lacks stays UNIMPLEMENTED."""
+    directory = stubs.directory
+    request = dpb.UpsertWorkspaceRequest(
+        workspace_id=world.paid_workspace, name="Paid", tier="changemaker"
+    )
+    good = tokens.bearer(tokens.service(SCOPE_DIRECTORY))
+    wrong_scope = tokens.bearer(tokens.service(SCOPE_PUBLISH))
+    for _ in range(2):
+        assert not (await directory.UpsertWorkspace(request, metadata=good)).created
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await directory.UpsertWorkspace(request)
+        assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as scoped:
+            await directory.UpsertWorkspace(request, metadata=wrong_scope)
+        assert scoped.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        unknown = stubs.channel.unary_unary("/dembrane.webhooks.v1.DirectoryService/Nothing")
+        with pytest.raises(grpc.aio.AioRpcError) as absent:
+            await unknown(b"", metadata=good)
+        assert absent.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 async def test_cancelled_health_watches_leave_health_checks_working(stubs: Stubs) -> None:
     """Watch streams opened and cancelled (more than the default thread pool's threads) hold
     nothing back: later watches and checks still answer at once."""

@@ -132,15 +132,30 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.admission = Admission()
         # One outage of the store fails every call: logged once, not once per call.
         self._outage = OutageLog(log, "handling calls")
+        #: The handler served for each method found so far. The server's handlers are fixed
+        #: once it starts, so a method's is looked up and wrapped once, not on every call.
+        self._handlers: dict[str, Any] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
-        handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or method.startswith(OPEN_SERVICES):
+        known = self._handlers.get(method)
+        if known is not None:
+            return known
+        handler = await continuation(handler_call_details)
+        if handler is None:  # an unknown method: not remembered, whatever its name
+            return None
+        served = self._serve(handler, method)
+        self._handlers[method] = served
+        return served
+
+    def _serve(self, handler: Any, method: str) -> Any:
+        """The handler to serve ``method`` with: ``handler`` itself for the open services,
+        else wrapped with authentication."""
+        if method.startswith(OPEN_SERVICES):
             return handler
         if handler.unary_unary is None:  # every RPC of the API is unary
             return handler
