@@ -123,6 +123,7 @@ lint: protodeps $(BUF)
 	$(VENV)/bin/ruff check src tests $(wildcard bench)
 	$(VENV)/bin/ruff format --check src tests $(wildcard bench)
 	$(VENV)/bin/mypy
+	cd bench/loadgen && $(GO) vet ./... && test -z "$$(gofmt -l .)"
 
 test: install check-generated lint test-clients test-sqlite test-postgres
 
@@ -156,4 +157,4 @@ bench: install
 	$(VPY) -m bench
 
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) build tools/node_modules $(TS_CLIENT)/node_modules $(TS_CLIENT)/dist
+	rm -rf $(VENV) $(TOOLS_VENV) .bench-cache build tools/node_modules $(TS_CLIENT)/node_modules $(TS_CLIENT)/dist

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench import loadgen
 from bench.backlog import backlog
 from bench.lanes import DatabaseLane, ForeignDataError
 from bench.receiver import ReceiverProcess
@@ -191,6 +192,12 @@ async def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"Benchmarking ({scale.name} run) on {database}; scenarios: {', '.join(names)}",
             file=sys.stderr,
         )
+        built: Path | None = None
+        if "latency" in names:
+            built, how = await asyncio.to_thread(loadgen.build)
+            if built is None:
+                how = f"the Python client ({how})"
+            print(f"Latency load generator: {how}", file=sys.stderr)
         async with ReceiverProcess() as receiver:
             ctx = BenchContext(
                 scale=scale,
@@ -200,6 +207,7 @@ async def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 concurrency=args.concurrency,
                 profile_mode=args.profile,
                 profile_dir=profile_dir,
+                loadgen=built,
             )
             for name in names:
                 ctx.log(f"--- {name}")

@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from bench import loadgen
 from bench.client import BenchClient, make_event, signed_request
 from bench.lanes import DatabaseLane
 from bench.receiver import ReceiverProcess
@@ -36,7 +37,7 @@ from bench.results import (
 )
 from bench.service import ServiceConfig, ServiceProcess
 from bench.steal import MachineClock, describe_stolen, stolen_share
-from dembrane.webhooks.v1 import event_pb2
+from dembrane.webhooks.v1 import event_pb2, event_service_pb2
 
 SUCCEEDED = "succeeded"
 #: The per-webhook cap the product ships with; isolation runs with it, as deployments do.
@@ -146,6 +147,8 @@ class BenchContext:
     #: The profiler to run the service under (``cprofile`` or ``sample``), and its folder.
     profile_mode: str | None = None
     profile_dir: Path | None = None
+    #: The Go load generator for the latency scenario (``bench.loadgen``), if it was built.
+    loadgen: Path | None = None
     #: Figures later scenarios compare against, by key (``ceiling``).
     baselines: dict[str, float] = field(default_factory=dict)
     #: Scenario 1's figure, whose value becomes the mean once C is measured again.
@@ -673,19 +676,29 @@ async def latency(ctx: BenchContext) -> ScenarioResult:
         await client.seed_project(project)
         await client.create_webhooks(project, [ctx.receiver.url(0)])
         await warm_up(ctx, client, project, per_event=1)
-
-        async def health(_index: int) -> None:
-            started = time.perf_counter()
-            await client.health_check()
-            transport.append(time.perf_counter() - started)
-
-        ctx.log(f"latency: gRPC health floor at {rate:g}/s")
-        await paced(rate, int(rate * scale.baseline_seconds), health)
-
         count = int(rate * scale.latency_seconds)
         events = [make_event(f"lat-{i}", project) for i in range(count)]
         warm_count = int(rate * scale.latency_warmup_seconds)
         warm_events = [make_event(f"lat-warm-{i}", project) for i in range(warm_count)]
+
+        ctx.log(f"latency: gRPC health floor at {rate:g}/s")
+        if ctx.loadgen is not None:
+            floor_run = await loadgen.run(
+                ctx.loadgen,
+                run.service.target,
+                loadgen.HEALTH_CHECK,
+                [b""] * int(rate * scale.baseline_seconds),
+                rate,
+            )
+            transport = [call.seconds for call in floor_run.calls]
+        else:
+
+            async def health(_index: int) -> None:
+                started = time.perf_counter()
+                await client.health_check()
+                transport.append(time.perf_counter() - started)
+
+            await paced(rate, int(rate * scale.baseline_seconds), health)
 
         async def publish(event: event_pb2.Event, record: bool) -> None:
             wall = time.time()
@@ -694,21 +707,52 @@ async def latency(ctx: BenchContext) -> ScenarioResult:
             if record:
                 done = time.perf_counter()
                 acks.append(done - started)
-                acked_at.append(done)
+                acked_at.append(wall + done - started)
                 sent_at[event.id] = wall
 
+        async def publish_all(batch: list[event_pb2.Event], record: bool) -> float:
+            """Publish ``batch`` one call per event at ``rate``; returns the offered rate."""
+            if ctx.loadgen is None:
+                return await paced(rate, len(batch), lambda i: publish(batch[i], record))
+            requests = [
+                event_service_pb2.PublishEventRequest(event=event).SerializeToString()
+                for event in batch
+            ]
+            published = await loadgen.run(
+                ctx.loadgen,
+                run.service.target,
+                loadgen.PUBLISH_EVENT,
+                requests,
+                rate,
+                authorization=client.publish_md[0][1],
+            )
+            if record:
+                for event, call in zip(batch, published.calls, strict=True):
+                    acks.append(call.seconds)
+                    acked_at.append(call.sent + call.seconds)
+                    sent_at[event.id] = call.sent
+            return published.offered
+
         ctx.log(f"latency: {warm_count} events of warm-up, then {count:,} at {rate:g}/s")
-        await paced(rate, len(warm_events), lambda i: publish(warm_events[i], False))
+        await publish_all(warm_events, False)
         await ctx.receiver.wait_delivered(len(warm_events), deadline=time.monotonic() + 60)
         await ctx.receiver.reset()
-        first_sent = time.perf_counter()
+        first_sent = time.time()
         clock_before = MachineClock.read()
-        offered = await paced(rate, count, lambda i: publish(events[i], True))
+        offered = await publish_all(events, True)
         clock_after = MachineClock.read()
         done_at, seen = await ctx.receiver.wait_delivered(
             count, deadline=time.monotonic() + scale.deadline
         )
         arrivals = await ctx.receiver.arrivals()
+    result.notes.append(
+        "latency: the calls and the health floor were sent by "
+        + (
+            "the Go load generator (bench/loadgen)"
+            if ctx.loadgen is not None
+            else "the benchmark's Python client (no Go load generator was built)"
+        )
+    )
     if done_at is None:
         result.notes.append(f"latency: only {seen:,} of {count:,} deliveries arrived in time")
     if stolen := describe_stolen(stolen_share(clock_before, clock_after)):
@@ -717,6 +761,8 @@ async def latency(ctx: BenchContext) -> ScenarioResult:
         result.notes.append(
             f"latency: the load generator offered {offered:.0f} events/s, not {rate:g}"
         )
+    # The first call's own sending time: the Go program starts and connects before it.
+    first_sent = min(sent_at.values(), default=first_sent)
     acked_rate = len(acked_at) / (max(acked_at) - first_sent) if acked_at else None
     to_receiver = [arrivals[i] - sent_at[i] for i in sent_at if i in arrivals]
 
