@@ -101,6 +101,21 @@ def test_bad_sender_nice_names_the_variable(raw: str) -> None:
         Settings.from_env({"WEBHOOKS_SENDER_NICE": raw})
 
 
+@pytest.mark.parametrize(("raw", "expected"), [(None, 0.0), ("0", 0.0), ("2.5", 2.5), ("300", 300)])
+def test_shutdown_delay_is_seconds_up_to_five_minutes(raw: str | None, expected: float) -> None:
+    """WEBHOOKS_SHUTDOWN_DELAY takes 0 to 300 seconds and defaults to none."""
+    env = {} if raw is None else {"WEBHOOKS_SHUTDOWN_DELAY": raw}
+    assert Settings.from_env(env).shutdown_delay == expected
+
+
+@pytest.mark.parametrize("raw", ["-1", "301", "soon", "nan"])
+def test_bad_shutdown_delay_names_the_variable(raw: str) -> None:
+    """A delay below zero, beyond five minutes or not a number is refused at start with a
+    message naming the variable."""
+    with pytest.raises(ConfigError, match="WEBHOOKS_SHUTDOWN_DELAY"):
+        Settings.from_env({"WEBHOOKS_SHUTDOWN_DELAY": raw})
+
+
 @pytest.mark.parametrize("raw", ["-1", "two", "1.5", "65", "\u00b2", "\u0663"])
 def test_bad_sender_processes_name_the_variable(raw: str) -> None:
     """A bad process count stops start-up with a message naming the variable."""

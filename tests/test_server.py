@@ -503,6 +503,37 @@ async def test_the_standalone_gateway_serves_metrics_on_their_own_port(tmp_path:
     assert f"metrics on http://127.0.0.1:{metrics_port}/metrics" in stderr.decode()
 
 
+async def test_a_standalone_gateway_stopping_with_a_delay_fails_its_health_first(
+    tmp_path: Path,
+) -> None:
+    """`gateway` given WEBHOOKS_SHUTDOWN_DELAY answers /healthz 503 from SIGTERM on, while its
+    port stays open for that long, and then exits cleanly."""
+    delay = 2.0
+    env = _serve_env(tmp_path, WEBHOOKS_SHUTDOWN_DELAY=str(delay))
+    process = await _start_cli(env, "gateway", "--grpc-target", "127.0.0.1:1")
+    port = int(env["WEBHOOKS_HTTP_PORT"])
+    try:
+        await _wait_for_port(port)
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as answer:
+                    body = await answer.json()
+                if body.get("detail") == "The gateway is shutting down.":
+                    break
+                await asyncio.sleep(0.02)
+            assert answer.status == 503
+            assert body == {"status": "unavailable", "detail": "The gateway is shutting down."}
+        assert time.monotonic() - signalled < delay
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # signalled once already above
+            process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
+    assert process.returncode == 0, stderr.decode()
+    assert time.monotonic() - signalled >= delay
+
+
 async def test_the_standalone_gateway_warns_of_risky_settings(tmp_path: Path) -> None:
     """`gateway` warns of a misspelt WEBHOOKS_ variable and of a short JWT secret (it checks
     tokens with it), as `serve` does."""
@@ -609,6 +640,48 @@ async def test_health_follows_the_store(tmp_path: Path, monkeypatch: pytest.Monk
         await channel.close()
     finally:
         await running.stop()
+
+
+async def test_a_shutdown_delay_reports_not_serving_while_calls_are_still_taken(
+    tmp_path: Path,
+) -> None:
+    """With WEBHOOKS_SHUTDOWN_DELAY, a stopping service first reports NOT_SERVING on gRPC
+    health and both /healthz for that long while it still stores published events; only
+    then are calls refused UNAVAILABLE."""
+    delay = 1.5
+    running = Service(make_settings(tmp_path, shutdown_delay=delay, metrics_port=unused_port()))
+    await running.start()
+    tokens = Tokens(JWT_SECRET)
+    stopping: asyncio.Task[None] | None = None
+    try:
+        async with grpc.aio.insecure_channel(running.grpc_target) as channel:
+            stubs = Stubs.on(channel)
+            world = await seed_world(stubs, tokens)
+            metadata = tokens.bearer(tokens.service(SCOPE_PUBLISH))
+            began = time.monotonic()
+            stopping = asyncio.create_task(running.stop())
+            await _health_becomes(running, health_pb2.HealthCheckResponse.NOT_SERVING)
+            async with aiohttp.ClientSession() as http:
+                for url in (
+                    f"{running.http_url}/healthz",
+                    f"http://127.0.0.1:{running.settings.metrics_port}/healthz",
+                ):
+                    async with http.get(url) as answer:
+                        assert answer.status == 503, url
+            answer = await stubs.events.PublishEvent(
+                _publish_request(world, "evt-during-delay"), metadata=metadata
+            )
+            assert answer.result.event_id == "evt-during-delay"
+            assert not answer.result.duplicate
+            assert time.monotonic() - began < delay
+            assert not stopping.done()
+            await asyncio.wait_for(asyncio.shield(stopping), timeout=delay + 15)
+            assert time.monotonic() - began >= delay
+    finally:
+        if stopping is None:
+            await running.stop()
+        else:
+            await stopping
 
 
 async def _health_becomes(service: Service, wanted: int) -> None:

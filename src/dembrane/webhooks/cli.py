@@ -99,7 +99,7 @@ async def _serve_until_signalled(service: Service) -> None:
 
 
 async def _run_gateway(settings: Settings, grpc_target: str) -> None:
-    from dembrane.webhooks.gateway.app import create_app, run_gateway
+    from dembrane.webhooks.gateway.app import announce_stop, create_app, run_gateway
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -126,6 +126,12 @@ async def _run_gateway(settings: Settings, grpc_target: str) -> None:
         )
         try:
             await stop.wait()
+            if settings.shutdown_delay > 0:
+                log.info(
+                    "shutting down in %g s: /healthz answers 503 meanwhile", settings.shutdown_delay
+                )
+                announce_stop(runner.app)
+                await asyncio.sleep(settings.shutdown_delay)
         finally:
             await runner.cleanup()
     finally:

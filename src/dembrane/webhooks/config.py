@@ -45,6 +45,9 @@ MAX_RETRY_SLOTS = 50
 #: Bounds that no sane value passes, so absurd ones fail at start rather than in use.
 MAX_TIMEOUT_SECONDS = 3600
 MAX_DAYS = 36500
+#: The longest ``WEBHOOKS_SHUTDOWN_DELAY``: orchestrators give a stopping process
+#: 30 seconds by default before they kill it, and a few minutes is already generous.
+MAX_SHUTDOWN_DELAY_SECONDS = 300.0
 #: Webhooks one project may have (archived ones aside) unless WEBHOOKS_MAX_WEBHOOKS_PER_PROJECT
 #: says otherwise: each is a copy of every event, so the bound keeps one event from turning
 #: into thousands of requests.
@@ -104,6 +107,8 @@ class Settings:
     metrics_port: int = 0
     # How many webhooks (archived ones aside) a project may have.
     max_webhooks_per_project: int = DEFAULT_MAX_WEBHOOKS_PER_PROJECT
+    # Seconds between SIGTERM and refusing calls, health reporting NOT_SERVING meanwhile.
+    shutdown_delay: float = 0.0
     # WEBHOOKS_* variables in the environment that no setting reads (misspelt, most likely).
     unknown_variables: tuple[str, ...] = field(default=(), compare=False)
 
@@ -241,6 +246,9 @@ class Settings:
             sender_processes=reader.count_or_auto("WEBHOOKS_SENDER_PROCESSES", high=64),
             sender_nice=reader.whole("WEBHOOKS_SENDER_NICE", 10, low=0, high=19),
             metrics_port=reader.port("WEBHOOKS_METRICS_PORT", 0),
+            shutdown_delay=reader.number(
+                "WEBHOOKS_SHUTDOWN_DELAY", 0.0, low=0.0, high=MAX_SHUTDOWN_DELAY_SECONDS
+            ),
             max_webhooks_per_project=reader.whole(
                 "WEBHOOKS_MAX_WEBHOOKS_PER_PROJECT",
                 DEFAULT_MAX_WEBHOOKS_PER_PROJECT,

@@ -159,8 +159,19 @@ class Service:
         return settings.outcome_journal
 
     async def stop(self) -> None:
-        """Stop taking calls, let in-flight ones finish, then release the dispatcher's work."""
+        """Stop taking calls, let in-flight ones finish, then release the dispatcher's work.
+
+        With ``shutdown_delay``, a started service first reports NOT_SERVING (gRPC health,
+        ``/healthz``) for that long while it goes on taking calls and delivering, so that
+        load balancers that poll health move callers elsewhere before calls are refused.
+        """
         self._stopping = True
+        delay = self.settings.shutdown_delay
+        if delay > 0 and self._started:
+            log.info("shutting down in %g s: health reports NOT_SERVING meanwhile", delay)
+            if self.grpc is not None:
+                await self.grpc.announce_stop()
+            await asyncio.sleep(delay)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SHUTDOWN_GRACE_SECONDS
         if self.grpc is not None:

@@ -112,14 +112,18 @@ class GrpcServer:
             for name in (*SERVICE_NAMES, ""):
                 await self.health.set(name, status)
 
-    async def drain(self, deadline: float) -> None:
-        """Report NOT_SERVING and take no more calls (they get UNAVAILABLE); return once
-        those in flight have finished and calls stopped arriving, or at ``deadline`` (the
-        loop's clock). The server still answers meanwhile; ``stop`` ends it."""
+    async def announce_stop(self) -> None:
+        """Report NOT_SERVING from now on, for good, while calls are still taken."""
         self._watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._watch
         await self.health.enter_graceful_shutdown()
+
+    async def drain(self, deadline: float) -> None:
+        """Report NOT_SERVING and take no more calls (they get UNAVAILABLE); return once
+        those in flight have finished and calls stopped arriving, or at ``deadline`` (the
+        loop's clock). The server still answers meanwhile; ``stop`` ends it."""
+        await self.announce_stop()
         # gRPC's shutdown would cancel the calls it holds but has not handed over yet; they
         # are handed over, and refused, before it begins.
         await self.admission.close(deadline)

@@ -68,7 +68,7 @@ from dembrane.webhooks.gateway.routes import (
     Route,
 )
 
-__all__ = ["MAX_BODY_BYTES", "bound_port", "create_app", "run_gateway"]
+__all__ = ["MAX_BODY_BYTES", "announce_stop", "bound_port", "create_app", "run_gateway"]
 
 _log = logging.getLogger(__name__)
 
@@ -157,6 +157,8 @@ class _Upstream:
     timeout: float
     channel: grpc.aio.Channel | None = None
     owns_channel: bool = False
+    #: Set once the gateway begins to stop: ``/healthz`` answers 503 from then on.
+    stopping: bool = False
     calls: dict[str, grpc.aio.UnaryUnaryMultiCallable[Message, Message]] = field(
         default_factory=dict
     )
@@ -567,8 +569,18 @@ def _render(route: Route, answer: Message) -> web.StreamResponse:
     return web.json_response(data, status=route.success_status, headers=headers)
 
 
+def announce_stop(app: web.Application) -> None:
+    """Answer ``/healthz`` with 503 from now on, while the routes still serve."""
+    app[_UPSTREAM].stopping = True
+
+
 async def _healthz(request: web.Request) -> web.StreamResponse:
-    if await request.app[_UPSTREAM].serving():
+    upstream = request.app[_UPSTREAM]
+    if upstream.stopping:
+        return web.json_response(
+            {"status": "unavailable", "detail": "The gateway is shutting down."}, status=503
+        )
+    if await upstream.serving():
         return web.json_response({"status": "ok"})
     return web.json_response(
         {"status": "unavailable", "detail": "The webhook service is not serving."}, status=503
