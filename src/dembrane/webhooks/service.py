@@ -165,9 +165,10 @@ class Service:
         ``/healthz``) for that long while it goes on taking calls and delivering, so that
         load balancers that poll health move callers elsewhere before calls are refused.
         """
+        first_stop = not self._stopping
         self._stopping = True
         delay = self.settings.shutdown_delay
-        if delay > 0 and self._started:
+        if delay > 0 and self._started and first_stop:
             log.info("shutting down in %g s: health reports NOT_SERVING meanwhile", delay)
             if self.grpc is not None:
                 await self.grpc.announce_stop()
