@@ -508,7 +508,7 @@ async def test_a_standalone_gateway_stopping_with_a_delay_fails_its_health_first
 ) -> None:
     """`gateway` given WEBHOOKS_SHUTDOWN_DELAY answers /healthz 503 from SIGTERM on, while its
     port stays open for that long, and then exits cleanly."""
-    delay = 2.0
+    delay = 3.0
     env = _serve_env(tmp_path, WEBHOOKS_SHUTDOWN_DELAY=str(delay))
     process = await _start_cli(env, "gateway", "--grpc-target", "127.0.0.1:1")
     port = int(env["WEBHOOKS_HTTP_PORT"])
@@ -646,9 +646,9 @@ async def test_a_shutdown_delay_reports_not_serving_while_calls_are_still_taken(
     tmp_path: Path,
 ) -> None:
     """With WEBHOOKS_SHUTDOWN_DELAY, a stopping service first reports NOT_SERVING on gRPC
-    health and both /healthz for that long while it still stores published events; only
-    then are calls refused UNAVAILABLE."""
-    delay = 1.5
+    health and both /healthz for that long while it still stores published events, and
+    stops only once the delay has passed."""
+    delay = 3.0
     running = Service(make_settings(tmp_path, shutdown_delay=delay, metrics_port=unused_port()))
     await running.start()
     tokens = Tokens(JWT_SECRET)
@@ -666,13 +666,13 @@ async def test_a_shutdown_delay_reports_not_serving_while_calls_are_still_taken(
                     f"{running.http_url}/healthz",
                     f"http://127.0.0.1:{running.settings.metrics_port}/healthz",
                 ):
-                    async with http.get(url) as answer:
-                        assert answer.status == 503, url
-            answer = await stubs.events.PublishEvent(
+                    async with http.get(url) as health:
+                        assert health.status == 503, url
+            published = await stubs.events.PublishEvent(
                 _publish_request(world, "evt-during-delay"), metadata=metadata
             )
-            assert answer.result.event_id == "evt-during-delay"
-            assert not answer.result.duplicate
+            assert published.result.event_id == "evt-during-delay"
+            assert not published.result.duplicate
             assert time.monotonic() - began < delay
             assert not stopping.done()
             await asyncio.wait_for(asyncio.shield(stopping), timeout=delay + 15)
