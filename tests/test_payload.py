@@ -386,6 +386,22 @@ def test_dashboard_url_escapes_the_ids_it_is_built_from() -> None:
     )
 
 
+def test_a_lone_surrogate_in_an_id_is_escaped_not_an_error() -> None:
+    """An id holding a lone surrogate (no UTF-8 text does, so no gRPC call carries one, but a
+    ``str`` can) still gives a body, the surrogate escaped as the bytes ``surrogatepass``
+    gives it, the same whether the body is rendered at once or ahead."""
+    conversation = dataclasses.replace(CONVERSATION, id="c\ud800")
+    event = dataclasses.replace(
+        _conversation_event("conversation.started", conversation=conversation),
+        project_id="\udc80",
+    )
+    body = _render(event)
+    assert body["dashboardUrl"] == (f"{BASE}/projects/%ED%B2%80/conversation/c%ED%A0%80/overview")
+    parts = payload.body_parts(event, BASE)
+    assert parts is not None
+    assert payload.body_with(parts, PROJECT) == render_body(event, PROJECT, BASE)
+
+
 @pytest.mark.parametrize(
     "identifier",
     ["c1", "A-z_0.9~", "", "conv 1", "a/b", "caf\u00e9", "x\ny", "100%", "..", "\u20ac~"],

@@ -265,8 +265,13 @@ _UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
 
 
 def _segment(value: str) -> str:
-    """``value`` as one path segment: escaped wherever it would end or leave one."""
-    return value if _UNRESERVED(value) else quote(value, safe="")
+    """``value`` as one path segment: escaped wherever it would end or leave one.
+
+    A lone surrogate (which no UTF-8 text holds, so no gRPC call carries, but a ``str``
+    can) is escaped as the three bytes Python's ``surrogatepass`` gives it rather than
+    failing the whole body.
+    """
+    return value if _UNRESERVED(value) else quote(value, safe="", errors="surrogatepass")
 
 
 def dashboard_url(event: EventData, dashboard_base_url: str) -> str:
