@@ -31,11 +31,13 @@ __all__ = [
     "EventTypeInfo",
     "ProjectInfo",
     "ReportData",
+    "body_of",
     "body_parts",
     "body_with",
     "canonical_json",
     "dashboard_url",
     "event_type",
+    "parts_ahead",
     "render_body",
     "test_event",
 ]
@@ -346,6 +348,23 @@ def body_with(parts: BodyParts, project: ProjectInfo) -> bytes:
     return b"".join(
         (parts.before[:-1], b',"project":', _project_json(project), b",", parts.after[1:])
     )
+
+
+def parts_ahead(event: EventData, dashboard_base_url: str) -> BodyParts | None:
+    """``event``'s parts rendered ahead, if they were rendered for ``dashboard_base_url``."""
+    parts = event.parts
+    if parts is not None and parts.dashboard_base_url == dashboard_base_url:
+        return parts
+    return None
+
+
+def body_of(event: EventData, project: ProjectInfo, dashboard_base_url: str) -> bytes:
+    """``render_body``'s bytes: from the parts rendered ahead when they fit, so only the
+    project's object is left to add, else rendered whole."""
+    parts = parts_ahead(event, dashboard_base_url)
+    if parts is not None:
+        return body_with(parts, project)
+    return render_body(event, project, dashboard_base_url)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -42,7 +42,7 @@ from dembrane.webhooks.domain.access import WEBHOOK_TIER, Tier, tier_allows_webh
 from dembrane.webhooks.domain.errors import AlreadyExists, FailedPrecondition
 from dembrane.webhooks.domain.ids import new_id
 from dembrane.webhooks.domain.paging import Cursor
-from dembrane.webhooks.domain.payload import EventData, ProjectInfo, body_with, render_body
+from dembrane.webhooks.domain.payload import EventData, ProjectInfo, body_of
 from dembrane.webhooks.domain.webhooks import signing_secrets
 from dembrane.webhooks.store.database import DriverSession, Transaction, rows_changed
 from dembrane.webhooks.store.tables import AttemptRow, DeliveryRow, EventRow, WebhookRow
@@ -572,12 +572,8 @@ def _insert_fresh(
     # for: plain loops and counters, the states' values read once.
     for event in events:
         project = facts[event.project_id]
-        parts = event.parts
-        if parts is not None and parts.dashboard_base_url == dashboard_base_url:
-            # Rendered ahead on the event loop: only the project's object is left to add.
-            body = body_with(parts, project.info)
-        else:
-            body = render_body(event, project.info, dashboard_base_url)
+        # Rendered ahead on the event loop where it could be: only the project is left to add.
+        body = body_of(event, project.info, dashboard_base_url)
         skip_reason = "" if tier_allows_webhooks(project.tier) else tier_skip_reason(project.tier)
         event_id = event.id
         event_type = event.type
@@ -612,7 +608,7 @@ def _insert_fresh(
         deliveries[event_id] = rows
         bodies[event_id] = body
         outcomes[event_id] = PublishOutcome(
-            event.id, False, queued, skip_reason, len(rows) - queued - failed, failed
+            event_id, False, queued, skip_reason, len(rows) - queued - failed, failed
         )
         event_rows.append(
             {

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from dembrane.webhooks.domain.errors import InvalidArgument
-from dembrane.webhooks.domain.payload import EventData, body_parts
+from dembrane.webhooks.domain.payload import EventData, body_parts, parts_ahead
 from dembrane.webhooks.store import outbox
 from dembrane.webhooks.store.database import Database, Transaction
 
@@ -112,7 +112,7 @@ class PublishQueue:
         """
         base = self._dashboard_base_url
         for event in events:
-            if event.parts is None or event.parts.dashboard_base_url != base:
+            if parts_ahead(event, base) is None:
                 try:
                     event.parts = body_parts(event, base)
                 except InvalidArgument:
