@@ -29,6 +29,7 @@ from dembrane.webhooks.store import directory, outbox, webhooks
 from dembrane.webhooks.store.database import Database
 from dembrane.webhooks.store.outbox import (
     AttemptRecord,
+    DeliveryClaim,
     DeliveryResult,
     DeliveryState,
     HoldBack,
@@ -165,15 +166,37 @@ def _events(count: int, start: int = 0) -> list[EventData]:
     ]
 
 
-def _failed_attempt(number: int, now: float) -> AttemptRecord:
+def _attempt(now: float, status_code: int) -> AttemptRecord:
+    """A delivery's first attempt, answered with ``status_code``."""
+    success = 200 <= status_code < 300
     return AttemptRecord(
-        number=number,
+        number=1,
         attempted_at=now,
-        status_code=500,
+        status_code=status_code,
         latency_ms=3.0,
-        response_body="",
-        error="The receiver answered 500.",
-        success=False,
+        response_body="ok" if success else "",
+        error="" if success else f"The receiver answered {status_code}.",
+        success=success,
+    )
+
+
+def _result(
+    claim: DeliveryClaim,
+    status: DeliveryState,
+    now: float,
+    status_code: int,
+    next_attempt_at: float | None = None,
+) -> DeliveryResult:
+    """The outcome of a claimed delivery's first attempt."""
+    attempt = _attempt(now, status_code)
+    return DeliveryResult(
+        delivery_id=claim.delivery_id,
+        webhook_id=claim.webhook_id,
+        status=status,
+        attempt_count=1,
+        next_attempt_at=next_attempt_at,
+        attempts=(attempt,),
+        last_error=attempt.error,
     )
 
 
@@ -196,32 +219,8 @@ def test_the_delivery_path_reads_no_whole_table(traced: Traced) -> None:
     traced.run_driver(outbox.next_due_time, {_HOOKS[1]: traced.seeded_at})
     first, second, third = claims[0], claims[1], claims[2]
     results = [
-        DeliveryResult(
-            delivery_id=first.delivery_id,
-            webhook_id=first.webhook_id,
-            status=DeliveryState.PENDING,
-            attempt_count=1,
-            next_attempt_at=now + 30,
-            attempts=(_failed_attempt(1, now),),
-            last_error="The receiver answered 500.",
-        ),
-        DeliveryResult(
-            delivery_id=second.delivery_id,
-            webhook_id=second.webhook_id,
-            status=DeliveryState.SUCCEEDED,
-            attempt_count=1,
-            attempts=(
-                AttemptRecord(
-                    number=1,
-                    attempted_at=now,
-                    status_code=200,
-                    latency_ms=2.0,
-                    response_body="ok",
-                    error="",
-                    success=True,
-                ),
-            ),
-        ),
+        _result(first, DeliveryState.PENDING, now, 500, next_attempt_at=now + 30),
+        _result(second, DeliveryState.SUCCEEDED, now, 200),
     ]
     traced.run_driver(
         outbox.record_results,
@@ -253,17 +252,7 @@ def test_the_delivery_log_recovery_and_deletion_read_no_whole_table(traced: Trac
         outbox.publish_events, _events(6), now=now, dashboard_base_url="https://dash.example"
     )
     claims = traced.run_driver(outbox.claim_due, "owner-1", now, 60.0, 100)
-    failed = [
-        DeliveryResult(
-            delivery_id=claim.delivery_id,
-            webhook_id=claim.webhook_id,
-            status=DeliveryState.FAILED,
-            attempt_count=1,
-            attempts=(_failed_attempt(1, now),),
-            last_error="The receiver answered 500.",
-        )
-        for claim in claims
-    ]
+    failed = [_result(claim, DeliveryState.FAILED, now, 500) for claim in claims]
     traced.run_driver(outbox.record_results, "owner-1", failed, [], now, 3600.0)
     hook = _HOOKS[0]
 
