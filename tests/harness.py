@@ -7,15 +7,22 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
 
 from dembrane.webhooks.auth import SCOPE_DIRECTORY, mint_token
 from dembrane.webhooks.config import Settings
+from dembrane.webhooks.domain.access import Tier
+from dembrane.webhooks.store import directory, webhooks
+from dembrane.webhooks.store.database import Database
+from dembrane.webhooks.store.tables import WebhookRow
 from dembrane.webhooks.v1 import (
     directory_service_pb2 as dpb,
 )
@@ -41,6 +48,36 @@ def fresh_database_url(tmp_path: Path) -> str:
             connection.execute(f'CREATE DATABASE "{name}"')
         return server.rsplit("/", 1)[0] + "/" + name
     return f"sqlite:///{tmp_path / 'webhooks.db'}"
+
+
+def seed_store(database: Database, project_id: str, webhook_ids: Sequence[str]) -> float:
+    """Put a workspace on the webhook tier, ``project_id`` in it and a published webhook per
+    id (each subscribed to ``conversation.created``) straight into a migrated store;
+    returns the time they were made at (the webhooks' ``updated_at``)."""
+    now = time.time()
+
+    def seed(session: Any) -> None:
+        workspace_id = f"w-{project_id}"
+        directory.upsert_workspace(session, workspace_id, "W", Tier.CHANGEMAKER, now)
+        directory.upsert_project(session, project_id, workspace_id, "P", "en", now)
+        for webhook_id in webhook_ids:
+            webhooks.add_webhook(
+                session,
+                WebhookRow(
+                    id=webhook_id,
+                    project_id=project_id,
+                    name=webhook_id,
+                    url="https://receiver.example/hook",
+                    events='["conversation.created"]',
+                    status="published",
+                    secret="whsec_c2VlZGVkLXN0b3JlLXNpZ25pbmcta2V5",
+                    created_at=now,
+                    updated_at=now,
+                ),
+            )
+
+    database.call(seed)
+    return now
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:

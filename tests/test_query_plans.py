@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from dembrane.webhooks.domain.access import Tier
 from dembrane.webhooks.domain.paging import Cursor
 from dembrane.webhooks.domain.payload import ConversationData, EventData
 from dembrane.webhooks.store import directory, outbox, webhooks
@@ -35,9 +34,8 @@ from dembrane.webhooks.store.outbox import (
     HoldBack,
     Release,
 )
-from dembrane.webhooks.store.tables import WebhookRow
 
-from harness import fresh_database_url
+from harness import fresh_database_url, seed_store
 
 pytestmark = pytest.mark.sqlite_only
 
@@ -60,28 +58,9 @@ class Traced:
         self.statements: list[str] = []
         event.listen(self.database.engine, "connect", self._trace)
         self.database.migrate()
-        now = self.seeded_at = time.time()
-
-        def seed(session: Any) -> None:
-            directory.upsert_workspace(session, _WORKSPACE, "W", Tier.CHANGEMAKER, now)
-            directory.upsert_project(session, _PROJECT, _WORKSPACE, "P", "en", now)
-            for hook in _HOOKS:
-                webhooks.add_webhook(
-                    session,
-                    WebhookRow(
-                        id=hook,
-                        project_id=_PROJECT,
-                        name=hook,
-                        url="https://receiver.example/hook",
-                        events='["conversation.created"]',
-                        status="published",
-                        secret="whsec_cXVlcnktcGxhbnMtc2VjcmV0LWtleQ==",
-                        created_at=now,
-                        updated_at=now,
-                    ),
-                )
-
-        self.database.call(seed)
+        self.seeded_at = seed_store(self.database, _PROJECT, _HOOKS)
+        # What the migrations and the seeding ran is not the service's work.
+        self.statements.clear()
 
     def _trace(self, dbapi_connection: sqlite3.Connection, _record: object) -> None:
         dbapi_connection.set_trace_callback(self.statements.append)

@@ -52,6 +52,7 @@ from dataclasses import dataclass, replace
 from dembrane.webhooks import metrics
 from dembrane.webhooks.config import LEASE_MARGIN_SECONDS, Settings
 from dembrane.webhooks.delivery.backlog import BacklogWatch
+from dembrane.webhooks.delivery.indexing import IndexTask
 from dembrane.webhooks.delivery.retention import RetentionTask
 from dembrane.webhooks.delivery.retry import RetryPolicy, trips_breaker
 from dembrane.webhooks.delivery.sender import AttemptOutcome, OutboundRequest
@@ -398,6 +399,7 @@ class Dispatcher:
             self._db.is_sqlite if release_leases_at_start is None else release_leases_at_start
         )
         self._backlog = BacklogWatch(self._db)
+        self._indexing = IndexTask(self._db) if self._db.is_sqlite else None
         self._retention = (
             RetentionTask(self._db, settings.retention_days)
             if retention and settings.retention_days > 0
@@ -469,6 +471,8 @@ class Dispatcher:
         self._claim_task = asyncio.create_task(self._claim_loop(), name="webhooks-claim")
         if self._retention is not None:
             self._retention.start()
+        if self._indexing is not None:
+            self._indexing.start()
         self._backlog.start()
         if self._listener is not None:
             self._listener.start()
@@ -499,6 +503,8 @@ class Dispatcher:
             await claim_task
         if self._retention is not None:
             await self._retention.stop()
+        if self._indexing is not None:
+            await self._indexing.stop()
         await self._backlog.stop()
         if self._listener is not None:
             await self._listener.stop()

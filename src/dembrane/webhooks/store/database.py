@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar, cast
 
 import psycopg
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -268,7 +268,7 @@ class Database:
         config = Config()
         config.set_main_option("script_location", str(_MIGRATIONS))
         config.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
-        with self._sqlite_migration_lock(), self.engine.begin() as connection:
+        with self._sqlite_migration_lock(), self._migration_transaction() as connection:
             if not self.is_sqlite:
                 connection.execute(
                     text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
@@ -288,11 +288,36 @@ class Database:
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
             now = MigrationContext.configure(connection).get_current_revision()
+            if now != current and self.is_sqlite:
+                _report_broken_keys(connection)
             if now != current:
                 if current is None:
                     log.info("database: created the schema (revision %s)", now)
                 else:
                     log.info("database: migrated the schema from revision %s to %s", current, now)
+
+    @contextlib.contextmanager
+    def _migration_transaction(self) -> Iterator[Connection]:
+        """The transaction migrations run in; on SQLite with foreign keys off.
+
+        A migration that rebuilds a table (copies it, drops the old one, renames the copy)
+        would otherwise delete, with the old table, every row that refers to it through a
+        cascading key: a rebuild of ``deliveries`` would take every attempt with it. SQLite
+        can change the setting only outside a transaction, so it is set around this one
+        (``migrate`` checks the keys after a migration, as SQLite's procedure has it).
+        """
+        with self.engine.connect() as connection:
+            if not self.is_sqlite:
+                with connection.begin():
+                    yield connection
+                return
+            driver = cast(sqlite3.Connection, connection.connection.driver_connection)
+            driver.execute("PRAGMA foreign_keys=OFF")
+            try:
+                with connection.begin():
+                    yield connection
+            finally:
+                driver.execute("PRAGMA foreign_keys=ON")
 
     @contextlib.contextmanager
     def _sqlite_migration_lock(self) -> Iterator[None]:
@@ -419,6 +444,21 @@ class Database:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self.engine.dispose()
+
+
+def _report_broken_keys(connection: Connection) -> None:
+    """Log rows whose foreign keys name no row, after a migration ran with the keys off.
+
+    Reported, not deleted: such rows would have been there before, since the migrations
+    themselves make none.
+    """
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        log.warning(
+            "database: %d rows name a row that is not there (the first in table %s)",
+            len(broken),
+            broken[0][0],
+        )
 
 
 def _first(value: str | tuple[str, ...] | None) -> str | None:

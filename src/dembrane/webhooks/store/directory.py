@@ -8,6 +8,7 @@ from sqlmodel import Session, col, select
 from dembrane.webhooks.domain.access import MANAGING_ROLES, WEBHOOK_TIER, ProjectAccess, Tier
 from dembrane.webhooks.domain.errors import FailedPrecondition
 from dembrane.webhooks.domain.payload import ProjectInfo
+from dembrane.webhooks.store import webhooks
 from dembrane.webhooks.store.tables import MembershipRow, ProjectRow, WebhookRow, WorkspaceRow
 
 
@@ -85,8 +86,9 @@ def project_webhook_ids(session: Session, project_id: str) -> list[str]:
 
 
 def delete_project(session: Session, project_id: str) -> int:
-    """Delete a project and its webhooks (their pending deliveries go with them)."""
+    """Delete a project, its webhooks and their deliveries."""
     ids = project_webhook_ids(session, project_id)
+    webhooks.delete_all_deliveries(session, ids)
     session.execute(delete(WebhookRow).where(col(WebhookRow.project_id) == project_id))
     session.execute(delete(ProjectRow).where(col(ProjectRow.id) == project_id))
     return len(ids)

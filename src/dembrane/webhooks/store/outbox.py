@@ -98,7 +98,7 @@ def _table(name: str) -> Table:
     return SQLModel.metadata.tables[name]
 
 
-def _is_postgres(session: Transaction) -> bool:
+def is_postgres(session: Transaction) -> bool:
     if isinstance(session, DriverSession):
         return False
     return session.get_bind().dialect.name == "postgresql"
@@ -122,7 +122,7 @@ def announce_due(session: Transaction) -> None:
     folds repeats within one transaction into one. On SQLite a single process owns the
     database and wakes its own dispatcher.
     """
-    if _is_postgres(session):
+    if is_postgres(session):
         _orm(session).execute(text("SELECT pg_notify(:channel, '')"), {"channel": DUE_CHANNEL})
 
 
@@ -277,7 +277,7 @@ def _select_in(session: Transaction, sql: str, ids: Iterable[str]) -> list[Any]:
     values = sorted(set(ids))
     if not values:
         return []
-    postgres = _is_postgres(session)
+    postgres = is_postgres(session)
     cursor = _cursor(session)
     try:
         if postgres:
@@ -446,7 +446,7 @@ def _stored_and_facts(
     of a transaction waits longest (the loop is busy with the call that just handed the
     transaction over).
     """
-    if _is_postgres(session):
+    if is_postgres(session):
         return (
             _stored_outcomes(session, events),
             _project_facts(session, (event.project_id for event in events)),
@@ -568,6 +568,8 @@ def _insert_fresh(
     deliveries: dict[str, list[dict[str, Any]]] = {}
     outcomes: dict[str, PublishOutcome] = {}
     bodies: dict[str, bytes] = {}
+    # SQLite's new rows enter the per-webhook index a second late (``index_new_deliveries``).
+    indexed = is_postgres(session)
     # The loop runs once per event on the store's thread, which every publication waits
     # for: plain loops and counters, the states' values read once.
     for event in events:
@@ -603,6 +605,7 @@ def _insert_fresh(
                     "last_status_code": None,
                     "last_error": error,
                     "skip_reason": skipped,
+                    "webhook_indexed": indexed,
                 }
             )
         deliveries[event_id] = rows
@@ -625,7 +628,7 @@ def _insert_fresh(
 
     leased = _lease_rows(deliveries, lease, published, facts)
 
-    if not _is_postgres(session):
+    if not is_postgres(session):
         # One process owns a SQLite database and this transaction read the ids above, so
         # no other publication can have stored them meanwhile: plain multi-row inserts.
         cursor = _cursor(session)
@@ -776,6 +779,7 @@ _DELIVERY_COLUMNS = (
     "last_status_code",
     "last_error",
     "skip_reason",
+    "webhook_indexed",
 )
 # Multi-row inserts; see ``_write_rows``.
 # Built from the constant column tuples above, never from input (hence the noqa).
@@ -793,7 +797,7 @@ _DELIVERY_VALUES = operator.itemgetter(*_DELIVERY_COLUMNS)
 def _insert_events_once(session: Session, rows: list[dict[str, Any]]) -> set[str]:
     """Insert event rows, ignoring ids that exist; return the ids actually inserted."""
     events = _table("events")
-    dialect = postgresql if _is_postgres(session) else sqlite
+    dialect = postgresql if is_postgres(session) else sqlite
     # One cached statement executed for many rows ("insertmanyvalues" batches them into
     # multi-row INSERTs with RETURNING): a VALUES list built per call would be compiled anew.
     statement = (dialect.insert(events).on_conflict_do_nothing(index_elements=["id"])).returning(
@@ -1087,7 +1091,7 @@ def claim_due(
     if limit <= 0:
         return []
     lease_until = now + lease_seconds
-    postgres = _is_postgres(session)
+    postgres = is_postgres(session)
     skip, skip_params = _skipping(postgres, excluded)
     cursor = _cursor(session)
     try:
@@ -1158,7 +1162,7 @@ def next_due_time(
 
     Rows of the webhooks in ``excluded`` (as ``claim_due`` counts them) are not looked at.
     """
-    skip, skip_params = _skipping(_is_postgres(session), excluded)
+    skip, skip_params = _skipping(is_postgres(session), excluded)
     cursor = _cursor(session)
     try:
         if skip:
@@ -1375,7 +1379,7 @@ def record_results(
     ids = [r.delivery_id for r in results] + [r.delivery_id for r in releases]
     if not ids and not holds:
         return effects
-    postgres = _is_postgres(session)
+    postgres = is_postgres(session)
     cursor = _cursor(session)
     try:
         if ids:
@@ -1662,6 +1666,52 @@ def delete_expired_events(session: Session, cutoff: float, limit: int) -> int:
     return rows_changed(result)
 
 
+# -- the per-webhook index, a second late on SQLite ------------------------------------------
+
+#: The most rows one pass brings into the per-webhook index.
+INDEX_BATCH = 20_000
+
+
+def index_new_deliveries(session: Transaction, limit: int = INDEX_BATCH) -> int:
+    """Bring up to ``limit`` deliveries not yet in the per-webhook index into it, oldest
+    first; return how many.
+
+    SQLite's publishing writes its rows outside ``ix_deliveries_webhook_created`` (migration
+    0006): at once, each transaction would write one leaf page of it per webhook its events
+    go to. A pass a second brings all of a second's rows in together, a page per webhook.
+    PostgreSQL writes its rows indexed, and has none to bring in.
+    """
+    cursor = _cursor(session)
+    try:
+        cursor.execute(
+            "UPDATE deliveries SET webhook_indexed = 1 WHERE id IN (SELECT id FROM deliveries "
+            "WHERE webhook_indexed = 0 ORDER BY created_at LIMIT ?)",
+            (limit,),
+        )
+        return int(cursor.rowcount)
+    finally:
+        cursor.close()
+
+
+def webhook_rows(postgres: bool, condition: str = "", webhook: str = ":webhook_id") -> str:
+    """A query of the ids of one webhook's deliveries that meet ``condition`` (SQL over the
+    table's columns; none for all), for ``IN (...)``. ``webhook`` is the parameter naming
+    the webhook.
+
+    On SQLite it reads the webhook's rows in its index and, through the index of rows not
+    yet in it, those of the last second: the per-webhook index is partial there, so a
+    query by webhook alone would read the whole table.
+    """
+    extra = f" AND {condition}" if condition else ""
+    if postgres:
+        return f"SELECT id FROM deliveries WHERE webhook_id = {webhook}{extra}"  # noqa: S608
+    return (
+        "SELECT id FROM deliveries WHERE webhook_indexed = 1 "  # noqa: S608
+        f"AND webhook_id = {webhook}{extra} UNION ALL "
+        f"SELECT id FROM deliveries WHERE webhook_indexed = 0 AND webhook_id = {webhook}{extra}"
+    )
+
+
 # -- the delivery log ---------------------------------------------------------------------
 
 
@@ -1675,7 +1725,11 @@ def list_deliveries(
     after: Cursor | None,
 ) -> list[DeliveryRow]:
     """A page of a webhook's deliveries, newest first; one row more than ``limit`` tells of
-    a next page."""
+    a next page.
+
+    On SQLite the rows in the per-webhook index and those of the last second not yet in it
+    are read apart, each through its index, and merged (see ``webhook_rows``).
+    """
     query = select(DeliveryRow).where(col(DeliveryRow.webhook_id) == webhook_id)
     if status is not None:
         query = query.where(col(DeliveryRow.status) == status.value)
@@ -1689,7 +1743,18 @@ def list_deliveries(
         DeliveryRow.created_at.desc(),  # type: ignore[attr-defined]
         DeliveryRow.id.desc(),  # type: ignore[attr-defined]
     ).limit(limit + 1)
-    return list(session.scalars(query))
+    if is_postgres(session):
+        return list(session.scalars(query))
+    # The rows not yet indexed first: a row only ever goes into the index, so one that a
+    # pass brings in between the two reads is read twice (and kept once), never missed.
+    indexed = col(DeliveryRow.webhook_indexed)
+    found = {
+        row.id: row
+        for flag in (False, True)
+        for row in session.scalars(query.where(indexed == flag))
+    }
+    rows = sorted(found.values(), key=lambda row: (row.created_at, row.id), reverse=True)
+    return rows[: limit + 1]
 
 
 def latest_attempts(
@@ -1804,17 +1869,21 @@ def requeue_failed_batch(
     # is tested again as it stands once the lock is free, while the subquery's choice is
     # not. A recovery running beside another must skip the rows the other has queued (and a
     # dispatcher may already be sending), or it would send them a second time.
+    failed = webhook_rows(
+        is_postgres(session),
+        "status = 'failed' AND created_at >= :start AND created_at < :end "
+        "AND updated_at <= :before",
+    )
+    chosen = f"SELECT id FROM ({failed}) AS failed LIMIT :limit"  # noqa: S608
+    requeue = (
+        "UPDATE deliveries SET status = 'pending', next_attempt_at = :now, "  # noqa: S608
+        f"lease_owner = NULL, updated_at = :now WHERE id IN ({chosen}) "
+        "AND status = 'failed' AND updated_at <= :before"
+    )
     result = session.execute(
-        text(
-            "UPDATE deliveries SET status = 'pending', next_attempt_at = :now, "
-            "lease_owner = NULL, updated_at = :now "
-            "WHERE id IN (SELECT id FROM deliveries WHERE webhook_id = :wid "
-            "AND status = 'failed' AND created_at >= :start AND created_at < :end "
-            "AND updated_at <= :before LIMIT :limit) "
-            "AND status = 'failed' AND updated_at <= :before"
-        ),
+        text(requeue),
         {
-            "wid": webhook_id,
+            "webhook_id": webhook_id,
             "start": start,
             "end": end,
             "before": failed_before,

@@ -13,8 +13,9 @@ from sqlmodel.sql.expression import SelectOfScalar
 
 from dembrane.webhooks.domain.errors import FailedPrecondition
 from dembrane.webhooks.domain.paging import Cursor
+from dembrane.webhooks.store import outbox
 from dembrane.webhooks.store.database import Database, rows_changed
-from dembrane.webhooks.store.tables import DeliveryRow, ProjectRow, WebhookRow
+from dembrane.webhooks.store.tables import ProjectRow, WebhookRow
 
 
 def events_of(row: WebhookRow) -> list[str]:
@@ -111,14 +112,22 @@ _DELETIONS: set[asyncio.Task[Any]] = set()
 
 def delete_some_deliveries(session: Session, webhook_id: str, limit: int) -> int:
     """Delete at most ``limit`` of the webhook's deliveries (their attempts cascade)."""
+    mine = outbox.webhook_rows(outbox.is_postgres(session))
+    some = f"SELECT id FROM ({mine}) AS mine LIMIT :limit"  # noqa: S608
     result = session.execute(
-        text(
-            "DELETE FROM deliveries WHERE id IN "
-            "(SELECT id FROM deliveries WHERE webhook_id = :webhook_id LIMIT :limit)"
-        ),
+        text(f"DELETE FROM deliveries WHERE id IN ({some})"),  # noqa: S608
         {"webhook_id": webhook_id, "limit": limit},
     )
     return rows_changed(result)
+
+
+def delete_all_deliveries(session: Session, webhook_ids: Sequence[str]) -> None:
+    """Delete every delivery of the webhooks (their attempts cascade), in the transaction
+    that deletes the webhooks: on SQLite no key makes them go with their webhook."""
+    mine = outbox.webhook_rows(outbox.is_postgres(session))
+    statement = text(f"DELETE FROM deliveries WHERE id IN ({mine})")  # noqa: S608
+    for webhook_id in webhook_ids:
+        session.execute(statement, {"webhook_id": webhook_id})
 
 
 async def delete_gradually(
@@ -157,9 +166,9 @@ def _deletion_done(task: asyncio.Task[Any]) -> None:
 
 
 def delete_webhook(session: Session, webhook_id: str) -> bool:
-    """Delete a webhook; its deliveries and their attempts cascade. False when there was no
+    """Delete a webhook with its deliveries and their attempts. False when there was no
     such webhook (any more): another call deleted it first."""
-    session.execute(delete(DeliveryRow).where(col(DeliveryRow.webhook_id) == webhook_id))
+    delete_all_deliveries(session, [webhook_id])
     result = session.execute(delete(WebhookRow).where(col(WebhookRow.id) == webhook_id))
     return rows_changed(result) > 0
 
