@@ -1693,22 +1693,20 @@ def index_new_deliveries(session: Transaction, limit: int = INDEX_BATCH) -> int:
         cursor.close()
 
 
-def webhook_rows(postgres: bool, condition: str = "", webhook: str = ":webhook_id") -> str:
-    """A query of the ids of one webhook's deliveries that meet ``condition`` (SQL over the
-    table's columns; none for all), for ``IN (...)``. ``webhook`` is the parameter naming
-    the webhook.
+def webhook_rows(postgres: bool, condition: str = "") -> str:
+    """A query of the ids of the deliveries of the webhook named by ``:webhook_id`` that
+    meet ``condition`` (SQL over the table's columns; none for all), for ``IN (...)``.
 
     On SQLite it reads the webhook's rows in its index and, through the index of rows not
     yet in it, those of the last second: the per-webhook index is partial there, so a
     query by webhook alone would read the whole table.
     """
-    extra = f" AND {condition}" if condition else ""
+    mine = "webhook_id = :webhook_id" + (f" AND {condition}" if condition else "")
     if postgres:
-        return f"SELECT id FROM deliveries WHERE webhook_id = {webhook}{extra}"  # noqa: S608
+        return f"SELECT id FROM deliveries WHERE {mine}"  # noqa: S608
     return (
-        "SELECT id FROM deliveries WHERE webhook_indexed = 1 "  # noqa: S608
-        f"AND webhook_id = {webhook}{extra} UNION ALL "
-        f"SELECT id FROM deliveries WHERE webhook_indexed = 0 AND webhook_id = {webhook}{extra}"
+        f"SELECT id FROM deliveries WHERE webhook_indexed = 1 AND {mine} UNION ALL "  # noqa: S608
+        f"SELECT id FROM deliveries WHERE webhook_indexed = 0 AND {mine}"
     )
 
 
