@@ -9,8 +9,9 @@ import ipaddress
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import psycopg
 from dembrane.webhooks.auth import SCOPE_DIRECTORY, mint_token
 from dembrane.webhooks.config import Settings
 from dembrane.webhooks.domain.access import Tier
-from dembrane.webhooks.store import directory, webhooks
+from dembrane.webhooks.domain.payload import ConversationData, EventData
+from dembrane.webhooks.store import directory, outbox, webhooks
 from dembrane.webhooks.store.database import Database
 from dembrane.webhooks.store.tables import WebhookRow
 from dembrane.webhooks.v1 import (
@@ -78,6 +80,29 @@ def seed_store(database: Database, project_id: str, webhook_ids: Sequence[str]) 
 
     database.call(seed)
     return now
+
+
+def publish_created(
+    database: Database, project_id: str, numbers: Iterable[int], now: float
+) -> None:
+    """Publish a ``conversation.created`` event ``evt-<project>-<number>`` per number straight
+    into the store, at ``now``, as one publishing transaction."""
+    moment = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    events = [
+        EventData(
+            id=f"evt-{project_id}-{number}",
+            type="conversation.created",
+            project_id=project_id,
+            occurred_at=moment,
+            conversation=ConversationData(id=f"conv-{number}"),
+        )
+        for number in numbers
+    ]
+    database.call_driver(
+        lambda session: outbox.publish_events(
+            session, events, now=now, dashboard_base_url="https://dash.example"
+        )
+    )
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:

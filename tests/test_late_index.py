@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,11 @@ from sqlalchemy import text
 
 from dembrane.webhooks.delivery.indexing import IndexTask
 from dembrane.webhooks.domain.paging import Cursor
-from dembrane.webhooks.domain.payload import ConversationData, EventData
 from dembrane.webhooks.store import directory, outbox, webhooks
 from dembrane.webhooks.store.database import Database
 from dembrane.webhooks.store.outbox import AttemptRecord, DeliveryResult, DeliveryState
 
-from harness import fresh_database_url, seed_store
+from harness import fresh_database_url, publish_created, seed_store
 
 pytestmark = pytest.mark.sqlite_only
 
@@ -41,22 +39,7 @@ def _store(tmp_path: Path) -> Database:
 
 
 def _publish(database: Database, numbers: range, now: float) -> None:
-    moment = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
-    events = [
-        EventData(
-            id=f"evt-late-{number}",
-            type="conversation.created",
-            project_id=_PROJECT,
-            occurred_at=moment,
-            conversation=ConversationData(id=f"conv-{number}"),
-        )
-        for number in numbers
-    ]
-    database.call_driver(
-        lambda session: outbox.publish_events(
-            session, events, now=now, dashboard_base_url=_DASHBOARD
-        )
-    )
+    publish_created(database, _PROJECT, numbers, now)
 
 
 def _index(database: Database) -> int:
@@ -135,7 +118,7 @@ def test_the_log_pages_through_indexed_and_new_rows_once_each(tmp_path: Path) ->
                 return seen
             after = Cursor(rows[1].created_at, rows[1].id)
 
-    newest_first = [f"evt-late-{number}" for number in reversed(range(7))]
+    newest_first = [f"evt-{_PROJECT}-{number}" for number in reversed(range(7))]
     assert pages(None) == newest_first
     assert pages(DeliveryState.PENDING) == newest_first
     assert pages(DeliveryState.FAILED) == []

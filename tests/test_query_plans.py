@@ -15,7 +15,6 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ import pytest
 from sqlalchemy import event
 
 from dembrane.webhooks.domain.paging import Cursor
-from dembrane.webhooks.domain.payload import ConversationData, EventData
 from dembrane.webhooks.store import directory, outbox, webhooks
 from dembrane.webhooks.store.database import Database
 from dembrane.webhooks.store.outbox import (
@@ -35,7 +33,7 @@ from dembrane.webhooks.store.outbox import (
     Release,
 )
 
-from harness import fresh_database_url, seed_store
+from harness import fresh_database_url, publish_created, seed_store
 
 pytestmark = pytest.mark.sqlite_only
 
@@ -131,20 +129,6 @@ def traced(tmp_path: Path) -> Iterator[Traced]:
         store.close()
 
 
-def _events(count: int, start: int = 0) -> list[EventData]:
-    moment = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
-    return [
-        EventData(
-            id=f"evt-plans-{number}",
-            type="conversation.created",
-            project_id=_PROJECT,
-            occurred_at=moment,
-            conversation=ConversationData(id=f"conv-{number}"),
-        )
-        for number in range(start, start + count)
-    ]
-
-
 def _attempt(now: float, status_code: int) -> AttemptRecord:
     """A delivery's first attempt, answered with ``status_code``."""
     success = 200 <= status_code < 300
@@ -184,13 +168,9 @@ def test_the_delivery_path_reads_no_whole_table(traced: Traced) -> None:
     success), releasing, replaying the journal and counting the backlog each read deliveries
     through an index."""
     now = time.time()
-    traced.run_driver(
-        outbox.publish_events, _events(4), now=now, dashboard_base_url="https://dash.example"
-    )
+    publish_created(traced.database, _PROJECT, range(4), now)
     # The same ids again: the duplicate check reads them back.
-    traced.run_driver(
-        outbox.publish_events, _events(2), now=now, dashboard_base_url="https://dash.example"
-    )
+    publish_created(traced.database, _PROJECT, range(2), now)
     claims = traced.run_driver(
         outbox.claim_due, "owner-1", now, 60.0, 100, excluded={_HOOKS[1]: traced.seeded_at}
     )
@@ -227,9 +207,7 @@ def test_the_delivery_log_recovery_and_deletion_read_no_whole_table(traced: Trac
     attempts, a retry, a recovery, resuming a webhook's rows, retention, and deleting a
     webhook and a project each read deliveries, attempts and events through an index."""
     now = time.time()
-    traced.run_driver(
-        outbox.publish_events, _events(6), now=now, dashboard_base_url="https://dash.example"
-    )
+    publish_created(traced.database, _PROJECT, range(6), now)
     claims = traced.run_driver(outbox.claim_due, "owner-1", now, 60.0, 100)
     failed = [_result(claim, DeliveryState.FAILED, now, 500) for claim in claims]
     traced.run_driver(outbox.record_results, "owner-1", failed, [], now, 3600.0)
