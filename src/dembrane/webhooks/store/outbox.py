@@ -1693,9 +1693,10 @@ def index_new_deliveries(session: Transaction, limit: int = INDEX_BATCH) -> int:
         cursor.close()
 
 
-def webhook_rows(postgres: bool, condition: str = "") -> str:
+def webhook_rows(postgres: bool, condition: str = "", *, limited: bool = False) -> str:
     """A query of the ids of the deliveries of the webhook named by ``:webhook_id`` that
-    meet ``condition`` (SQL over the table's columns; none for all), for ``IN (...)``.
+    meet ``condition`` (SQL over the table's columns; none for all), for ``IN (...)``;
+    ``limited``, at most ``:limit`` of them.
 
     On SQLite it reads the webhook's rows in its index and, through the index of rows not
     yet in it, those of the last second: the per-webhook index is partial there, so a
@@ -1703,11 +1704,13 @@ def webhook_rows(postgres: bool, condition: str = "") -> str:
     """
     mine = "webhook_id = :webhook_id" + (f" AND {condition}" if condition else "")
     if postgres:
-        return f"SELECT id FROM deliveries WHERE {mine}"  # noqa: S608
-    return (
-        f"SELECT id FROM deliveries WHERE webhook_indexed = 1 AND {mine} UNION ALL "  # noqa: S608
-        f"SELECT id FROM deliveries WHERE webhook_indexed = 0 AND {mine}"
-    )
+        rows = f"SELECT id FROM deliveries WHERE {mine}"  # noqa: S608
+    else:
+        rows = (
+            f"SELECT id FROM deliveries WHERE webhook_indexed = 1 AND {mine} UNION ALL "  # noqa: S608
+            f"SELECT id FROM deliveries WHERE webhook_indexed = 0 AND {mine}"
+        )
+    return f"SELECT id FROM ({rows}) AS mine LIMIT :limit" if limited else rows  # noqa: S608
 
 
 # -- the delivery log ---------------------------------------------------------------------
@@ -1867,12 +1870,12 @@ def requeue_failed_batch(
     # is tested again as it stands once the lock is free, while the subquery's choice is
     # not. A recovery running beside another must skip the rows the other has queued (and a
     # dispatcher may already be sending), or it would send them a second time.
-    failed = webhook_rows(
+    chosen = webhook_rows(
         is_postgres(session),
         "status = 'failed' AND created_at >= :start AND created_at < :end "
         "AND updated_at <= :before",
+        limited=True,
     )
-    chosen = f"SELECT id FROM ({failed}) AS failed LIMIT :limit"  # noqa: S608
     requeue = (
         "UPDATE deliveries SET status = 'pending', next_attempt_at = :now, "  # noqa: S608
         f"lease_owner = NULL, updated_at = :now WHERE id IN ({chosen}) "

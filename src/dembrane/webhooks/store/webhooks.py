@@ -112,8 +112,7 @@ _DELETIONS: set[asyncio.Task[Any]] = set()
 
 def delete_some_deliveries(session: Session, webhook_id: str, limit: int) -> int:
     """Delete at most ``limit`` of the webhook's deliveries (their attempts cascade)."""
-    mine = outbox.webhook_rows(outbox.is_postgres(session))
-    some = f"SELECT id FROM ({mine}) AS mine LIMIT :limit"  # noqa: S608
+    some = outbox.webhook_rows(outbox.is_postgres(session), limited=True)
     result = session.execute(
         text(f"DELETE FROM deliveries WHERE id IN ({some})"),  # noqa: S608
         {"webhook_id": webhook_id, "limit": limit},
